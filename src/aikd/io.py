@@ -1,0 +1,300 @@
+"""File formats: atomic writes, CSV tables, the safe legacy-pickle reader, embedding files.
+
+Every output aikd writes goes through :func:`atomic_write` (temporary file in the same folder, fsync,
+rename), so a run killed at any moment leaves either the old file or the new one, never half of one.
+
+The official AI-KD code exchanges landmarks and labels as pickles (``{name: (detection, landmarks)}``
+and ``{name: score}``). Unpickling a user's file with :mod:`pickle` can run arbitrary code, so
+:func:`safe_pickle_load` admits only plain containers, numbers, strings and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "LabelTable",
+    "LandmarkTable",
+    "UnsafePickleError",
+    "atomic_write",
+    "load_embeddings",
+    "read_labels",
+    "read_landmarks",
+    "safe_pickle_load",
+    "safe_pickle_loads",
+    "save_embeddings",
+    "write_csv",
+]
+
+LANDMARK_COLUMNS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+        if "newline" not in open_kwargs:
+            open_kwargs["newline"] = ""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically (comma separated, header first)."""
+    with atomic_write(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------- restricted pickle
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for something other than plain data."""
+
+
+# (module, name) pairs a data pickle legitimately needs. Everything else (os.system, eval, arbitrary
+# classes) is refused before it can be called.
+_SAFE_GLOBALS = {
+    ("builtins", name)
+    for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "str", "int",
+                 "float", "complex", "bool", "slice", "range")
+} | {
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("_codecs", "encode"),  # protocol-2 pickles store bytes as latin-1 strings via _codecs.encode
+    ("copy_reg", "_reconstructor"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+} | {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
+    for name in ("_reconstruct", "scalar", "_frombuffer")
+} | {("numpy.dtypes", name) for name in dir(getattr(np, "dtypes", None)) if name.endswith("DType")}
+
+_SAFE_RECONSTRUCT_BASES = {list, dict, tuple, set, frozenset, np.ndarray}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafePickleError(
+                f"refused to load {module}.{name}: only containers, numbers, strings and numpy arrays are allowed"
+            )
+        if (module, name) == ("copy_reg", "_reconstructor"):
+            return _checked_reconstructor
+        if (module, name) == ("collections", "defaultdict"):
+            return _plain_defaultdict
+        return super().find_class(module, name)
+
+
+def _checked_reconstructor(cls: type, base: type, state: Any) -> Any:
+    if cls not in _SAFE_RECONSTRUCT_BASES or base not in (object, *_SAFE_RECONSTRUCT_BASES):
+        raise UnsafePickleError(f"refused to reconstruct {cls!r}")
+    return base.__new__(cls) if state is None else base.__new__(cls, state)
+
+
+def _plain_defaultdict(default_factory: Any = None, *args: Any) -> dict:
+    # A defaultdict's factory would be callable code; plain data needs none of it.
+    if default_factory is not None and default_factory not in (list, dict, int, float, str, tuple, set):
+        raise UnsafePickleError(f"refused defaultdict factory {default_factory!r}")
+    return dict(*args)
+
+
+def safe_pickle_loads(data: bytes, source: str = "<bytes>") -> Any:
+    """Unpickle ``data`` admitting only plain data.
+
+    Raises:
+        UnsafePickleError: the pickle references anything but containers, numbers, strings, numpy arrays.
+        ValueError: the data is not a readable pickle; the message names ``source``.
+    """
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{source}: {err}") from None
+    except Exception as err:  # truncated, wrong protocol, not a pickle at all
+        raise ValueError(f"{source}: not a readable pickle ({type(err).__name__}: {err})") from None
+
+
+def safe_pickle_load(path: str | os.PathLike) -> Any:
+    """Read a legacy pickle file through the restricted unpickler (see :func:`safe_pickle_loads`)."""
+    return safe_pickle_loads(Path(path).read_bytes(), source=str(path))
+
+
+def is_pickle_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".pkl", ".pickle", ".p")
+
+
+# ------------------------------------------------------------------------------------- landmarks and labels
+@dataclass
+class LandmarkTable:
+    """Five-point landmarks by image name.
+
+    Attributes:
+        paths: image names as written in the file (relative to the image root).
+        landmarks: (N, 5, 2) float32 in the order left eye, right eye, nose, left mouth, right mouth.
+            Values that could not be parsed are NaN; callers validate (see :func:`aikd.align.check_landmarks`).
+    """
+
+    paths: list[str]
+    landmarks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.paths, self.landmarks))
+
+
+@dataclass
+class LabelTable:
+    """One quality score per image name (float64; NaN where the value could not be parsed)."""
+
+    paths: list[str]
+    qualities: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.paths, self.qualities.tolist()))
+
+
+def _to_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def _read_csv_columns(path: Path, wanted: Sequence[str], what: str) -> tuple[list[str], list[list[str]]]:
+    """Return the ``path`` column and the ``wanted`` columns (as text) of a headed CSV file."""
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read {what} file ({err.strerror})") from None
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty {what} file (expected a header: path,{','.join(wanted)})")
+        header = [name.strip() for name in header]
+        missing = [name for name in ("path", *wanted) if name not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: {what} file lacks column(s) {', '.join(missing)}; header is {','.join(header)}"
+            )
+        path_col = header.index("path")
+        cols = [header.index(name) for name in wanted]
+        names: list[str] = []
+        values: list[list[str]] = []
+        width = max(path_col, *cols) + 1
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < width:
+                raise ValueError(f"{path}:{line_no}: expected {len(header)} columns, found {len(row)}")
+            names.append(row[path_col])
+            values.append([row[c] for c in cols])
+    return names, values
+
+
+def read_landmarks(path: str | os.PathLike) -> LandmarkTable:
+    """Read landmarks from CSV (``path,x1,y1,...,x5,y5``, extra columns ignored) or the official pickle.
+
+    The pickle is ``{name: (detection, landmarks)}`` or ``{name: landmarks}`` with landmarks shaped (5, 2)
+    or (10,) as x1, y1, ..., x5, y5.
+    """
+    path = Path(path)
+    if is_pickle_path(path):
+        data = safe_pickle_load(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a dict {{name: (detection, landmarks)}}, got {type(data).__name__}")
+        names = [str(name) for name in data]
+        points = np.full((len(names), 5, 2), np.nan, dtype=np.float32)
+        for i, value in enumerate(data.values()):
+            if isinstance(value, (tuple, list)) and len(value) == 2 and np.size(value[1]) == 10:
+                value = value[1]
+            array = np.asarray(value, dtype=np.float32) if np.size(value) == 10 else None
+            if array is not None:
+                points[i] = array.reshape(5, 2)
+        return LandmarkTable(names, points)
+    names, values = _read_csv_columns(path, LANDMARK_COLUMNS, "landmarks")
+    if not names:
+        return LandmarkTable([], np.zeros((0, 5, 2), np.float32))
+    try:
+        points = np.array(values, dtype=np.float32)
+    except ValueError:  # some cell is not a number: parse cell by cell, NaN for the bad ones
+        points = np.array([[_to_float(v) for v in row] for row in values], dtype=np.float32)
+    return LandmarkTable(names, points.reshape(-1, 5, 2))
+
+
+def read_labels(path: str | os.PathLike, column: str = "quality") -> LabelTable:
+    """Read quality labels from CSV (``path,quality``) or the official pickle ``{name: score}``."""
+    path = Path(path)
+    if is_pickle_path(path):
+        data = safe_pickle_load(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a dict {{name: score}}, got {type(data).__name__}")
+        names = [str(name) for name in data]
+        scores = np.array([_to_float(str(np.asarray(v).reshape(-1)[0])) if np.size(v) == 1 else np.nan
+                           for v in data.values()], dtype=np.float64)
+        return LabelTable(names, scores)
+    names, values = _read_csv_columns(path, (column,), "labels")
+    try:
+        scores = np.array([row[0] for row in values], dtype=np.float64)
+    except ValueError:
+        scores = np.array([_to_float(row[0]) for row in values], dtype=np.float64)
+    return LabelTable(names, scores)
+
+
+# ------------------------------------------------------------------------------------------- embedding files
+def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: np.ndarray) -> None:
+    """Write an embedding file: ``.npz`` with ``paths`` (str) and ``embeddings`` (N, D float32)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != len(paths):
+        raise ValueError(f"embeddings must be (N, D) with N = {len(paths)}, got {embeddings.shape}")
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, paths=np.asarray(list(paths), dtype=str), embeddings=embeddings)
+
+
+def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read an embedding file written by :func:`save_embeddings` (no pickled objects are loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"paths", "embeddings"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path}: embedding file lacks array(s) {', '.join(sorted(missing))}")
+            paths = [str(p) for p in data["paths"]]
+            embeddings = np.asarray(data["embeddings"], dtype=np.float32)
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read embedding file ({err})") from None
+    if embeddings.ndim != 2 or len(embeddings) != len(paths):
+        raise ValueError(f"{path}: embeddings {embeddings.shape} do not match {len(paths)} paths")
+    return paths, embeddings
