@@ -1,0 +1,78 @@
+"""The ``aikd`` command line: one console script, one subcommand per job.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Only the chosen subcommand's module is imported, so ``aikd --help`` and ``aikd evaluate`` never pay for
+torch start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from aikd import __version__
+
+# name -> (module, one-line help). The order is the order of a typical workflow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "detect": ("aikd.detect_cli", "find faces and their 5 landmarks in photos -> landmarks.csv"),
+    "align": ("aikd.align_cli", "write 112x112 aligned (or deliberately misaligned) face crops"),
+    "label": ("aikd.labelers.cli", "make quality labels with a training-free FIQA technique"),
+    "train": ("aikd.train", "distil a FIQA technique into an alignment-invariant quality model (AI-KD)"),
+    "score": ("aikd.score", "score face images of any alignment -> scores.csv"),
+    "embed": ("aikd.embed", "face-recognition embeddings of images -> emb.npz"),
+    "evaluate": ("aikd.report", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
+    "export": ("aikd.export", "export a quality model to ONNX and check parity"),
+    "demo": ("aikd.demo", "run the whole pipeline on bundled sample faces"),
+    "models": ("aikd.models.registry", "list the registered model architectures"),
+}
+
+EXIT_CODES = """exit status:
+  0  everything done
+  1  finished, but some inputs failed (see the .errors.csv file next to the output)
+  2  usage error or unreadable configuration/input list; nothing was done"""
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """Parser with every subcommand listed; only ``selected`` gets its full argument set."""
+    parser = argparse.ArgumentParser(
+        prog="aikd",
+        description="Alignment-invariant face image quality assessment (AI-KD).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aikd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=help_text, epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == selected:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``aikd`` and ``python -m aikd``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(selected if selected in COMMANDS else None)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, usage errors: keep main() callable in-process
+        return int(stop.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"aikd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        # Bad input reaches the user as one clear line naming the file or field, not a traceback.
+        print(f"aikd {args.command}: error: {err}", file=sys.stderr)
+        return 2
