@@ -10,6 +10,7 @@ and ``{name: score}``). Unpickling a user's file with :mod:`pickle` can run arbi
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import csv
 import io
@@ -89,7 +90,7 @@ _SAFE_GLOBALS = {
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
     ("_codecs", "encode"),  # protocol-2 pickles store bytes as latin-1 strings via _codecs.encode
-    ("copy_reg", "_reconstructor"),
+    ("copyreg", "_reconstructor"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
 } | {
@@ -103,11 +104,14 @@ _SAFE_RECONSTRUCT_BASES = {list, dict, tuple, set, frozenset, np.ndarray}
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 era pickles (protocol <= 2) name modules the old way: __builtin__, copy_reg.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _SAFE_GLOBALS:
             raise UnsafePickleError(
                 f"refused to load {module}.{name}: only containers, numbers, strings and numpy arrays are allowed"
             )
-        if (module, name) == ("copy_reg", "_reconstructor"):
+        if (module, name) == ("copyreg", "_reconstructor"):
             return _checked_reconstructor
         if (module, name) == ("collections", "defaultdict"):
             return _plain_defaultdict
@@ -169,7 +173,7 @@ class LandmarkTable:
         return len(self.paths)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.paths, self.landmarks))
+        return dict(zip(self.paths, self.landmarks, strict=True))
 
 
 @dataclass
@@ -183,7 +187,7 @@ class LabelTable:
         return len(self.paths)
 
     def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.paths, self.qualities.tolist()))
+        return dict(zip(self.paths, self.qualities.tolist(), strict=True))
 
 
 def _to_float(text: str) -> float:

@@ -1,0 +1,32 @@
+# `make demo` and `make test` do all set-up themselves (a virtual environment in .venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-all lint bench clean
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/aikd demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+
+bench: install
+	$(PY) bench/score.py
+	$(PY) bench/train.py
+	$(PY) bench/detect.py
+	$(PY) bench/evaluate.py
+
+clean:
+	rm -rf $(VENV) demo_out build dist src/*.egg-info

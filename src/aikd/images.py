@@ -1,0 +1,225 @@
+"""Image inputs: turn command-line arguments into a list of images, and decode any image to RGB uint8.
+
+Inputs may be image files, folders (searched recursively), glob patterns, or list files (``.txt`` with
+one path per line, ``.csv`` with a ``path`` column). Each image gets a *key*: its path relative to the
+folder it was found in, or the path exactly as given for files, patterns and list entries. Keys are
+what output files contain and what a landmarks file is matched against.
+
+Decoding never trusts the file: empty, truncated, non-image and decompression-bomb files raise
+:class:`ImageError` with a one-line reason; grayscale, palette, RGBA, 16-bit and CMYK images are
+converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` does).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "ImageError",
+    "ImageInput",
+    "collect_inputs",
+    "decode_image",
+    "load_image",
+    "match_landmarks",
+]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv"})
+# Far above any face photo (a 100 MP camera frame), far below what exhausts memory when decoded.
+MAX_PIXELS = 120_000_000
+
+
+class ImageError(ValueError):
+    """An input image cannot be used; the message is the reason written to the errors file."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to process: ``path`` to read, ``key`` to write in outputs."""
+
+    path: Path
+    key: str
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _from_folder(folder: Path) -> list[ImageInput]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                full = Path(root) / name
+                found.append(ImageInput(full, full.relative_to(folder).as_posix()))
+    return found
+
+
+def _from_list_file(list_file: Path) -> list[ImageInput]:
+    base = list_file.parent
+    with open(list_file, newline="", encoding="utf-8-sig") as handle:
+        if list_file.suffix.lower() == ".csv":
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            column = header.index("path") if "path" in header else None
+            if column is None:  # no header: the first column of every row is a path
+                column, rows = 0, [header, *reader]
+            else:
+                rows = list(reader)
+            names = [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
+        else:
+            names = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    return [ImageInput(Path(name) if os.path.isabs(name) else base / name, name) for name in names]
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
+    """Expand command-line inputs into images, in a stable order, without duplicates.
+
+    Raises:
+        ValueError: an input does not exist, or nothing at all was found.
+    """
+    found: list[ImageInput] = []
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = Path(text)
+        if path.is_dir():
+            found.extend(_from_folder(path))
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            found.extend(_from_list_file(path))
+        elif path.is_file():
+            found.append(ImageInput(path, Path(text).as_posix()))
+        elif _is_pattern(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise ValueError(f"{text}: the pattern matches no file")
+            found.extend(ImageInput(Path(m), Path(m).as_posix()) for m in matches
+                         if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            raise ValueError(f"{text}: no such file or folder")
+    unique: dict[str, ImageInput] = {}
+    for item in found:
+        unique.setdefault(item.key, item)
+    if not unique:
+        raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or '(no input)'}")
+    return list(unique.values())
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Transparent areas become black, like the border of an aligned crop.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _open(source: io.BytesIO | Path, name: str, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+                if width == 0 or height == 0:
+                    raise ImageError("image has no pixels")
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return np.ascontiguousarray(_to_rgb_uint8(image))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"image too large (decompression bomb guard): {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image file (or an unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"cannot decode image: {err}") from None
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an (H, W, 3) RGB uint8 array.
+
+    Raises:
+        ImageError: with a short reason (missing, empty, truncated, not an image, too large).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except OSError as err:
+        raise ImageError(f"cannot read file: {err.strerror}") from None
+    if path.is_dir():
+        raise ImageError("is a folder, not an image")
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageError("cannot read file: permission denied")
+    return _open(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, ...) as an (H, W, 3) RGB uint8 array."""
+    if not data:
+        raise ImageError("empty image data")
+    return _open(io.BytesIO(data), source, max_pixels)
+
+
+# ---------------------------------------------------------------------------------------- landmark lookup
+def _normalise_key(key: str) -> str:
+    return os.path.normpath(key).replace(os.sep, "/").lstrip("./")
+
+
+def match_landmarks(
+    items: Iterable[ImageInput], table_paths: Sequence[str], landmarks: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """Landmarks for each input, matched by key (exact, then normalised, then a unique file name).
+
+    Returns:
+        (N, 5, 2) landmarks (NaN rows where nothing matched) and the indices of unmatched items.
+    """
+    exact = {name: i for i, name in enumerate(table_paths)}
+    normalised = {_normalise_key(name): i for i, name in enumerate(table_paths)}
+    by_name: dict[str, int | None] = {}
+    for i, name in enumerate(table_paths):
+        base = os.path.basename(name)
+        by_name[base] = None if base in by_name else i  # None marks an ambiguous file name
+    items = list(items)
+    out = np.full((len(items), 5, 2), np.nan, dtype=np.float32)
+    missing = []
+    for row, item in enumerate(items):
+        index = exact.get(item.key)
+        if index is None:
+            index = normalised.get(_normalise_key(item.key))
+        if index is None:
+            index = by_name.get(item.path.name)
+        if index is None:
+            missing.append(row)
+        else:
+            out[row] = landmarks[index]
+    return out, missing

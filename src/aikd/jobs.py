@@ -1,0 +1,297 @@
+"""Batch jobs over many images: parallel decoding, batching, progress, an errors file, and resuming.
+
+``score``, ``detect``, ``embed``, ``label`` and ``align`` all run the same way:
+
+1. images are decoded (and prepared, e.g. aligned) in worker threads, ahead of the model;
+2. a ``process_batch`` function turns a batch of decoded images into one :class:`ItemResult` each;
+3. every finished batch is appended to a journal next to the output (``OUT.partial/``) and fsynced, so
+   a run killed at any moment loses at most the batch in flight;
+4. at the end the caller writes the output in input order (atomically) with :func:`finish_job`, failed
+   inputs go to ``OUT_STEM.errors.csv`` (path, reason) and the journal is removed.
+
+``--resume`` reads the journal (and, through ``load_previous``, a finished output) and skips every input
+already done; failures are tried again. Without ``--resume`` an existing output is never overwritten
+unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from aikd.images import ImageError, ImageInput, load_image
+from aikd.io import write_csv
+
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "errors_path",
+           "finish_job", "run_job"]
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class ItemResult:
+    """What a job produced for one input.
+
+    Attributes:
+        rows: output rows (the columns after the key); several for e.g. all faces of a photo.
+        vector: an optional float32 vector (an embedding) saved alongside.
+        error: why the input failed; such an input gets a row in the errors file instead.
+    """
+
+    rows: list[list[Any]] = field(default_factory=list)
+    vector: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class JobSummary:
+    """Counts of a finished job and its exit status (0 all done, 1 some inputs failed)."""
+
+    done: int
+    failed: int
+    skipped: int = 0
+    errors_file: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.failed else EXIT_OK
+
+
+def errors_path(output: Path) -> Path:
+    """``scores.csv`` -> ``scores.errors.csv`` (``landmarks.csv`` -> ``landmarks.errors.csv``)."""
+    return output.with_name(f"{output.stem}.errors.csv")
+
+
+def journal_dir(output: Path) -> Path:
+    return output.with_name(f"{output.name}.partial")
+
+
+# ------------------------------------------------------------------------------------------------ journal
+class Journal:
+    """Append-only record of finished inputs of one rank, fsynced after every batch."""
+
+    def __init__(self, output: Path, rank: int = 0):
+        self.folder = journal_dir(output)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lines_path = self.folder / f"rank{rank}.jsonl"
+        self.vectors_path = self.folder / f"rank{rank}.f32"
+        _truncate_partial_line(self.lines_path)
+        self._lines = open(self.lines_path, "a", encoding="utf-8")
+        self._vectors = open(self.vectors_path, "ab")
+
+    def append(self, batch: Sequence[tuple[str, ItemResult]]) -> None:
+        entries = []
+        for key, result in batch:
+            entry: dict[str, Any] = {"k": key, "r": result.rows, "e": result.error}
+            if result.vector is not None:
+                vector = np.ascontiguousarray(result.vector, dtype=np.float32).ravel()
+                entry["v"] = [self._vectors.tell() // 4, int(vector.size)]
+                self._vectors.write(vector.tobytes())
+            entries.append(json.dumps(entry, default=_json_default))
+        # Vectors first: a line is only trusted when what it points to is already on disk.
+        self._vectors.flush()
+        os.fsync(self._vectors.fileno())
+        self._lines.write("".join(line + "\n" for line in entries))
+        self._lines.flush()
+        os.fsync(self._lines.fileno())
+
+    def close(self) -> None:
+        self._lines.close()
+        self._vectors.close()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot record {type(value).__name__} in the journal")
+
+
+def _truncate_partial_line(path: Path) -> None:
+    """Cut a half-written last line (the process was killed mid-write) so appends start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+
+
+def read_journal(output: Path) -> dict[str, ItemResult]:
+    """Every result recorded by any rank's journal (later records of a key win)."""
+    results: dict[str, ItemResult] = {}
+    folder = journal_dir(output)
+    if not folder.is_dir():
+        return results
+    for lines_path in sorted(folder.glob("rank*.jsonl")):
+        vectors_path = lines_path.with_suffix(".f32")
+        vectors = np.fromfile(vectors_path, dtype=np.float32) if vectors_path.exists() else np.zeros(0, np.float32)
+        with open(lines_path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the half-written line of a killed run
+                vector = None
+                if entry.get("v"):
+                    start, size = entry["v"]
+                    if start + size > vectors.size:
+                        continue
+                    vector = vectors[start:start + size].copy()
+                results[entry["k"]] = ItemResult(entry.get("r") or [], vector, entry.get("e"))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
+
+
+def _load(item: ImageInput, prepare: Prepare | None) -> tuple[np.ndarray | None, str | None]:
+    try:
+        image = load_image(item.path)
+        return (prepare(image, item) if prepare else image), None
+    except (ImageError, ValueError) as err:
+        return None, str(err)
+
+
+def _decoded(items: Iterable[ImageInput], prepare: Prepare | None, workers: int, window: int
+             ) -> Iterator[tuple[ImageInput, np.ndarray | None, str | None]]:
+    """Decode in ``workers`` threads (PIL and OpenCV release the GIL), at most ``window`` ahead, in order."""
+    if workers <= 0:
+        for item in items:
+            yield (item, *_load(item, prepare))
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aikd-decode") as pool:
+        pending: deque[tuple[ImageInput, Future]] = deque()
+        source = iter(items)
+        for item in source:
+            pending.append((item, pool.submit(_load, item, prepare)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, future = pending.popleft()
+            following = next(source, None)
+            if following is not None:
+                pending.append((following, pool.submit(_load, following, prepare)))
+            yield (item, *future.result())
+
+
+# -------------------------------------------------------------------------------------------- the runner
+def check_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently replace a finished output or an interrupted run's journal."""
+    partial = journal_dir(output)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one")
+    if overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+    elif not resume and (output.exists() or partial.exists()):
+        what = "an interrupted run's journal " + str(partial) if partial.exists() else "it"
+        raise ValueError(f"{output} exists ({what}); pass --resume to continue or --overwrite to start over")
+
+
+def run_job(
+    items: Sequence[ImageInput],
+    process_batch: Callable[[list[np.ndarray], list[ImageInput]], list[ItemResult]],
+    output: Path,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    resume: bool = False,
+    prepare: Prepare | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    load_previous: Callable[[Path], dict[str, ItemResult]] | None = None,
+    desc: str = "images",
+) -> dict[str, ItemResult]:
+    """Process every input not done yet, recording results in the journal; returns all results so far.
+
+    Under torchrun each rank takes inputs ``rank, rank + world_size, ...``; rank 0 then merges everything
+    with :func:`read_journal` after a barrier and calls :func:`finish_job`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    done: dict[str, ItemResult] = {}
+    if resume:
+        if load_previous is not None and output.exists():
+            done.update(load_previous(output))
+        done.update(read_journal(output))
+    todo = [item for i, item in enumerate(items)
+            if i % world_size == rank and (item.key not in done or done[item.key].error is not None)]
+    journal = Journal(output, rank)
+    progress = tqdm(total=len(todo), desc=desc, unit="img", disable=None if rank == 0 else True,
+                    dynamic_ncols=True, file=sys.stderr)
+    try:
+        batch_images: list[np.ndarray] = []
+        batch_items: list[ImageInput] = []
+        failed: list[tuple[str, ItemResult]] = []
+
+        def flush() -> None:
+            results = process_batch(batch_images, batch_items) if batch_items else []
+            if len(results) != len(batch_items):
+                raise RuntimeError(f"process_batch returned {len(results)} results for {len(batch_items)} images")
+            recorded = [*failed, *((item.key, res) for item, res in zip(batch_items, results, strict=True))]
+            journal.append(recorded)
+            done.update(recorded)
+            progress.update(len(recorded))
+            batch_images.clear()
+            batch_items.clear()
+            failed.clear()
+
+        for item, image, error in _decoded(todo, prepare, workers, window=max(2 * batch_size, 4 * workers)):
+            if error is not None:
+                failed.append((item.key, ItemResult(error=error)))
+            else:
+                batch_images.append(image)
+                batch_items.append(item)
+            if len(batch_items) >= batch_size or len(failed) >= batch_size:
+                flush()
+        flush()
+    finally:
+        progress.close()
+        journal.close()
+    return done
+
+
+def finish_job(
+    items: Sequence[ImageInput],
+    results: dict[str, ItemResult],
+    output: Path,
+    write_output: Callable[[list[tuple[ImageInput, ItemResult]]], None],
+    verb: str = "processed",
+) -> JobSummary:
+    """Write the output in input order, the errors file, remove the journal, print one summary line."""
+    good, bad = [], []
+    for item in items:
+        result = results.get(item.key)
+        if result is None:
+            bad.append((item.key, "not processed (the run stopped before reaching it)"))
+        elif result.error is not None:
+            bad.append((item.key, result.error))
+        else:
+            good.append((item, result))
+    write_output(good)
+    errors_file = errors_path(output)
+    if bad:
+        write_csv(errors_file, ("path", "reason"), bad)
+    elif errors_file.exists():
+        errors_file.unlink()  # from an earlier run whose failures are now fixed
+    shutil.rmtree(journal_dir(output), ignore_errors=True)
+    summary = JobSummary(done=len(good), failed=len(bad), errors_file=errors_file if bad else None)
+    line = f"{verb} {summary.done} of {len(items)} images -> {output}"
+    if bad:
+        line += f"; {len(bad)} failed, reasons in {errors_file}"
+    print(line, file=sys.stderr)
+    return summary
