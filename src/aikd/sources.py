@@ -103,12 +103,12 @@ def _thread_local_detector(name: str, threshold: float) -> Callable[[], object]:
     """One detector per decode thread: OpenCV dnn networks must not be shared between threads."""
     from aikd.detect import get_detector
 
-    get_detector(name, threshold=threshold)  # fail early, in the main thread, with a clear message
+    get_detector(name, score_threshold=threshold)  # fail early, in the main thread, with a clear message
     local = threading.local()
 
     def detector() -> object:
         if not hasattr(local, "detector"):
-            local.detector = get_detector(name, threshold=threshold)
+            local.detector = get_detector(name, score_threshold=threshold)
         return local.detector
 
     return detector
