@@ -1,0 +1,438 @@
+"""Checkpoint files: aikd's own, insightface's and the AI-KD paper's, read without unpickling any code.
+
+Reading accepts
+  * aikd checkpoints: ``{"format": "aikd", "format_version": 1, "arch", "preprocessing", "state_dict",
+    "extra"}`` saved with :func:`torch.save`, or ``.safetensors`` with the same fields as JSON in the
+    header metadata;
+  * raw state dicts: an ``arcface_torch`` ``backbone.pth`` (``conv1.weight`` ... ``features.running_var``)
+    or the AI-KD release ``aikd-best.pth`` (``feature_extractor.*`` + ``quality_head.*``), also wrapped as
+    ``{"state_dict": ...}`` or ``{"model": ...}``, with DDP ``module.`` / ``torch.compile`` ``_orig_mod.``
+    prefixes stripped.
+
+Pickled files are opened with ``torch.load(weights_only=True)``, which admits tensors and plain containers
+only: a file that asks for anything else (a class, ``os.system``) is refused before it can run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aikd.io import atomic_write
+from aikd.models.head import QualityHead
+from aikd.models.preprocessing import Preprocessing
+from aikd.models.quality import QualityModel
+from aikd.models.registry import build_backbone, get_spec, list_models
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "infer_arch",
+    "load_backbone",
+    "load_quality_model",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT = "aikd"
+FORMAT_VERSION = 1
+BACKBONE_PREFIX = "feature_extractor."
+HEAD_PREFIX = "quality_head."
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+_WRAPPED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    arch: str,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an aikd checkpoint atomically; ``.safetensors`` suffix -> safetensors, anything else -> torch.
+
+    Args:
+        path: output file.
+        model: a :class:`QualityModel`, a backbone, a DDP/compiled wrapper of either, or a state dict.
+        arch: registered architecture name of the backbone.
+        preprocessing: defaults to ``model.preprocessing``, else the architecture's.
+        extra: plain data to keep alongside (training step, config, ...): dicts, lists, strings, numbers,
+            and for torch files also tensors.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    spec = get_spec(arch)
+    model = _unwrap(model)
+    if preprocessing is None:
+        preprocessing = getattr(model, "preprocessing", None) or spec.preprocessing
+    if not isinstance(preprocessing, Preprocessing):
+        preprocessing = Preprocessing.from_dict(preprocessing)
+    state = _strip_wrapper_prefixes(_state_dict_of(model))
+    state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    try:
+        looks_like = infer_arch(state)
+    except ValueError:  # not an iResNet layout we know: trust the caller
+        looks_like = spec.name
+    if looks_like != spec.name:
+        raise ValueError(f"{path}: model weights look like arch {looks_like}, but arch {arch!r} was given")
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": spec.name,
+              "preprocessing": preprocessing.to_dict(), "extra": extra}
+    if path.suffix.lower() == ".safetensors":
+        _write_safetensors(path, state, record)
+    else:
+        with atomic_write(path, "wb") as handle:
+            torch.save({**record, "state_dict": state}, handle)
+    return path
+
+
+def _write_safetensors(path: Path, state: StateDict, record: Mapping[str, Any]) -> None:
+    """Tensors as safetensors; the record's fields as strings (JSON for structures) in the header metadata."""
+    from safetensors.torch import save
+
+    metadata = {}
+    for key, value in record.items():
+        try:
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+        except TypeError as err:
+            raise ValueError(f"{path}: safetensors metadata must be JSON; {key} holds {err}") from None
+    with atomic_write(path, "wb") as handle:
+        handle.write(save(state, metadata=metadata))
+
+
+def _unwrap(model: Any) -> Any:
+    """The model inside a (Distributed)DataParallel (``.module``) or torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _state_dict_of(model: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
+    if isinstance(model, Mapping):
+        return dict(model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"save_checkpoint expects a model or a state dict, got {type(model).__name__}")
+    return model.state_dict()
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would refuse to read back."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"checkpoint {where}: keys must be strings or integers, got {key!r}")
+            _check_plain(item, f"{where}.{key}")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise ValueError(f"checkpoint {where}: only plain data can be saved, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
+    """Read a checkpoint file without unpickling any code.
+
+    Returns:
+        ``(state_dict, meta)``: tensors with wrapper prefixes stripped; ``meta`` has ``source``,
+        ``format`` (``"aikd"``, ``"state_dict"`` or ``"safetensors"``), ``format_version``, ``arch`` and
+        ``preprocessing`` (``None`` when the file does not say) and ``extra`` (a dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, not a plain weights file, or not a model state dict (message names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    if _is_safetensors(path):
+        state, meta = _read_safetensors(path)
+    else:
+        state, meta = _interpret(_torch_load(path), path)
+    return _strip_wrapper_prefixes(state), {"source": str(path), **meta}
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix.lower() == ".safetensors":
+        return True
+    with open(path, "rb") as handle:  # 8-byte little-endian header length, then a JSON header
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": irrelevant to a refusal or a success
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" not in text:
+            raise ValueError(f"{path}: not a readable checkpoint ({text.splitlines()[0]})") from None
+        found = re.search(r"Unsupported[^\n]*|unsupported GLOBAL \S+", text)
+        reason = f" ({found.group(0).strip()})" if found else ""
+        raise ValueError(
+            f"{path}: not a plain weights file: it holds Python objects{reason}, and aikd will not "
+            "unpickle it because unpickling can run arbitrary code; re-save it as a state dict of tensors "
+            "(torch.save(model.state_dict(), ...)) or as .safetensors"
+        ) from None
+    except Exception as err:  # truncated zip, not a pickle at all, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    if metadata.get("format") != FORMAT:
+        return state, _meta("safetensors")
+    try:
+        version = int(metadata.get("format_version", "0"))
+        preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: malformed aikd metadata in the safetensors header ({err})") from None
+    _check_version(version, path)
+    return state, _meta(FORMAT, version, metadata.get("arch"), preprocessing, extra)
+
+
+def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
+    """Find the state dict (and our metadata) in whatever ``torch.load`` returned."""
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        version = obj.get("format_version")
+        _check_version(version, path)
+        state = obj.get("state_dict")
+        if not _is_state_dict(state):
+            raise ValueError(f"{path}: aikd checkpoint without a state_dict of tensors")
+        extra = obj.get("extra") or {}
+        meta = _meta(FORMAT, version, obj.get("arch"), obj.get("preprocessing"), dict(extra))
+        return dict(state), meta
+    if _is_state_dict(obj):
+        return dict(obj), _meta("state_dict")
+    if isinstance(obj, Mapping):
+        for key in _WRAPPED_STATE_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key]), _meta("state_dict")
+        keys = ", ".join(repr(k) for k in list(obj)[:6])
+        raise ValueError(f"{path}: not a model checkpoint: a dict with keys {keys}, "
+                         "but no state dict of tensors")
+    raise ValueError(f"{path}: not a model checkpoint: holds a {type(obj).__name__}, not a state dict")
+
+
+def _meta(
+    fmt: str, version: int | None = None, arch: str | None = None,
+    preprocessing: Mapping[str, Any] | None = None, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {"format": fmt, "format_version": version, "arch": arch, "preprocessing": preprocessing,
+            "extra": extra or {}}
+
+
+def _check_version(version: Any, path: Path) -> None:
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: aikd checkpoint with an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written by a newer aikd (format_version {version}; this one reads "
+                         f"{FORMAT_VERSION}); upgrade aikd")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> StateDict:
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------- recognising architecture
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Registered architecture whose block counts and width match an iResNet state dict.
+
+    Accepts a backbone state dict or a quality model's (``feature_extractor.*`` keys).
+
+    Raises:
+        ValueError: not an iResNet state dict, or one no registered architecture matches.
+    """
+    state = _strip_wrapper_prefixes(state_dict)
+    state = _part(state, BACKBONE_PREFIX) or state
+    stem = state.get("conv1.weight")
+    stages: list[set[int]] = [set() for _ in range(4)]
+    for key in state:
+        match = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if match:
+            stages[int(match.group(1)) - 1].add(int(match.group(2)))
+    if stem is None or stem.ndim != 4 or not all(stages):
+        first = ", ".join(list(state)[:4])
+        raise ValueError(f"not an iResNet state dict (expected conv1.weight and layer1..layer4 keys; "
+                         f"first keys: {first})")
+    layers = tuple(max(blocks) + 1 for blocks in stages)
+    width = int(stem.shape[0])
+    for name in list_models():
+        spec = get_spec(name)
+        if spec.layers == layers and spec.width == width:
+            return spec.name
+    raise ValueError(f"an iResNet with blocks {list(layers)} and width {width} matches no registered "
+                     f"architecture (known: {', '.join(list_models())})")
+
+
+def _looks_like(state: Mapping[str, torch.Tensor]) -> str:
+    try:
+        return f"the file looks like {infer_arch(state)}"
+    except ValueError as err:
+        return f"the file does not look like a registered architecture ({err})"
+
+
+def _part(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _resolve_arch(requested: str | None, recorded: str | None, state: StateDict, source: str) -> str:
+    """Architecture: the file's own record, else the caller's, else inferred from the keys."""
+    try:
+        name = get_spec(requested).name if requested is not None else None
+        saved = get_spec(recorded).name if recorded is not None else None
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    if name is not None and saved is not None and name != saved:
+        raise ValueError(f"{source}: saved as arch {recorded!r}, but arch {requested!r} was requested")
+    if name or saved:
+        return name or saved
+    try:
+        return infer_arch(state)
+    except ValueError as err:
+        raise ValueError(f"{source}: cannot tell the architecture: {err}; pass arch explicitly") from None
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that says what differs and what the file looks like."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected if key in state and state[key].shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                            ("shape mismatch(es)", mismatched)) if items
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: weights do not fit arch {arch}: {'; '.join(problems)}; {_looks_like(state)}"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def _read_any(
+    weights: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> tuple[StateDict, dict[str, Any], str]:
+    if isinstance(weights, Mapping):
+        if not _is_state_dict(weights):
+            raise ValueError("expected a state dict mapping parameter names to tensors")
+        return _strip_wrapper_prefixes(weights), _meta("state_dict"), "<state dict>"
+    state, meta = read_checkpoint(weights)
+    return state, meta, str(weights)
+
+
+def _preprocessing_from(
+    meta: Mapping[str, Any], arch: str, embedding_size: int, source: str
+) -> Preprocessing:
+    if meta.get("preprocessing") is not None:
+        try:
+            return Preprocessing.from_dict(meta["preprocessing"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: bad preprocessing record: {err}") from None
+    return Preprocessing(**{**get_spec(arch).preprocessing.to_dict(), "embedding_size": embedding_size})
+
+
+def load_backbone(
+    weights: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Backbone (eval mode) from a backbone state dict/file or a quality model's ``feature_extractor`` part.
+
+    Args:
+        weights: a checkpoint path or a state dict.
+        arch: architecture; by default the file's record, else inferred from the keys.
+        map_location: device to put the model on.
+    """
+    state, meta, source = _read_any(weights)
+    state = _part(state, BACKBONE_PREFIX) or state
+    arch = _resolve_arch(arch, meta.get("arch"), state, source)
+    fc = state.get("fc.weight")
+    model = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
+    _load_strictly(model, state, source, arch)
+    return model.to(map_location).eval()
+
+
+def load_quality_model(
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> QualityModel:
+    """Quality model (in eval mode) from an aikd checkpoint or the AI-KD paper's ``aikd-best.pth``.
+
+    Args:
+        checkpoint: a checkpoint path, or a state dict with ``feature_extractor.*`` + ``quality_head.*`` keys.
+        arch: backbone architecture; by default the file's record, else inferred from the keys.
+        map_location: device to put the model on.
+    """
+    state, meta, source = _read_any(checkpoint)
+    head_state = _part(state, HEAD_PREFIX)
+    backbone_state = _part(state, BACKBONE_PREFIX)
+    if not head_state:
+        raise ValueError(
+            f"{source}: has no quality head (no quality_head.* keys): it is a backbone-only checkpoint "
+            f"({_looks_like(state)}); load it with load_backbone(), or train a quality model on it "
+            "with aikd train"
+        )
+    if not backbone_state or "l1.weight" not in head_state or "l2.weight" not in head_state:
+        raise ValueError(f"{source}: expected feature_extractor.* keys and quality_head.l1/l2 weights; "
+                         f"found keys such as {', '.join(list(state)[:4])}")
+    arch = _resolve_arch(arch, meta.get("arch"), backbone_state, source)
+    hidden, in_features = head_state["l1.weight"].shape
+    fc = backbone_state.get("fc.weight")
+    backbone = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
+    head = QualityHead(int(in_features), int(hidden), int(head_state["l2.weight"].shape[0]))
+    preprocessing = _preprocessing_from(meta, arch, int(in_features), source)
+    model = QualityModel(backbone, head, arch=arch, preprocessing=preprocessing)
+    _load_strictly(model, state, source, arch)
+    return model.to(map_location).eval()

@@ -1,0 +1,126 @@
+"""Input preprocessing a model expects, carried with the model (and its checkpoint) instead of re-stated.
+
+The insightface iResNets and the AI-KD quality model take 112x112 RGB crops aligned to the ArcFace
+template, scaled to [-1, 1]: ``x = (pixel / 255 - 0.5) / 0.5`` per channel (the paper code's
+``ToTensor`` + ``Normalize(mean=0.5, std=0.5)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Preprocessing"]
+
+ImageBatch = np.ndarray | Sequence[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become model input.
+
+    Attributes:
+        input_size: (height, width) in pixels the model takes.
+        mean: per-channel mean subtracted on the 0..1 scale, in model channel order.
+        std: per-channel divisor on the 0..1 scale.
+        channel_order: ``"RGB"`` or ``"BGR"``, the order the model's first convolution expects.
+        embedding_size: length of the backbone embedding (the quality head's input).
+    """
+
+    input_size: tuple[int, int] = (112, 112)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+    embedding_size: int = 512
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON/YAML) but store tuples so instances stay hashable and comparable.
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise ValueError(f"preprocessing.input_size must be (height, width), got {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"preprocessing.mean/std must be 3 values with std > 0, "
+                             f"got mean={self.mean}, std={self.std}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"preprocessing.channel_order must be 'RGB' or 'BGR', "
+                             f"got {self.channel_order!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists, numbers, strings) for checkpoints and JSON."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    def __call__(self, images: ImageBatch) -> torch.Tensor:
+        return self.to_tensor(images)
+
+    def to_tensor(self, images: ImageBatch) -> torch.Tensor:
+        """uint8 RGB images -> float32 (N, 3, H, W) model input.
+
+        Args:
+            images: one (H, W, 3) array, an (N, H, W, 3) array, or a list of (H, W, 3) arrays of any sizes.
+                Images not already ``input_size`` are resized with OpenCV (area averaging when shrinking,
+                bilinear when enlarging).
+
+        Raises:
+            ValueError: an image is not uint8 or not shaped (H, W, 3).
+        """
+        batch = self._as_uint8_batch(images)
+        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        if self.channel_order == "BGR":
+            tensor = tensor.flip(1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return tensor.sub_(mean).div_(std).contiguous()
+
+    def _as_uint8_batch(self, images: ImageBatch) -> np.ndarray:
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items: Sequence[np.ndarray] = list(images)
+        elif isinstance(images, np.ndarray):
+            items = [images]
+        elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+            items = images
+        else:
+            raise ValueError(f"expected uint8 RGB image array(s), got {type(images).__name__}")
+        if len(items) == 0:
+            raise ValueError("no images given")
+        height, width = self.input_size
+        out = np.empty((len(items), height, width, 3), dtype=np.uint8)
+        for i, image in enumerate(items):
+            out[i] = self._resized(_check_image(image, i), height, width)
+        return out
+
+    @staticmethod
+    def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
+        if image.shape[:2] == (height, width):
+            return image
+        import cv2
+
+        shrinking = image.shape[0] >= height and image.shape[1] >= width
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+
+
+def _check_image(image: Any, index: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image {index}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image {index}: expected uint8 pixels (0..255), got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image {index}: expected an (H, W, 3) RGB array, got shape {image.shape}")
+    return image

@@ -1,0 +1,69 @@
+"""The AI-KD quality model: a face-recognition backbone followed by the quality head.
+
+Babnik et al., "AI-KD" (IWBF 2024), Fig. 2: the student returns both the face embedding (distilled from
+the frozen teacher) and a scalar quality (regressed onto the FIQA technique's labels). Attribute names
+``feature_extractor`` and ``quality_head`` match the paper code's wrapper, so the released ``aikd-best.pth``
+(iResNet-100) loads unchanged with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from aikd.models.preprocessing import Preprocessing
+
+__all__ = ["QualityModel"]
+
+
+class QualityModel(nn.Module):
+    """Backbone + quality head.
+
+    Args:
+        backbone: maps (N, 3, H, W) faces to (N, D) embeddings.
+        head: maps (N, D) embeddings to (N, 1) qualities.
+        arch: registry name of the backbone (e.g. ``"r100"``) when known; saved with checkpoints.
+        preprocessing: the input preprocessing the model expects, when known.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        arch: str | None = None,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
+        super().__init__()
+        self.feature_extractor = backbone
+        self.quality_head = head
+        self.arch = arch
+        self.preprocessing = preprocessing
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Faces (N, 3, H, W) -> (embedding (N, D) unnormalised, quality (N,) float32)."""
+        embedding = self.feature_extractor(x)
+        quality = self.quality_head(embedding)
+        return embedding, quality.squeeze(-1).float()
+
+    @classmethod
+    def load(
+        cls, checkpoint: str | os.PathLike, arch: str | None = None, map_location: str | torch.device = "cpu"
+    ) -> QualityModel:
+        """Load a quality model checkpoint (ours or the paper's); see :func:`load_quality_model`."""
+        from aikd.models.checkpoint import load_quality_model
+
+        return load_quality_model(checkpoint, arch=arch, map_location=map_location)
+
+    def score(
+        self, images: Any, batch_size: int = 32, device: str | torch.device | None = None, **kwargs: Any
+    ) -> Any:
+        """Quality scores of images; see :func:`aikd.score.score_images`."""
+        from aikd.score import score_images
+
+        return score_images(self, images, batch_size=batch_size, device=device, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}" if self.arch else ""

@@ -1,0 +1,212 @@
+"""Model registry: architecture name -> builder + the preprocessing it expects; the ``aikd models`` command.
+
+Names follow insightface's ``arcface_torch`` configs (``r18`` ... ``r200``); ``iresnet100``-style names are
+accepted as aliases. ``tiny`` and ``r18_w0.25`` are narrow variants for tests and demos: same 112x112
+input, same 512-D embedding, same module names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from aikd.models import iresnet
+from aikd.models.head import QualityHead
+from aikd.models.preprocessing import Preprocessing
+from aikd.models.quality import QualityModel
+
+__all__ = [
+    "ModelSpec",
+    "Preprocessing",
+    "add_arguments",
+    "build_backbone",
+    "build_model",
+    "count_macs",
+    "get_spec",
+    "list_models",
+    "register_model",
+    "run",
+]
+
+ARCFACE_PREPROCESSING = Preprocessing()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered backbone architecture.
+
+    Attributes:
+        name: registry name (``"r100"``).
+        builder: returns a freshly initialised backbone; keyword arguments go to :class:`IResNet`.
+        preprocessing: input the model expects.
+        description: one line for ``aikd models``.
+        layers: blocks per stage (used to recognise the architecture of a state dict).
+        width: stem/first-stage channels.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    preprocessing: Preprocessing = field(default=ARCFACE_PREPROCESSING)
+    description: str = ""
+    layers: tuple[int, ...] = ()
+    width: int = 64
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (a name can be registered once)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+for _name, _builder, _layers, _width, _description in (
+    ("r18", iresnet.iresnet18, iresnet.LAYERS["r18"], 64, "iResNet-18 (insightface arcface_torch)"),
+    ("r34", iresnet.iresnet34, iresnet.LAYERS["r34"], 64, "iResNet-34 (insightface arcface_torch)"),
+    ("r50", iresnet.iresnet50, iresnet.LAYERS["r50"], 64, "iResNet-50 (insightface arcface_torch)"),
+    ("r100", iresnet.iresnet100, iresnet.LAYERS["r100"], 64, "iResNet-100: the AI-KD paper's student"),
+    ("r200", iresnet.iresnet200, iresnet.LAYERS["r200"], 64, "iResNet-200 (insightface arcface_torch)"),
+    ("r18_w0.25", iresnet.iresnet18_w025, iresnet.LAYERS["r18"], 16, "iResNet-18 at 1/4 width, for demos"),
+    ("tiny", iresnet.iresnet_tiny, (1, 1, 1, 1), 8, "1 block per stage at 1/8 width, for tests"),
+):
+    register_model(ModelSpec(_name, _builder, ARCFACE_PREPROCESSING, _description, tuple(_layers), _width))
+
+
+def list_models() -> list[str]:
+    """Registered architecture names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered as ``name`` (``iresnet100`` is read as ``r100``).
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    key = name.strip()
+    if key.lower().startswith("iresnet"):
+        key = "r" + key[len("iresnet"):]
+    spec = _REGISTRY.get(key) or _REGISTRY.get(key.lower())
+    if spec is None:
+        raise ValueError(f"unknown model architecture {name!r}; known: {', '.join(list_models())}")
+    return spec
+
+
+def build_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Freshly initialised backbone ``name``; ``kwargs`` (dropout, num_features, fp16) go to the builder."""
+    return get_spec(name).builder(**kwargs)
+
+
+def build_model(name: str, head_hidden: int = 1024, **kwargs: Any) -> QualityModel:
+    """Freshly initialised :class:`QualityModel`: backbone ``name`` and a new quality head.
+
+    Args:
+        name: registered architecture.
+        head_hidden: hidden width of the quality head.
+        **kwargs: passed to the backbone builder.
+    """
+    spec = get_spec(name)
+    backbone = spec.builder(**kwargs)
+    embedding_size = int(getattr(backbone, "num_features", spec.preprocessing.embedding_size))
+    head = QualityHead(embedding_size, head_hidden)
+    preprocessing = replace(spec.preprocessing, embedding_size=embedding_size)
+    return QualityModel(backbone, head, arch=spec.name, preprocessing=preprocessing)
+
+
+# ---------------------------------------------------------------------------------------- model statistics
+def count_macs(model: nn.Module, input_size: tuple[int, int] = (112, 112)) -> int:
+    """Multiply-accumulates of convolutions and linear layers for one image (BN/PReLU left out).
+
+    ``model`` may live on the meta device, so no memory is allocated and nothing is computed.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * kernel
+        else:
+            total += module.in_features * module.out_features
+
+    counted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in counted]
+    parameter = next(model.parameters())
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, *input_size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Name, blocks, width, parameter count and cost of a registered backbone (built on the meta device)."""
+    return copy.deepcopy(_describe(get_spec(name)))
+
+
+@functools.cache
+def _describe(spec: ModelSpec) -> dict[str, Any]:
+    with torch.device("meta"):
+        backbone = spec.builder()
+    macs = count_macs(backbone, spec.preprocessing.input_size)
+    return {
+        "name": spec.name,
+        "blocks": list(spec.layers),
+        "width": spec.width,
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "gmacs": macs / 1e9,
+        "gflops": 2 * macs / 1e9,
+        "description": spec.description,
+        "preprocessing": spec.preprocessing.to_dict(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``aikd models``."""
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``aikd models``: print every registered architecture with its size and cost."""
+    rows = [describe(name) for name in list_models()]
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<10} {'blocks':<13} {'width':>5} {'params':>9} {'GMACs':>6} {'GFLOPs':>7}  description")
+    for row in rows:
+        blocks = "-".join(str(n) for n in row["blocks"])
+        params = f"{row['parameters'] / 1e6:.2f} M"
+        print(f"{row['name']:<10} {blocks:<13} {row['width']:>5} {params:>9} {row['gmacs']:>6.2f} "
+              f"{row['gflops']:>7.2f}  {row['description']}")
+    head_params = sum(p.numel() for p in QualityHead().parameters())
+    print(f"\nparams: backbone only (the quality head adds {head_params / 1e6:.2f} M); "
+          "GMACs: multiply-accumulates per 112x112 face (insightface's \"GFLOPs\"); GFLOPs = 2 x GMACs")
+    for preprocessing in {Preprocessing.from_dict(row["preprocessing"]) for row in rows}:
+        names = ", ".join(row["name"] for row in rows if row["preprocessing"] == preprocessing.to_dict())
+        print(f"preprocessing ({names}): {_describe_preprocessing(preprocessing)}")
+    return 0
+
+
+def _describe_preprocessing(preprocessing: Preprocessing) -> str:
+    height, width = preprocessing.input_size
+    pairs = list(zip(preprocessing.mean, preprocessing.std, strict=True))
+    scale = ", ".join(f"(x/255-{m:g})/{s:g}" for m, s in pairs)
+    if len(set(pairs)) == 1:
+        scale = f"(x/255-{preprocessing.mean[0]:g})/{preprocessing.std[0]:g} per channel"
+    return (f"{height}x{width} {preprocessing.channel_order}, {scale}, "
+            f"embedding {preprocessing.embedding_size}")
