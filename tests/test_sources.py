@@ -1,0 +1,66 @@
+"""How inputs become 112x112 model inputs: resize, landmarks, misalignment determinism."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from aikd.align import ARCFACE_TEMPLATE, align_face
+from aikd.images import ImageInput
+from aikd.io import write_csv
+from aikd.sources import add_source_arguments, make_prepare
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_source_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def photo():
+    return np.random.default_rng(0).integers(0, 256, (200, 180, 3), dtype=np.uint8)
+
+
+def _landmarks_file(tmp_path, rows):
+    path = tmp_path / "lm.csv"
+    header = ["path"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"]
+    write_csv(path, header, [[key, *np.asarray(points).ravel().tolist()] for key, points in rows])
+    return path
+
+
+def test_default_resizes(photo, tmp_path):
+    prepare = make_prepare(_args(), [ImageInput(tmp_path / "a.png", "a.png")])
+    assert prepare(photo, None).shape == (112, 112, 3)
+
+
+def test_landmarks_align_and_report_missing(photo, tmp_path):
+    points = ARCFACE_TEMPLATE * 1.3 + 20
+    items = [ImageInput(tmp_path / "a.png", "a.png"), ImageInput(tmp_path / "b.png", "b.png")]
+    args = _args("--landmarks", str(_landmarks_file(tmp_path, [("a.png", points)])))
+    prepare = make_prepare(args, items)
+    np.testing.assert_array_equal(prepare(photo, items[0]), align_face(photo, points))
+    with pytest.raises(ValueError, match="no landmarks for this image in .*lm.csv"):
+        prepare(photo, items[1])
+
+
+def test_misalignment_is_deterministic_per_key(photo, tmp_path):
+    points = ARCFACE_TEMPLATE * 1.3 + 20
+    items = [ImageInput(tmp_path / k, k) for k in ("a.png", "b.png")]
+    lm = str(_landmarks_file(tmp_path, [("a.png", points), ("b.png", points)]))
+    first = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items)
+    again = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items[::-1])
+    other_seed = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "2"), items)
+    np.testing.assert_array_equal(first(photo, items[0]), again(photo, items[0]))
+    assert not np.array_equal(first(photo, items[0]), first(photo, items[1]))
+    assert not np.array_equal(first(photo, items[0]), other_seed(photo, items[0]))
+    assert not np.array_equal(first(photo, items[0]), align_face(photo, points))
+
+
+def test_option_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs --landmarks"):
+        make_prepare(_args("--misalign", "3"), [])
+    with pytest.raises(ValueError, match=">= 0"):
+        make_prepare(_args("--misalign", "-1"), [])
+    with pytest.raises(SystemExit):
+        _args("--landmarks", "x.csv", "--detect")
