@@ -49,13 +49,17 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the misalignment noise (default: 0)")
 
 
-def resize_to(image: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
-    """Resize to size x size (area filter when shrinking, bilinear when enlarging); no-op when already so."""
-    height, width = image.shape[:2]
-    if (height, width) == (size, size):
+def resize_to(image: np.ndarray, size: int | tuple[int, int] = ALIGNED_SIZE) -> np.ndarray:
+    """Resize to ``size`` (a side, or (height, width)): area filter when shrinking, bilinear when enlarging.
+
+    Returns ``image`` itself when it already has that size.
+    """
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if image.shape[:2] == (height, width):
         return image
-    interpolation = cv2.INTER_AREA if height > size or width > size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interpolation)
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
 
 
 def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.ndarray:
