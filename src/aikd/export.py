@@ -1,0 +1,187 @@
+"""ONNX export of a quality model, with a structural check and a numerical parity check against torch.
+
+    aikd export --checkpoint runs/r100/best.pt -o aikd.onnx
+
+The graph takes ``image`` (N, 3, 112, 112) float32 faces preprocessed as the model's
+:class:`~aikd.models.Preprocessing` says (RGB, ``(x / 255 - 0.5) / 0.5``) and returns ``embedding``
+(N, 512, not L2-normalised) and ``quality`` (N,). The batch axis is dynamic.
+
+By default the exported graph is the BatchNorm-folded model (:func:`aikd.inference.fold_batchnorm`):
+the same function with fewer operators. Parity is always measured against the plain, unfolded torch model.
+
+Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``). This model has no
+data-dependent control flow, so tracing captures it completely; the tracer needs no onnxscript, prints
+nothing, takes seconds for an iResNet-100 and names inputs, outputs and the dynamic axis directly. The
+dynamo exporter (torch 2.13's default) also works but needs onnxscript and prints progress lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aikd.io import atomic_write
+
+__all__ = ["OPSET", "add_arguments", "check_onnx", "export_onnx", "run"]
+
+OPSET = 17
+INPUT_NAME = "image"
+
+
+class _Outputs(nn.Module):
+    """The model as an ONNX graph sees it: fp32 in, (embedding, quality) or embedding out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> Any:
+        return self.model(image)
+
+
+def _output_names(model: nn.Module) -> list[str]:
+    from aikd.models import QualityModel
+
+    return ["embedding", "quality"] if isinstance(model, QualityModel) else ["embedding"]
+
+
+def export_onnx(
+    model: nn.Module,
+    destination: str | os.PathLike | IO[bytes],
+    input_size: tuple[int, int] | None = None,
+    fold: bool = True,
+    opset: int = OPSET,
+) -> None:
+    """Export ``model`` (a :class:`QualityModel` or a backbone) to ONNX with a dynamic batch axis.
+
+    Args:
+        model: not modified (a folded or eval-mode CPU copy is exported).
+        destination: a file path (written atomically) or a binary file object.
+        input_size: (height, width); defaults to ``model.preprocessing.input_size`` or 112x112.
+        fold: export the BatchNorm-folded model (same outputs up to float rounding, fewer operators).
+        opset: ONNX opset version.
+    """
+    from aikd.inference import fold_batchnorm
+
+    if input_size is None:
+        preprocessing = getattr(model, "preprocessing", None)
+        input_size = tuple(preprocessing.input_size) if preprocessing is not None else (112, 112)
+    prepared = fold_batchnorm(model) if fold else _eval_copy(model)
+    prepared = prepared.cpu().float()
+    names = _output_names(model)
+    example = torch.zeros(2, 3, *input_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        prepared(example)  # fills the folded blocks' border caches, so the trace records them as constants
+        warnings.simplefilter("ignore")  # tracer notes about constants and the exporter's deprecation notice
+        torch.onnx.export(
+            _Outputs(prepared), (example,), buffer, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
+        )
+    if isinstance(destination, (str, os.PathLike)):
+        with atomic_write(destination, "wb") as handle:
+            handle.write(buffer.getvalue())
+    else:
+        destination.write(buffer.getvalue())
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_sizes: tuple[int, ...] = (1, 5),
+               seed: int = 0) -> dict[str, float]:
+    """Validate an exported graph with ``onnx.checker`` and compare it with the plain torch model.
+
+    Args:
+        model: the torch model the graph came from (run unfolded, fp32, CPU, eval mode).
+        onnx_model: the ONNX file or its bytes.
+        batch_sizes: batches of seeded random faces in [-1, 1] to run (different sizes exercise the dynamic axis).
+        seed: seed of the random faces.
+
+    Returns:
+        Maximum absolute differences: ``{"quality": ..., "embedding": ...}`` (``quality`` only for quality models).
+
+    Raises:
+        ValueError: the graph fails the ONNX checker or gives outputs of the wrong shape.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+    try:
+        onnx.checker.check_model(onnx.load_model_from_string(data), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ValueError(f"the exported graph fails the ONNX checker: {err}") from None
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    reference = _eval_copy(model).cpu().float()
+    names = _output_names(model)
+    size = tuple(getattr(getattr(model, "preprocessing", None), "input_size", (112, 112)))
+    generator = torch.Generator().manual_seed(seed)
+    worst = dict.fromkeys(names, 0.0)
+    for batch in batch_sizes:
+        faces = torch.rand(batch, 3, *size, generator=generator) * 2 - 1
+        with torch.no_grad():
+            expected = reference(faces)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = session.run(names, {INPUT_NAME: faces.numpy()})
+        for name, want, have in zip(names, expected, got, strict=True):
+            if have.shape != tuple(want.shape):
+                raise ValueError(f"ONNX output {name} has shape {have.shape}, torch gives {tuple(want.shape)}")
+            worst[name] = max(worst[name], float(np.abs(have - want.numpy()).max()))
+    return worst
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``aikd export``."""
+    parser.add_argument("--checkpoint", type=Path, required=True, help="quality model checkpoint (aikd or paper)")
+    parser.add_argument("--arch", help="backbone architecture when the checkpoint does not record it (e.g. r100)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("aikd.onnx"), help="ONNX file (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (default: %(default)s)")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="export the plain graph with its BatchNorm nodes instead of the folded one")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest acceptable |quality(onnx) - quality(torch)| (default: %(default)s)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the onnx.checker and onnxruntime parity check")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``aikd export``: write the ONNX file, check it, print the parity; 1 if parity exceeds the tolerance."""
+    from aikd.models import load_quality_model
+
+    model = load_quality_model(args.checkpoint, arch=args.arch)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ValueError("aikd export needs the onnx package (pip install 'aikd[onnx]')") from None
+    buffer = io.BytesIO()
+    export_onnx(model, buffer, fold=args.fold, opset=args.opset)
+    data = buffer.getvalue()
+    if args.check:
+        worst = check_onnx(model, data)
+        print(f"parity with torch (fp32, random faces): max |quality diff| {worst['quality']:.3g}, "
+              f"max |embedding diff| {worst['embedding']:.3g}", file=sys.stderr)
+        if not worst["quality"] <= args.tolerance:
+            print(f"aikd export: error: quality differs by {worst['quality']:.3g} > --tolerance {args.tolerance}; "
+                  f"{args.output} not written", file=sys.stderr)
+            return 1
+    with atomic_write(args.output, "wb") as handle:
+        handle.write(data)
+    print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, opset {args.opset}, inputs image[N,3,"
+          f"{model.preprocessing.input_size[0]},{model.preprocessing.input_size[1]}] -> embedding, quality)",
+          file=sys.stderr)
+    return 0
