@@ -1,0 +1,112 @@
+"""Face-recognition embeddings of a set of images: ``aikd embed``.
+
+    aikd embed lfw/ --arch r100 --weights backbone.pth --aligned -o lfw_emb.npz
+    aikd embed photos/ --weights backbone.pth --landmarks lm.csv --misalign 3 --seed 1 -o misaligned.npz
+
+Any backbone :func:`aikd.models.load_backbone` reads works: an insightface ``arcface_torch``
+``backbone.pth``, or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are aligned
+with ``--landmarks FILE`` or ``--detect``, or taken as already aligned 112x112 crops (``--aligned``, the
+default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
+misaligned-test variant of a set (AI-KD, Babnik et al., IWBF 2024): every landmark coordinate is jittered by
+U[-P, P] pixels before alignment, with noise fixed by (seed, image key), so resuming or sharding a run does
+not change it.
+
+Output: ``.npz`` with ``paths`` (the image keys, in input order) and ``embeddings`` (N x D float32,
+L2-normalised), the format :func:`aikd.io.load_embeddings` reads. Robustness, ``--resume``, progress and
+``torchrun`` sharding work as for ``aikd score``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from aikd.images import ImageInput, collect_inputs
+from aikd.inference import (
+    add_inference_arguments,
+    distributed,
+    engine_from_args,
+    finish_distributed,
+    l2_normalise,
+    resolve_device,
+)
+from aikd.io import load_embeddings, save_embeddings
+from aikd.jobs import ItemResult, check_output, run_job
+from aikd.sources import add_source_arguments, make_prepare
+
+__all__ = ["add_arguments", "run"]
+
+
+class _ResizeCounter:
+    """Counts inputs that were not already the aligned size (thread-safe: decode workers call it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def note(self, image: np.ndarray, size: tuple[int, int]) -> None:
+        if image.shape[:2] != tuple(size):
+            with self._lock:
+                self.count += 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``aikd embed``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively), glob patterns, or .txt/.csv lists of paths")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="FR backbone: arcface_torch backbone.pth, or an aikd/AI-KD quality checkpoint")
+    parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("embeddings.npz"),
+                        help="embedding file, .npz with paths and embeddings (default: %(default)s)")
+    add_source_arguments(parser)
+    add_inference_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``aikd embed``: 0 when every image was embedded, 1 when some failed (listed in the errors file)."""
+    from aikd.models import load_backbone
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    items = collect_inputs(args.inputs)
+    source_prepare = make_prepare(args, items)
+    as_crops = args.landmarks is None and not args.detect
+    resized = _ResizeCounter()
+    with distributed(resolve_device(args.device)) as (dist, device):
+        dist.from_main(lambda: check_output(args.output, args.resume, args.overwrite))
+        engine = engine_from_args(load_backbone(args.weights, arch=args.arch), args, device)
+        size = engine.preprocessing.input_size
+
+        def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
+            if as_crops:
+                resized.note(image, size)
+            return engine.prepare(source_prepare(image, item))
+
+        def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
+            embeddings, _ = engine(batch)
+            return [ItemResult(vector=vector) for vector in l2_normalise(embeddings)]
+
+        results = run_job(items, process, args.output, batch_size=args.batch_size, workers=args.workers,
+                          resume=args.resume, prepare=prepare, rank=dist.rank, world_size=dist.world_size,
+                          load_previous=_load_previous, desc="embedding")
+        resized_count = dist.sum(resized.count)
+        if resized_count and dist.is_main:
+            print(f"warning: {resized_count} input(s) were not {size[0]}x{size[1]} aligned crops and were "
+                  "resized; pass --landmarks FILE or --detect to align photos", file=sys.stderr)
+
+        def write(good: list[tuple[ImageInput, ItemResult]]) -> None:
+            vectors = [result.vector for _, result in good]
+            save_embeddings(args.output, [item.key for item, _ in good],
+                            np.stack(vectors) if vectors else np.zeros((0, engine.embedding_size), np.float32))
+
+        return finish_distributed(dist, items, results, args.output, write, verb="embedded")
+
+
+def _load_previous(path: Path) -> dict[str, ItemResult]:
+    keys, embeddings = load_embeddings(path)
+    return {key: ItemResult(vector=vector) for key, vector in zip(keys, embeddings, strict=True)}
