@@ -131,6 +131,9 @@ class _NormConvNorm(nn.Module):
         self.conv = _new_conv(conv, folded, tap_shift.sum((1, 2)) + out_shift)
         self.tap_shift = tap_shift  # float64, CPU: the border is computed exactly once per input size
         self.correct_border = bool(in_shift.abs().max() > 0) and max(conv.padding) > 0
+        kernel, padding = conv.kernel_size, conv.padding
+        self.ring_only = conv.stride == (1, 1) and conv.dilation == (1, 1) and all(
+            k == 2 * p + 1 and p > 0 for k, p in zip(kernel, padding, strict=True))
         self._border: dict[tuple, torch.Tensor] = {}
 
     def border(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -151,10 +154,12 @@ class _NormConvNorm(nn.Module):
             return out
         # int(): under the ONNX tracer sizes are tensors, and the border is a constant of the input size.
         border = self.border(int(x.shape[-2]), int(x.shape[-1]), out.device, out.dtype)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return out + border  # one Add with a constant: nothing in-place in the exported graph
-        # Only the outermost rows and columns differ (3x3 kernel, padding 1): four thin in-place adds.
         pad_h, pad_w = self.conv.padding
+        height, width = out.shape[-2:]
+        if not self.ring_only or height <= 2 * pad_h or width <= 2 * pad_w or torch.jit.is_tracing() \
+                or torch.onnx.is_in_onnx_export():
+            return out + border  # also what the exported graph does: one Add of a constant, nothing in place
+        # Stride 1, kernel 2 * pad + 1: only the outermost pad rows and columns differ; four thin in-place adds.
         out[..., :pad_h, :] += border[..., :pad_h, :]
         out[..., -pad_h:, :] += border[..., -pad_h:, :]
         out[..., pad_h:-pad_h, :pad_w] += border[..., pad_h:-pad_h, :pad_w]
