@@ -123,8 +123,8 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
     try:
         onnx.checker.check_model(onnx.load_model_from_string(data), full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise ValueError(f"the exported graph fails the ONNX checker: {err}") from None
+    except Exception as err:  # DecodeError (not a model at all), ValidationError, shape-inference errors
+        raise ValueError(f"the graph fails the ONNX checker: {type(err).__name__}: {err}") from None
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     reference = _eval_copy(model).cpu().float()
     names = _output_names(model)
