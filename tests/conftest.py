@@ -22,3 +22,57 @@ def faces_batch() -> torch.Tensor:
     """Four seeded random 112x112 "faces" already scaled to [-1, 1]."""
     generator = torch.Generator().manual_seed(1)
     return torch.rand(4, 3, 112, 112, generator=generator) * 2 - 1
+
+
+# ------------------------------------------------------------------------------ score / embed / export
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels but holds no pixel data (a decompression-bomb stand-in)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model):
+    """The ``tiny_model`` fixture saved as an aikd checkpoint."""
+    from aikd.models import save_checkpoint
+
+    return save_checkpoint(tmp_path / "tiny.pt", tiny_model, "tiny")
+
+
+@pytest.fixture
+def face_folder(tmp_path):
+    """A folder of seeded random "faces" of assorted sizes and modes, plus one file of each bad kind.
+
+    Returns ``(folder, good_keys, bad_reasons)``: keys in input (sorted) order and a fragment of the
+    expected reason for each bad file.
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = {
+        "a.jpg": Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)),
+        "b.png": Image.fromarray(rng.integers(0, 256, (150, 130, 3), dtype=np.uint8)),
+        "c_gray.png": Image.fromarray(rng.integers(0, 256, (90, 100), dtype=np.uint8), mode="L"),
+        "d_rgba.png": Image.fromarray(rng.integers(0, 256, (112, 112, 4), dtype=np.uint8), mode="RGBA"),
+        "e.bmp": Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+        "sub/f.webp": Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)),
+    }
+    for key, image in good.items():
+        image.save(folder / key)
+    (folder / "empty.jpg").write_bytes(b"")
+    jpeg = (folder / "a.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "text.png").write_text("not an image at all")
+    (folder / "bomb.png").write_bytes(png_claiming_size(60000, 60000))
+    bad = {"bomb.png": "too large", "empty.jpg": "empty file", "text.png": "not an image",
+           "truncated.jpg": "cannot decode"}
+    return folder, sorted(good), bad
