@@ -1,0 +1,60 @@
+"""aikd export: named inputs/outputs, dynamic batch, ONNX checker, parity with torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aikd.cli import main
+from aikd.export import check_onnx, export_onnx
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_export_command_writes_a_checked_graph(tmp_path, tiny_checkpoint, tiny_model, fold, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(out), *([] if fold else ["--no-fold"])]) == 0
+    assert "max |quality diff|" in capsys.readouterr().err
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert [o.name for o in graph.graph.output] == ["embedding", "quality"]
+    has_norm = any(node.op_type == "BatchNormalization" for node in graph.graph.node)
+    assert has_norm != fold
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):  # dynamic batch axis
+        faces = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+        embedding, quality = session.run(None, {"image": faces.numpy()})
+        with torch.no_grad():
+            want_embedding, want_quality = tiny_model(faces)
+        assert embedding.shape == (batch, 512) and quality.shape == (batch,)
+        assert np.abs(quality - want_quality.numpy()).max() < 1e-4
+        np.testing.assert_allclose(embedding, want_embedding.numpy(), atol=1e-4)
+
+
+def test_check_onnx_reports_differences(tiny_model, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(tiny_model, path)
+    worst = check_onnx(tiny_model, path)
+    assert set(worst) == {"embedding", "quality"} and worst["quality"] < 1e-4
+    with torch.no_grad():
+        tiny_model.quality_head.l2.bias += 0.5  # the graph no longer matches the model
+    assert check_onnx(tiny_model, path)["quality"] == pytest.approx(0.5, abs=1e-4)
+    with pytest.raises(ValueError, match="ONNX checker"):
+        check_onnx(tiny_model, b"not a graph" * 10)
+
+
+def test_parity_failure_exits_1_without_writing(tmp_path, tiny_checkpoint, monkeypatch):
+    import aikd.export
+
+    monkeypatch.setattr(aikd.export, "check_onnx", lambda model, data: {"quality": 0.3, "embedding": 0.1})
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(out)]) == 1
+    assert not out.exists()
+
+
+def test_export_usage_errors(tmp_path):
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")]) == 2

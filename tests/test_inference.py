@@ -1,0 +1,170 @@
+"""The inference engine: exact BatchNorm folding, layouts, precisions, backends, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aikd.inference import (
+    Engine,
+    FoldedIResNet,
+    _NormConvNorm,
+    fold_batchnorm,
+    l2_normalise,
+    normalise,
+    resolve_device,
+)
+from aikd.models import Preprocessing, build_model, calibrate_batchnorm
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every trainable BatchNorm a non-trivial affine part, so folding has real shifts to move."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight.requires_grad:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(module.bias.shape, generator=generator) * 0.6 - 0.3)
+    return model
+
+
+@pytest.fixture
+def shifted_model():
+    torch.manual_seed(0)
+    model = _randomise_norms(build_model("tiny"))
+    return calibrate_batchnorm(model, batches=2, batch_size=8).eval()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "r18_w0.25"])
+def test_folded_model_matches_plain_model(arch, faces_batch):
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(_randomise_norms(build_model(arch)), batches=2, batch_size=8).eval()
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.feature_extractor, FoldedIResNet)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        embedding, quality = model(faces_batch)
+        folded_embedding, folded_quality = folded(faces_batch)
+        channels_last = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        cl_quality = channels_last(faces_batch.contiguous(memory_format=torch.channels_last))[1]
+    assert (quality - folded_quality).abs().max() < 1e-4
+    assert (quality - cl_quality).abs().max() < 1e-4
+    assert (embedding - folded_embedding).abs().max() < 1e-4 * max(1.0, embedding.abs().max().item())
+
+
+@pytest.mark.parametrize("size", [(9, 13), (1, 5), (16, 16)])
+def test_norm_conv_norm_border_is_exact(size):
+    """BN -> conv (zero padding) -> BN: the folded border correction reproduces the padded original."""
+    torch.manual_seed(size[0])
+    before, after = nn.BatchNorm2d(4).eval(), nn.BatchNorm2d(6).eval()
+    for norm in (before, after):
+        _randomise_norms(norm)
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, *size)
+    folded = _NormConvNorm(before, conv, after)
+    with torch.no_grad():
+        expected = after(conv(before(x)))
+        np.testing.assert_allclose(folded(x).numpy(), expected.numpy(), atol=1e-5)
+        assert folded.correct_border and (folded.conv(x) - expected).abs().max() > 1e-3  # the border matters
+
+
+def test_folding_leaves_the_model_alone(shifted_model):
+    shifted_model.train()
+    before = {k: v.clone() for k, v in shifted_model.state_dict().items()}
+    fold_batchnorm(shifted_model)
+    assert shifted_model.training
+    assert all(torch.equal(before[k], v) for k, v in shifted_model.state_dict().items())
+    other = nn.Sequential(nn.Linear(3, 2))
+    assert isinstance(fold_batchnorm(other), nn.Sequential)
+
+
+def test_normalise_equals_preprocessing():
+    rng = np.random.default_rng(0)
+    faces = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    preprocessing = Preprocessing()
+    ours = np.stack([normalise(face, preprocessing) for face in faces]).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(ours, preprocessing(faces).numpy(), atol=1e-7)
+    bgr = Preprocessing(channel_order="BGR")
+    np.testing.assert_array_equal(normalise(faces[0], bgr), normalise(faces[0], preprocessing)[..., ::-1])
+    assert normalise(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8), preprocessing).shape == (112, 112, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(faces[0].astype(np.float32), preprocessing)
+
+
+def _faces(count: int = 5, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [normalise(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), Preprocessing()) for _ in range(count)]
+
+
+def test_engine_paths_agree(shifted_model):
+    faces = _faces()
+    with torch.no_grad():
+        plain_embedding, plain_quality = shifted_model(torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2))
+    for fold in (True, False):
+        for channels_last in (True, False):
+            engine = Engine(shifted_model, device="cpu", fold=fold, channels_last=channels_last)
+            embedding, quality = engine(faces)
+            assert quality.dtype == np.float32 and quality.shape == (5,)
+            np.testing.assert_allclose(quality, plain_quality.numpy(), atol=1e-5)
+            np.testing.assert_allclose(embedding, plain_embedding.numpy(), atol=1e-4)
+
+
+def test_bf16_keeps_head_in_fp32_and_stays_close(shifted_model):
+    faces = _faces(8)
+    _, reference = Engine(shifted_model, device="cpu")(faces)
+    engine = Engine(shifted_model, device="cpu", precision="bf16")
+    embedding, quality = engine(faces)
+    assert quality.dtype == np.float32 and embedding.dtype == np.float32
+    assert engine.model.quality_head.l1.weight.dtype == torch.float32
+    spread = reference.max() - reference.min()
+    assert np.abs(quality - reference).max() < 0.1 * spread + 1e-3
+
+
+def test_onnxruntime_backend_matches_torch(shifted_model):
+    pytest.importorskip("onnxruntime")
+    faces = _faces(3)
+    embedding, quality = Engine(shifted_model, device="cpu")(faces)
+    ort_embedding, ort_quality = Engine(shifted_model, device="cpu", backend="onnxruntime")(faces)
+    np.testing.assert_allclose(ort_quality, quality, atol=1e-5)
+    np.testing.assert_allclose(ort_embedding, embedding, atol=1e-4)
+
+
+def test_backbone_only_engine(shifted_model):
+    embedding, quality = Engine(shifted_model.feature_extractor, device="cpu")(_faces(2))
+    assert quality is None and embedding.shape == (2, 512)
+
+
+def test_devices_and_option_errors(shifted_model):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unsupported device|cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            Engine(shifted_model, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        Engine(shifted_model, device="cpu", precision="int4")
+    with pytest.raises(ValueError, match="onnxruntime runs fp32"):
+        Engine(shifted_model, device="cpu", backend="onnxruntime", precision="bf16")
+
+
+def test_l2_normalise():
+    vectors = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(l2_normalise(vectors), [[0.6, 0.8], [0.0, 0.0]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_close_to_fp32(shifted_model):
+    faces = _faces(16)
+    _, reference = Engine(shifted_model, device="cpu")(faces)
+    _, fp32 = Engine(shifted_model, device="cuda")(faces)
+    _, fp16 = Engine(shifted_model, device="cuda", precision="fp16")(faces)
+    np.testing.assert_allclose(fp32, reference, atol=1e-4)
+    assert np.abs(fp16 - reference).max() < 0.05 * (reference.max() - reference.min()) + 1e-3
