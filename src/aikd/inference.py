@@ -131,13 +131,12 @@ class _NormConvNorm(nn.Module):
         self.conv = _new_conv(conv, folded, tap_shift.sum((1, 2)) + out_shift)
         self.tap_shift = tap_shift  # float64, CPU: the border is computed exactly once per input size
         self.correct_border = bool(in_shift.abs().max() > 0) and max(conv.padding) > 0
-        kernel, padding = conv.kernel_size, conv.padding
-        self.ring_only = conv.stride == (1, 1) and conv.dilation == (1, 1) and all(
-            k == 2 * p + 1 and p > 0 for k, p in zip(kernel, padding, strict=True))
+        kernel, padding = tuple(conv.kernel_size), tuple(conv.padding)
+        self.ring_only = conv.stride == (1, 1) and conv.dilation == (1, 1) and kernel == (3, 3) and padding == (1, 1)
         self._border: dict[tuple, torch.Tensor] = {}
 
     def border(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(1, C_out, H', W') bias missing from ``conv``'s output: zero inside, non-zero on the border."""
+        """(1, H', W', C_out) bias missing from ``conv``'s output: zero inside, non-zero on the border."""
         key = (height, width, torch.device(device), dtype)
         if key not in self._border:
             conv = self.conv
@@ -145,7 +144,7 @@ class _NormConvNorm(nn.Module):
             ones = torch.ones(1, 1, height, width, dtype=torch.float64)
             real = F.conv2d(ones, self.tap_shift.unsqueeze(1), None, conv.stride, conv.padding, conv.dilation)
             interior = self.tap_shift.sum((1, 2)).view(1, -1, 1, 1)
-            self._border[key] = (real - interior).to(device, dtype)
+            self._border[key] = (real - interior).permute(0, 2, 3, 1).contiguous().to(device, dtype)
         return self._border[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,16 +153,15 @@ class _NormConvNorm(nn.Module):
             return out
         # int(): under the ONNX tracer sizes are tensors, and the border is a constant of the input size.
         border = self.border(int(x.shape[-2]), int(x.shape[-1]), out.device, out.dtype)
-        pad_h, pad_w = self.conv.padding
         height, width = out.shape[-2:]
-        if not self.ring_only or height <= 2 * pad_h or width <= 2 * pad_w or torch.jit.is_tracing() \
+        if not self.ring_only or height < 3 or width < 3 or torch.jit.is_tracing() \
                 or torch.onnx.is_in_onnx_export():
-            return out + border  # also what the exported graph does: one Add of a constant, nothing in place
-        # Stride 1, kernel 2 * pad + 1: only the outermost pad rows and columns differ; four thin in-place adds.
-        out[..., :pad_h, :] += border[..., :pad_h, :]
-        out[..., -pad_h:, :] += border[..., -pad_h:, :]
-        out[..., pad_h:-pad_h, :pad_w] += border[..., pad_h:-pad_h, :pad_w]
-        out[..., pad_h:-pad_h, -pad_w:] += border[..., pad_h:-pad_h, -pad_w:]
+            return out + border.permute(0, 3, 1, 2)  # also the exported graph: one Add of a constant
+        # 3x3 kernel, stride 1, padding 1: only the outermost rows and columns differ. Two in-place adds on
+        # the (N, H, W, C) view, contiguous along C for channels_last output.
+        out_hwc = out.permute(0, 2, 3, 1)
+        out_hwc[:, :: height - 1] += border[:, :: height - 1]
+        out_hwc[:, 1:-1, :: width - 1] += border[:, 1:-1, :: width - 1]
         return out
 
 
