@@ -23,7 +23,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 import torch
@@ -35,17 +35,6 @@ __all__ = ["OPSET", "add_arguments", "check_onnx", "export_onnx", "run"]
 
 OPSET = 17
 INPUT_NAME = "image"
-
-
-class _Outputs(nn.Module):
-    """The model as an ONNX graph sees it: fp32 in, (embedding, quality) or embedding out."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> Any:
-        return self.model(image)
 
 
 def _output_names(model: nn.Module) -> list[str]:
@@ -84,7 +73,7 @@ def export_onnx(
         prepared(example)  # fills the folded blocks' border caches, so the trace records them as constants
         warnings.simplefilter("ignore")  # tracer notes about constants and the exporter's deprecation notice
         torch.onnx.export(
-            _Outputs(prepared), (example,), buffer, dynamo=False, opset_version=opset,
+            prepared, (example,), buffer, dynamo=False, opset_version=opset,
             input_names=[INPUT_NAME], output_names=names,
             dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
         )

@@ -39,6 +39,7 @@ from aikd.jobs import ItemResult, finish_job, read_journal
 from aikd.models.iresnet import IBasicBlock, IResNet
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
+from aikd.sources import resize_to
 
 __all__ = [
     "BACKENDS",
@@ -180,7 +181,8 @@ class FoldedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.prelu(self.conv1(x)))
-        return out + (x if self.downsample is None else self.downsample(x))
+        out += x if self.downsample is None else self.downsample(x)  # out is fresh: add in place
+        return out
 
 
 class FoldedIResNet(nn.Module):
@@ -255,8 +257,6 @@ def normalise(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     per image with numpy so that it runs in the decode threads; stacking gives an (N, H, W, C) batch whose
     NCHW view is already channels_last.
     """
-    from aikd.sources import resize_to
-
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
     image = resize_to(image, preprocessing.input_size)
@@ -399,6 +399,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser, batch_size: int = 3
 
 def engine_from_args(model: nn.Module, args: argparse.Namespace, device: torch.device | None = None) -> Engine:
     """An :class:`Engine` configured by the options of :func:`add_inference_arguments`."""
+    if torch.device(device or resolve_device(args.device)).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a command runs one input size: let cuDNN pick its fastest kernels
     return Engine(model, device=device or args.device, precision=args.precision, backend=args.backend,
                   fold=args.fold)
 

@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,10 @@ def score_images(
     if device is None:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else "cpu"
+    from aikd.models import QualityModel
+
+    if not isinstance(model, QualityModel):
+        raise ValueError(f"score_images needs a QualityModel (backbone + quality head), got {type(model).__name__}")
     engine = _cached_engine(model, device, precision, backend, fold)
     images = _as_list(images)
 
@@ -99,8 +103,6 @@ def score_images(
         for start in range(0, len(images), batch_size):
             batch = list(pool.map(prepare, range(start, min(start + batch_size, len(images)))))
             embedding, quality = engine(batch)
-            if quality is None:
-                raise ValueError("score_images needs a quality model (feature_extractor + quality_head)")
             qualities.append(quality)
             embeddings.append(embedding)
     dim = engine.embedding_size
@@ -302,7 +304,8 @@ def _load_previous(path: Path, fmt: str, embeddings_path: Path | None) -> dict[s
     return {key: ItemResult(rows=[[q]], vector=vectors[key]) for key, q in scores.items() if key in vectors}
 
 
-def _writer(output: Path, fmt: str, embeddings_path: Path | None, dim: int):
+def _writer(output: Path, fmt: str, embeddings_path: Path | None, dim: int
+            ) -> Callable[[list[tuple[ImageInput, ItemResult]]], None]:
     def write(good: list[tuple[ImageInput, ItemResult]]) -> None:
         keys = [item.key for item, _ in good]
         write_scores(output, keys, [result.rows[0][0] for _, result in good], fmt)
