@@ -28,6 +28,7 @@ import numpy as np
 from aikd.images import ImageInput, collect_inputs
 from aikd.inference import (
     add_inference_arguments,
+    batch_size_from_args,
     distributed,
     engine_from_args,
     finish_distributed,
@@ -71,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     """``aikd embed``: 0 when every image was embedded, 1 when some failed (listed in the errors file)."""
     from aikd.models import load_backbone
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch_size = batch_size_from_args(args, resolve_device(args.device))
     items = collect_inputs(args.inputs)
     source_prepare = make_prepare(args, items)
     as_crops = args.landmarks is None and not args.detect
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings, _ = engine(batch)
             return [ItemResult(vector=vector) for vector in l2_normalise(embeddings)]
 
-        results = run_job(items, process, args.output, batch_size=args.batch_size, workers=args.workers,
+        results = run_job(items, process, args.output, batch_size=batch_size, workers=args.workers,
                           resume=args.resume, prepare=prepare, rank=dist.rank, world_size=dist.world_size,
                           load_previous=_load_previous, desc="embedding")
         resized_count = dist.sum(resized.count)

@@ -47,6 +47,7 @@ __all__ = [
     "Distributed",
     "Engine",
     "add_inference_arguments",
+    "batch_size_from_args",
     "distributed",
     "engine_from_args",
     "finish_distributed",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CPU_BATCH, GPU_BATCH = 32, 256  # a GPU needs large batches to be busy; on a CPU 32 is past the knee
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -377,11 +379,11 @@ def _onnx_session(model: nn.Module, preprocessing: Preprocessing, device: torch.
 
 
 # ------------------------------------------------------------------------------------- command-line options
-def add_inference_arguments(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
     group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=batch_size,
-                       help="faces per forward pass (default: %(default)s; larger is faster on a GPU)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help=f"faces per forward pass (default: {CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="threads decoding and preparing images ahead of the model (default: %(default)s)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -403,6 +405,16 @@ def engine_from_args(model: nn.Module, args: argparse.Namespace, device: torch.d
         torch.backends.cudnn.benchmark = True  # a command runs one input size: let cuDNN pick its fastest kernels
     return Engine(model, device=device or args.device, precision=args.precision, backend=args.backend,
                   fold=args.fold)
+
+
+def batch_size_from_args(args: argparse.Namespace, device: torch.device) -> int:
+    """``--batch-size``, or the default for ``device``; raises ValueError below 1."""
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = GPU_BATCH if device.type == "cuda" else CPU_BATCH
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    return batch_size
 
 
 # -------------------------------------------------------------------------------------------- torchrun

@@ -34,6 +34,7 @@ from aikd.images import ImageError, ImageInput, collect_inputs, load_image
 from aikd.inference import (
     Engine,
     add_inference_arguments,
+    batch_size_from_args,
     distributed,
     engine_from_args,
     finish_distributed,
@@ -260,8 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from aikd.models import load_quality_model
 
     fmt = output_format(args.output, args.format)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch_size = batch_size_from_args(args, resolve_device(args.device))
     if args.embeddings is not None and args.embeddings.resolve() == args.output.resolve():
         raise ValueError("--embeddings must name a different file than -o/--output")
     items = collect_inputs(args.inputs)
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
             vectors = l2_normalise(embeddings) if args.embeddings is not None else [None] * len(batch)
             return [ItemResult(rows=[[_shortest(q)]], vector=v) for q, v in zip(qualities, vectors, strict=True)]
 
-        results = run_job(items, process, args.output, batch_size=args.batch_size, workers=args.workers,
+        results = run_job(items, process, args.output, batch_size=batch_size, workers=args.workers,
                           resume=args.resume, prepare=prepare, rank=dist.rank, world_size=dist.world_size,
                           load_previous=lambda path: _load_previous(path, fmt, args.embeddings), desc="scoring")
         write = _writer(args.output, fmt, args.embeddings, engine.embedding_size)
