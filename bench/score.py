@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from aikd.images import ImageInput
-from aikd.inference import Engine
+from aikd.inference import Engine, cpu_has_bf16
 from aikd.jobs import ItemResult, run_job
 from aikd.models import build_model, calibrate_batchnorm
 
@@ -49,14 +49,6 @@ PATHS = {
     "torch-bf16": {"backend": "torch", "precision": "bf16"},
 }
 SPEARMAN_BAR = 0.999
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX-512 BF16 / AMX); without it bf16 is emulated and slow."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def make_faces(folder: Path, count: int, seed: int = 0) -> list[ImageInput]:
