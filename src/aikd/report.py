@@ -398,6 +398,9 @@ def pauc_rows(outcomes: Sequence[Outcome], settings: Settings) -> list[tuple]:
         for fmr in settings.fmrs:
             for mode in settings.modes:
                 oracle = outcome.oracles[fmr, mode]
+                if oracle.fnmr0 == 0:
+                    log.warning("warning: %s/%s: FNMR is 0 at FMR %g (%s) without discarding; the normalised "
+                                "pAUC is left empty", job.fr_model, job.dataset, fmr, mode)
                 for method, edc in _named_curves(outcome, settings, fmr, mode):
                     for limit in settings.limits:
                         where = f"{job.fr_model}/{job.dataset}/{method} at FMR {fmr:g} ({mode})"
@@ -506,7 +509,7 @@ def _summary(rows: Sequence[tuple]) -> str:
         where = f"{r[col['fr_model']]}/{r[col['dataset']]}"
         lines.append(f"{where}  {r[col['method']]:<16} FMR {r[col['fmr']]:<7g} "
                      f"{r[col['threshold_mode']]:<10} limit {r[col['discard_limit']]:<4g} "
-                     f"pAUC {_cell(r[col['pauc']])}  normalised {_cell(r[col['pauc_normalised']])}")
+                     f"pAUC {r[col['pauc']]:.4g}  normalised {_cell(r[col['pauc_normalised']])}")
     return "\n".join(lines)
 
 
