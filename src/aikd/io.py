@@ -76,8 +76,8 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
 
 
 # ----------------------------------------------------------------------------------------- restricted pickle
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for something other than plain data."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle asked for something other than plain data (a ValueError: the CLI reports it in one line)."""
 
 
 # (module, name) pairs a data pickle legitimately needs. Everything else (os.system, eval, arbitrary
