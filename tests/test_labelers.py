@@ -304,3 +304,16 @@ def test_every_registered_method_implements_the_interface():
         assert cls.set_pass or cls.needs_images  # a method gets its qualities from some pass
     with pytest.raises(ValueError, match="serfiq"):
         labeler_class("faceqnet")
+
+
+def test_label_loads_insightface_style_weights(identity_folder, tmp_path, tiny_backbone):
+    weights = tmp_path / "backbone.pth"
+    torch.save(tiny_backbone.state_dict(), weights)  # a plain state dict, as arcface_torch saves it
+    output = tmp_path / "magnitude.csv"
+    assert main(["label", str(identity_folder / "id2"), "--method", "magnitude", "--weights", str(weights),
+                 "--arch", "tiny", "-o", str(output)]) == 0
+    from aikd.models import Preprocessing
+
+    images = [np.asarray(Image.open(identity_folder / "id2" / f"{i}.png")) for i in range(2)]
+    expected = Magnitude(tiny_backbone).label_batch(Preprocessing()(images), ["0.png", "1.png"]).quality
+    np.testing.assert_allclose(read_labels(output).qualities, expected, rtol=1e-5)

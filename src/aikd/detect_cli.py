@@ -73,11 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, batch_size=32)
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int,
+                      batch_help: str = "images per journal record") -> None:
     """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs."""
     group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=batch_size,
-                       help="images per journal record (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: %(default)s)")
     group.add_argument("--workers", type=int, default=2,
                        help="decode (and detect) threads; 0 does everything in the main thread "
                             "(default: %(default)s)")

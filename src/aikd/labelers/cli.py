@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="label column of a CSV labels file (default: %(default)s)")
     imported.add_argument("--normalise", choices=("none", "minmax", "rank"), default="none",
                           help="none; minmax: (q-min)/(max-min); rank: tie-averaged rank/(N-1) (default: none)")
-    add_job_arguments(parser, batch_size=32)
+    add_job_arguments(parser, batch_size=32, batch_help="faces per model batch")
+    parser.description = (f"{parser.description or ''}\n\n--seed also seeds the SER-FIQ dropout masks (with each "
+                          "image key) and the random weights of --weights none.")
 
 
 # ------------------------------------------------------------------------------------------------- labellers
