@@ -32,6 +32,7 @@ __all__ = [
     "collect_inputs",
     "decode_image",
     "load_image",
+    "match_keys",
     "match_landmarks",
 ]
 
@@ -195,13 +196,13 @@ def _normalise_key(key: str) -> str:
     return os.path.normpath(key).replace(os.sep, "/").lstrip("./")
 
 
-def match_landmarks(
-    items: Iterable[ImageInput], table_paths: Sequence[str], landmarks: np.ndarray
-) -> tuple[np.ndarray, list[int]]:
-    """Landmarks for each input, matched by key (exact, then normalised, then a unique file name).
+def match_keys(items: Iterable[ImageInput], table_paths: Sequence[str]) -> list[int | None]:
+    """Row of ``table_paths`` for each input, matched by key: exact, then normalised, then a unique file name.
+
+    Every file that names images (landmarks, labels) is matched to the inputs this way.
 
     Returns:
-        (N, 5, 2) landmarks (NaN rows where nothing matched) and the indices of unmatched items.
+        One index into ``table_paths`` per item, ``None`` where nothing matched.
     """
     exact = {name: i for i, name in enumerate(table_paths)}
     normalised = {_normalise_key(name): i for i, name in enumerate(table_paths)}
@@ -209,15 +210,29 @@ def match_landmarks(
     for i, name in enumerate(table_paths):
         base = os.path.basename(name)
         by_name[base] = None if base in by_name else i  # None marks an ambiguous file name
-    items = list(items)
-    out = np.full((len(items), 5, 2), np.nan, dtype=np.float32)
-    missing = []
-    for row, item in enumerate(items):
+    found: list[int | None] = []
+    for item in items:
         index = exact.get(item.key)
         if index is None:
             index = normalised.get(_normalise_key(item.key))
         if index is None:
             index = by_name.get(item.path.name)
+        found.append(index)
+    return found
+
+
+def match_landmarks(
+    items: Iterable[ImageInput], table_paths: Sequence[str], landmarks: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """Landmarks for each input, matched by key (see :func:`match_keys`).
+
+    Returns:
+        (N, 5, 2) landmarks (NaN rows where nothing matched) and the indices of unmatched items.
+    """
+    indices = match_keys(items, table_paths)
+    out = np.full((len(indices), 5, 2), np.nan, dtype=np.float32)
+    missing = []
+    for row, index in enumerate(indices):
         if index is None:
             missing.append(row)
         else:
