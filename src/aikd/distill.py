@@ -60,8 +60,11 @@ __all__ = [
     "TeacherCache",
     "TeacherConfig",
     "build_task",
+    "cache_key",
+    "embed",
     "quality_forward",
     "set_trainable",
+    "teacher_embeddings",
     "teacher_fingerprint",
 ]
 

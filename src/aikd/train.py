@@ -114,9 +114,9 @@ class LoopConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the training faces (paper: 1)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop the run after this many steps (the "
                                                                    "schedule still follows the epoch length)"})
-    amp: Literal["auto", "off", "fp16", "bf16"] = field(
+    amp: Literal["auto", "off", "fp16", "bf16"] | bool = field(
         default="auto", metadata={"help": "mixed precision: auto = fp16 on CUDA (paper), bf16 on CPUs with native "
-                                          "bf16, else off"})
+                                          "bf16, else off (YAML reads a bare off as false: also off)"})
     init_scale: float = field(default=128.0, metadata={"help": "initial fp16 GradScaler scale (paper: 128)"})
     validate_every: float = field(default=0.1, metadata={"help": "validate every this share of an epoch, after "
                                                                   "the pretrain part (paper: 0.1)"})
@@ -134,6 +134,8 @@ class LoopConfig:
     tensorboard: bool = field(default=True, metadata={"help": "also log to RUN_DIR/tensorboard when installed"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):  # `amp: off` / `train.amp=off` arrive as YAML booleans
+            self.amp = "auto" if self.amp else "off"
         if self.epochs < 1:
             raise ValueError(f"epochs: expected at least 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -187,6 +189,7 @@ class TrainResult:
     best: dict[str, Any] | None
     task: AIKDTask
     run_dir: Path
+    rank: int = 0
 
 
 # -------------------------------------------------------------------------------------------- schedule
@@ -530,10 +533,12 @@ class Trainer:
                         rate = window * len(batch["index"]) * self.dist.world_size / (time.perf_counter() - started)
                         self._log_train(log, bar, sums / window, rate, epoch)
                         sums, started, window = np.zeros(3), time.perf_counter(), 0
+                    paused = time.perf_counter()
                     if plan.validates_at(self.step):
                         self.validate(log)
                     if loop.checkpoint_every and self.step % loop.checkpoint_every == 0:
                         self.save_last()
+                    started += time.perf_counter() - paused  # throughput counts training steps only
                     if stop_after is not None and self.step >= stop_after:
                         self.save_last()
                         return "stopped"
@@ -692,9 +697,9 @@ def train(
         print(f"aikd train: {trainer.index.report.summary()}", file=sys.stderr)
         print(f"aikd train: {len(trainer.train_set)} training / {len(trainer.val_set)} validation faces, "
               f"{trainer.plan.total_steps} steps of {config.data.batch_size} x {dist.world_size}, "
-              f"device {dist.device}, amp {trainer.amp_dtype or 'off'}", file=sys.stderr)
+              f"device {dist.device}, amp {str(trainer.amp_dtype or 'off').replace('torch.', '')}", file=sys.stderr)
     status = trainer.fit(stop_after)
-    return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir)
+    return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -736,6 +741,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+    if result.rank != 0:
+        return 0
     if result.status == "stopped":
         print(f"aikd train: stopped after step {result.step} of {result.total_steps}; continue with "
               f"aikd train --resume {run_dir}", file=sys.stderr)
