@@ -157,7 +157,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     ("optim.lr=0.1", "unknown config key optim.lr"),
     ("data.batch_size=many", "data.batch_size: expected int"),
     ("teacher.weights=null", "teacher.weights: required"),
-    ("train.amp=fp8", "train.amp: expected 'auto' | 'off'"),
+    ("train.amp=fp8", "train.amp: expected one of 'auto', 'off', 'fp16', 'bf16'"),
     ("student.arch=r1000", "unknown model architecture"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, capsys, override, message):

@@ -114,7 +114,7 @@ class LoopConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the training faces (paper: 1)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop the run after this many steps (the "
                                                                    "schedule still follows the epoch length)"})
-    amp: Literal["auto", "off", "fp16", "bf16"] | bool = field(
+    amp: Literal["auto", "off", "fp16", "bf16", False] = field(
         default="auto", metadata={"help": "mixed precision: auto = fp16 on CUDA (paper), bf16 on CPUs with native "
                                           "bf16, else off (YAML reads a bare off as false: also off)"})
     init_scale: float = field(default=128.0, metadata={"help": "initial fp16 GradScaler scale (paper: 128)"})
@@ -134,8 +134,8 @@ class LoopConfig:
     tensorboard: bool = field(default=True, metadata={"help": "also log to RUN_DIR/tensorboard when installed"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.amp, bool):  # `amp: off` / `train.amp=off` arrive as YAML booleans
-            self.amp = "auto" if self.amp else "off"
+        if not isinstance(self.amp, str):  # YAML reads a bare `amp: off` / `train.amp=off` as false
+            self.amp = "off"
         if self.epochs < 1:
             raise ValueError(f"epochs: expected at least 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
