@@ -173,3 +173,24 @@ def test_help_config_lists_every_key(capsys):
     for key in ("data.misalignment.max_shift (float, default 3.0)", "teacher.weights", "student.trainable_tensors",
                 "optim.backbone_momentum", "train.ema_decay", "train.amp"):
         assert key in out
+
+
+FACES = Path("/work/shared/data/faces")
+
+
+@pytest.mark.skipif(not FACES.exists(), reason="sample faces not available")
+def test_trains_on_image_files_with_loader_workers(tmp_path, capsys):
+    names = sorted(p.name for p in FACES.glob("*.jpg"))
+    template = "38.2946,51.6963,73.5318,51.5014,56.0252,71.7366,41.5493,92.3655,70.7299,92.2041"
+    (tmp_path / "landmarks.csv").write_text("path,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n"
+                                            + "".join(f"{n},{template}\n" for n in names))
+    (tmp_path / "labels.csv").write_text("path,quality\n" + "".join(f"{n},{i / 4}\n" for i, n in enumerate(names)))
+    run_dir = tmp_path / "run"
+    code = main(["train", "--config", TINY, "--out", str(run_dir), "data.source=files", f"data.images={FACES}",
+                 f"data.landmarks={tmp_path / 'landmarks.csv'}", f"data.labels={tmp_path / 'labels.csv'}",
+                 "data.val_fraction=0.34", "data.batch_size=2", "data.workers=2", "train.epochs=2"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["usable"] == len(names) and report["counts"] == {}
+    assert [r["step"] for r in _records(run_dir, "val")] == [1, 2]  # one step per epoch: validate after each
+    assert load_quality_model(run_dir / "best.pt").arch == "tiny"

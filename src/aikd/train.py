@@ -407,11 +407,11 @@ class Trainer:
         self.config, self.run_dir, self.dist = config, run_dir, dist
         loop, data = config.train, config.data
         seed_everything(loop.seed)
-        self.index = index if index is not None else build_index(data)
-        train_positions, val_positions = split_by_label(self.index.labels, data.val_fraction)
         self.amp_dtype = resolve_amp(loop.amp, dist.device)
         self.task, teacher_id = build_task(config.teacher, config.student, config.loss, seed=loop.seed,
-                                           amp_dtype=self.amp_dtype)
+                                           amp_dtype=self.amp_dtype)  # first: a bad weights file fails fast
+        self.index = index if index is not None else build_index(data)
+        train_positions, val_positions = split_by_label(self.index.labels, data.val_fraction)
         self.task.to(dist.device)
         self.student = self.task.student
         self.memory_format = torch.channels_last if config.student.channels_last else torch.contiguous_format
