@@ -117,7 +117,8 @@ def main() -> None:
               "naive_pairs_per_s": round(naive_rate, 3), "ratio": round(rate / naive_rate, 3),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "trainable_tensors": args.trainable, "amp": str(trainer.amp_dtype or "off"),
-              "channels_last": True, "teacher_cache": True, "threads": torch.get_num_threads()}
+              "channels_last": True, "teacher_cache": True, "threads": torch.get_num_threads(),
+              "cpu_native_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())}
     print(json.dumps(result))
 
 
