@@ -74,3 +74,29 @@ def lfw_faces_dir():
         if candidate.is_dir() and any(candidate.glob("*.jpg")):
             return candidate
     pytest.skip("sample faces (shared/data/faces) not found")
+
+
+TINY_TEST_OVERRIDES = (
+    "data.synthetic.count=72",  # 63 training faces (7 steps of 8), 9 validation faces
+    "data.synthetic.image_size=96",
+    "data.val_fraction=0.125",
+    "data.batch_size=8",
+    "data.val_batch_size=16",
+    "train.epochs=1",
+)
+
+
+@pytest.fixture
+def tiny_train_config():
+    """Factory of a ``TrainConfig``: configs/tiny.yaml shrunk further for tests, then ``overrides`` applied."""
+    from pathlib import Path
+
+    from aikd.config import load_config
+    from aikd.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+    def make(*overrides: str):
+        return load_config(TrainConfig, path, [*TINY_TEST_OVERRIDES, *overrides])
+
+    return make
