@@ -154,7 +154,7 @@ def test_index_refuses_a_malicious_pickle(tmp_path, which):
     for name, content in files.items():
         with open(tmp_path / f"{name}.pkl", "wb") as handle:
             pickle.dump(content, handle)
-    with pytest.raises(ValueError, match=rf"unsafe pickle refused: .*{which}\.pkl.*refused to load posix\.system"):
+    with pytest.raises(ValueError, match=rf"{which}\.pkl.*refused to load posix\.system"):
         read_index(root, tmp_path / "landmarks.pkl", tmp_path / "labels.pkl")
     assert not marker.exists()
 

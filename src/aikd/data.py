@@ -18,12 +18,10 @@ FIQA technique being distilled.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import os
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from aikd.align import Misalignment, align_face, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
-from aikd.io import LANDMARK_COLUMNS, UnsafePickleError, is_pickle_path, read_labels, read_landmarks
+from aikd.io import read_labels, read_landmarks
 from aikd.models.preprocessing import Preprocessing
 from aikd.synthetic import SyntheticFaces
 
@@ -295,58 +293,17 @@ def read_index(
 
 
 def _read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    fast = None if is_pickle_path(path) else _read_csv_fast(path, LANDMARK_COLUMNS, np.float32)
-    if fast is not None:
-        return fast[0], fast[1].reshape(-1, 5, 2)
-    table = _safely(read_landmarks, path)
+    table = read_landmarks(path)
     return _as_names(table.paths), np.asarray(table.landmarks, dtype=np.float32).reshape(-1, 5, 2)
 
 
 def _read_labels(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
-    fast = None if is_pickle_path(path) else _read_csv_fast(path, (column,), np.float64)
-    if fast is not None:
-        return fast[0], fast[1][:, 0]
-    table = _safely(read_labels, path, column)  # a pickle has no columns: the reader ignores ``column``
+    table = read_labels(path, column)  # a pickle has no columns: the reader ignores ``column``
     return _as_names(table.paths), np.asarray(table.qualities, dtype=np.float64)
-
-
-def _safely(reader: Any, *args: Any) -> Any:
-    """Call an :mod:`aikd.io` reader; a refused pickle becomes a one-line ``ValueError`` naming the file."""
-    try:
-        return reader(*args)
-    except UnsafePickleError as err:
-        raise ValueError(f"unsafe pickle refused: {err}") from None
 
 
 def _as_names(paths: Sequence[str]) -> np.ndarray:
     return np.array(list(paths), dtype=str) if len(paths) else np.zeros(0, dtype="<U1")
-
-
-def _read_csv_fast(path: Path, columns: Sequence[str], dtype: type) -> tuple[np.ndarray, np.ndarray] | None:
-    """Names and numeric columns of a well-formed CSV through numpy's C parser; ``None`` to take the slow path.
-
-    The :mod:`aikd.io` readers build Python objects per cell (about 3 GB and half a minute for 3.3 M
-    landmark rows); ``np.loadtxt`` parses straight into arrays. Any irregularity (a missing column, a cell
-    that is not a number, ragged rows) returns ``None`` and the tolerant reader takes over and reports it.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = [name.strip() for name in next(csv.reader(handle), [])]
-    except (OSError, UnicodeDecodeError):
-        return None
-    if "path" not in header or any(name not in header for name in columns):
-        return None
-    options = {"delimiter": ",", "skiprows": 1, "comments": None, "quotechar": '"', "encoding": "utf-8-sig"}
-    try:
-        with warnings.catch_warnings():  # "input contained no data" for a header-only file
-            warnings.simplefilter("ignore", UserWarning)
-            values = np.loadtxt(path, usecols=[header.index(c) for c in columns], dtype=dtype, ndmin=2, **options)
-            names = np.loadtxt(path, usecols=header.index("path"), dtype=str, ndmin=1, **options)
-    except (ValueError, IndexError):
-        return None
-    if len(names) != len(values):
-        return None
-    return names, values.reshape(len(names), len(columns))
 
 
 def _first_occurrences(
