@@ -37,8 +37,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert isinstance(cfg.optim.lr, float)
 
 
-def test_int_promoted_to_float():
+def test_int_and_exponent_strings_promoted_to_float():
     assert load_config(Run, None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(Run, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,7 @@ def test_int_promoted_to_float():
         ("optim.lr=-1", r"optim: lr must be positive"),
         ("optim=3", r"optim: expected a mapping"),
         ("no_equals_sign", r"not of the form key=value"),
+        ("weights=[1]", r"weights: expected str \| None, got \[1\]"),
         ("epochs.x=1", r"epochs is not a section"),
     ],
 )

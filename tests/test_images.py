@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aikd.images import ImageError, ImageInput, collect_inputs, load_image, match_landmarks
+from aikd.images import ImageError, ImageInput, collect_inputs, load_image, match_keys, match_landmarks
 
 
 def _png_with_size(width: int, height: int) -> bytes:
@@ -101,10 +101,17 @@ def test_collect_inputs(tmp_path, rgb):
 
 
 def test_match_landmarks(tmp_path):
-    points = np.arange(30, dtype=np.float32).reshape(3, 5, 2)
-    table = ["sub/a.jpg", "./b.jpg", "x/c.jpg"]
-    items = [ImageInput(tmp_path / "sub/a.jpg", "sub/a.jpg"), ImageInput(tmp_path / "b.jpg", "b.jpg"),
-             ImageInput(tmp_path / "y/c.jpg", "y/c.jpg"), ImageInput(tmp_path / "z.jpg", "z.jpg")]
+    points = np.arange(40, dtype=np.float32).reshape(4, 5, 2)
+    table = ["sub/a.jpg", "./b.jpg", "vggface2/n001/c.jpg", "id1/1.png"]
+    keys = ["sub/a.jpg", "b.jpg", "n001/c.jpg", "id2/1.png", "root/id1/1.png", "z.jpg"]
+    items = [ImageInput(tmp_path / key, key) for key in keys]
     matched, missing = match_landmarks(items, table, points)
-    np.testing.assert_array_equal(matched[:3], points)
-    assert missing == [3] and np.isnan(matched[3]).all()
+    np.testing.assert_array_equal(matched[:3], points[:3])
+    np.testing.assert_array_equal(matched[4], points[3])
+    assert missing == [3, 5] and np.isnan(matched[3]).all()
+
+
+def test_match_keys_refuses_ambiguous_suffix(tmp_path):
+    table = ["a/x/1.png", "b/x/1.png", "a/y/2.png"]
+    items = [ImageInput(tmp_path / k, k) for k in ("x/1.png", "y/2.png", "1.png")]
+    assert match_keys(items, table) == [None, 2, None]

@@ -67,7 +67,7 @@ def test_read_landmarks_csv_and_pickle(tmp_path):
     header = ["path"] + [f"{a}{i}" for i in range(1, 6) for a in "xy"] + ["confidence"]
     write_csv(csv_path, header, [[n, *p.ravel().tolist(), 0.9] for n, p in zip(names, points, strict=True)])
     table = read_landmarks(csv_path)
-    assert table.paths == names
+    assert list(table.paths) == names
     np.testing.assert_allclose(table.landmarks, points, rtol=1e-6)
 
     pkl = tmp_path / "lm.pkl"

@@ -25,7 +25,6 @@ from aikd.models import QualityModel
 from aikd.score import read_scores, score_images, write_scores
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-FACES = Path("/work/shared/data/faces")
 
 
 def _csv_rows(path: Path) -> list[list[str]]:
@@ -183,11 +182,10 @@ def test_landmarks_align_first_and_unmatched_get_an_error(tmp_path, tiny_checkpo
     assert "no landmarks for this image" in _csv_rows(tmp_path / "s.errors.csv")[1][1]
 
 
-@pytest.mark.skipif(not FACES.exists(), reason="sample faces not present")
-def test_detect_scores_faces_and_reports_faceless_images(tmp_path, tiny_checkpoint):
+def test_detect_scores_faces_and_reports_faceless_images(tmp_path, tiny_checkpoint, lfw_faces_dir):
     folder = tmp_path / "in"
     folder.mkdir()
-    for path in sorted(FACES.glob("*.jpg")):
+    for path in sorted(lfw_faces_dir.glob("*.jpg")):
         padded = np.pad(np.asarray(Image.open(path).convert("RGB")), ((60, 60), (60, 60), (0, 0)))
         Image.fromarray(padded).save(folder / path.name)
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(folder / "zz_blank.png")
@@ -195,7 +193,7 @@ def test_detect_scores_faces_and_reports_faceless_images(tmp_path, tiny_checkpoi
     assert main(["score", str(folder), "--checkpoint", str(tiny_checkpoint), "--detect", "-o", str(out),
                  "--device", "cpu", "--workers", "2"]) == 1
     keys, qualities = _scores(out)
-    assert keys == sorted(p.name for p in FACES.glob("*.jpg")) and np.isfinite(qualities).all()
+    assert keys == sorted(p.name for p in lfw_faces_dir.glob("*.jpg")) and np.isfinite(qualities).all()
     assert _csv_rows(tmp_path / "s.errors.csv")[1] == ["zz_blank.png", "no face found"]
 
 

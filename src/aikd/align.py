@@ -110,8 +110,15 @@ def _chunk_problems(landmarks: np.ndarray) -> np.ndarray:
     first, second = np.triu_indices(5, k=1)
     distances = np.linalg.norm(points[:, first] - points[:, second], axis=-1)
     coincident = distances.min(axis=1) <= DEGENERACY_TOLERANCE * spread
-    extents = np.linalg.svd(centred, compute_uv=False)
-    collinear = extents[:, 1] <= DEGENERACY_TOLERANCE * extents[:, 0]
+    # Singular values of the centred points from the 2x2 scatter matrix in closed form: a batched SVD
+    # costs seconds per million faces, this costs milliseconds.
+    sxx = (centred[..., 0] ** 2).sum(axis=1)
+    syy = (centred[..., 1] ** 2).sum(axis=1)
+    sxy = (centred[..., 0] * centred[..., 1]).sum(axis=1)
+    largest = (sxx + syy) / 2 + np.sqrt(((sxx - syy) / 2) ** 2 + sxy**2)
+    smallest = np.divide(np.maximum(sxx * syy - sxy**2, 0.0), largest, out=np.zeros_like(largest),
+                         where=largest > 0)
+    collinear = np.sqrt(smallest) <= DEGENERACY_TOLERANCE * np.sqrt(largest)
     codes = np.full(len(points), _OK)
     codes[collinear] = _COLLINEAR
     codes[coincident] = _COINCIDENT

@@ -30,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EXIT_CODES = """exit status:
   0  everything done
-  1  finished, but some inputs failed (see the .errors.csv file next to the output)
+  1  finished, but some inputs failed (see the .errors.csv file next to the output);
+     for train: the loss became NaN/inf (the last good checkpoint is kept)
   2  usage error or unreadable configuration/input list; nothing was done"""
 
 

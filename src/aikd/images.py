@@ -19,7 +19,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +32,7 @@ __all__ = [
     "collect_inputs",
     "decode_image",
     "load_image",
+    "match_keys",
     "match_landmarks",
 ]
 
@@ -192,32 +193,62 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIX
 
 # ---------------------------------------------------------------------------------------- landmark lookup
 def _normalise_key(key: str) -> str:
-    return os.path.normpath(key).replace(os.sep, "/").lstrip("./")
+    """``./a//b\\c.jpg`` -> ``a/b/c.jpg``: the same file named the ways people write paths."""
+    parts = PurePosixPath(key.replace("\\", "/")).parts
+    return "/".join(part for part in parts if part not in ("/", "."))
+
+
+def _suffixes(key: str) -> list[str]:
+    """Proper trailing paths of a key, longest first: ``a/b/c.jpg`` -> ``b/c.jpg``, ``c.jpg``."""
+    parts = key.split("/")
+    return ["/".join(parts[i:]) for i in range(1, len(parts))]
+
+
+def match_keys(items: Iterable[ImageInput], table_paths: Sequence[str]) -> list[int | None]:
+    """Row of ``table_paths`` for each input: exact key, normalised key, then whole trailing path components.
+
+    The last rule lets a file written relative to another root match: ``vggface2/n001/1.jpg`` in the file
+    matches the input key ``n001/1.jpg`` and the other way round, when that match is unambiguous. It never
+    matches on a differing folder: ``id1/1.png`` is not ``id2/1.png``. Every file that names images
+    (landmarks, labels) is matched to the inputs this way.
+
+    Returns:
+        One index into ``table_paths`` per item, ``None`` where nothing matched.
+    """
+    items = list(items)
+    exact = {name: i for i, name in enumerate(table_paths)}
+    normalised = {_normalise_key(name): i for i, name in enumerate(table_paths)}
+    found: list[int | None] = []
+    for item in items:
+        index = exact.get(item.key)
+        found.append(index if index is not None else normalised.get(_normalise_key(item.key)))
+    if all(index is not None for index in found):
+        return found
+    table_suffixes: dict[str, int | None] = {}  # built only when needed: it is large for big files
+    for name, i in normalised.items():
+        for suffix in _suffixes(name):
+            table_suffixes[suffix] = i if table_suffixes.get(suffix, i) == i else None  # None: ambiguous
+    for row, item in enumerate(items):
+        if found[row] is None:
+            key = _normalise_key(item.key)
+            found[row] = table_suffixes.get(key)
+            if found[row] is None:  # the input key is the longer one
+                found[row] = next((normalised[s] for s in _suffixes(key) if s in normalised), None)
+    return found
 
 
 def match_landmarks(
     items: Iterable[ImageInput], table_paths: Sequence[str], landmarks: np.ndarray
 ) -> tuple[np.ndarray, list[int]]:
-    """Landmarks for each input, matched by key (exact, then normalised, then a unique file name).
+    """Landmarks for each input, matched by key (see :func:`match_keys`).
 
     Returns:
         (N, 5, 2) landmarks (NaN rows where nothing matched) and the indices of unmatched items.
     """
-    exact = {name: i for i, name in enumerate(table_paths)}
-    normalised = {_normalise_key(name): i for i, name in enumerate(table_paths)}
-    by_name: dict[str, int | None] = {}
-    for i, name in enumerate(table_paths):
-        base = os.path.basename(name)
-        by_name[base] = None if base in by_name else i  # None marks an ambiguous file name
-    items = list(items)
-    out = np.full((len(items), 5, 2), np.nan, dtype=np.float32)
+    indices = match_keys(items, table_paths)
+    out = np.full((len(indices), 5, 2), np.nan, dtype=np.float32)
     missing = []
-    for row, item in enumerate(items):
-        index = exact.get(item.key)
-        if index is None:
-            index = normalised.get(_normalise_key(item.key))
-        if index is None:
-            index = by_name.get(item.path.name)
+    for row, index in enumerate(indices):
         if index is None:
             missing.append(row)
         else:

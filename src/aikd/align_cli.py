@@ -1,0 +1,141 @@
+"""``aikd align``: write 112x112 face crops aligned to the ArcFace template, or deliberately misaligned.
+
+Each image is aligned with its five landmarks (from ``--landmarks FILE``, e.g. written by ``aikd detect``,
+or from the detector with ``--detect``) by the similarity transform of :mod:`aikd.align`, exactly as
+``aikd score``/``embed``/``label`` align with the same options. With ``--misalign P`` every landmark
+coordinate is first jittered by U[-P, P] source pixels (AI-KD, Babnik et al., IWBF 2024), with noise
+determined by ``--seed`` and the image key alone: rerunning, resuming or splitting a run gives the same
+crops, which makes misaligned test sets reproducible.
+
+Crops mirror the input tree: the image with key ``a/b.jpg`` becomes ``ALIGNED_DIR/a/b.png`` (lossless PNG
+by default; ``--format jpg`` for JPEG). Keys that are absolute paths lose their root, and ``..`` parts
+become ``__``, so nothing is written outside ALIGNED_DIR. Every crop is written atomically.
+
+    aikd detect photos/ -o landmarks.csv
+    aikd align photos/ --landmarks landmarks.csv -o aligned/
+    aikd align photos/ --landmarks landmarks.csv --misalign 3 --seed 1 -o misaligned_p3_s1/
+
+Failures (no landmarks for an image, no face, unreadable file) are listed in ``ALIGNED_DIR.errors.csv``
+beside the folder. ``--resume`` skips every crop already in ALIGNED_DIR (it trusts them: resume with the
+options of the first run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+
+from aikd.detect_cli import add_job_arguments
+from aikd.images import ImageInput, collect_inputs
+from aikd.io import atomic_write
+from aikd.jobs import ItemResult, check_output, finish_job, journal_dir, run_job
+from aikd.sources import make_prepare
+
+__all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
+
+FORMATS = {"png": ".png", "jpg": ".jpg"}
+JPEG_QUALITY = 95
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``aikd align``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively), glob patterns or list files")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="ALIGNED_DIR",
+                        help="folder to write the crops to (mirrors the input tree)")
+    where = parser.add_argument_group("landmarks")
+    exclusive = where.add_mutually_exclusive_group(required=True)
+    exclusive.add_argument("--landmarks", type=Path, metavar="FILE",
+                           help="5-point landmarks by image (CSV path,x1,y1,...,x5,y5 as written by aikd detect, "
+                                "or the official pickle)")
+    exclusive.add_argument("--detect", action="store_true", help="detect the most confident face instead")
+    where.add_argument("--detector", default="retinaface", help="detector for --detect (default: %(default)s)")
+    where.add_argument("--detect-threshold", type=float, default=0.5, metavar="T",
+                       help="detector confidence threshold for --detect (default: %(default)s)")
+    noise = parser.add_argument_group("misalignment")
+    noise.add_argument("--misalign", type=float, default=0.0, metavar="P",
+                       help="jitter every landmark coordinate by U[-P, P] source pixels before aligning "
+                            "(AI-KD uses 3; default: 0, aligned)")
+    noise.add_argument("--seed", type=int, default=0,
+                       help="seed of the misalignment noise; with the image key it fixes each crop (default: 0)")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png",
+                        help=f"png (lossless, default) or jpg (quality {JPEG_QUALITY})")
+    add_job_arguments(parser, batch_size=64)
+
+
+def crop_path(output: Path, key: str, suffix: str) -> Path:
+    """Where the crop of the image with ``key`` goes: its key under ``output``, with ``suffix``."""
+    parts = [part if part != ".." else "__" for part in PurePosixPath(key.replace("\\", "/")).parts
+             if part not in ("/", ".")]
+    if not parts or parts[0].endswith(":"):  # a Windows drive ("C:") is no folder of the tree
+        parts = parts[1:]
+    if not parts:
+        raise ValueError(f"image key {key!r} names no file")
+    return output.joinpath(*parts).with_suffix(suffix)
+
+
+def _targets(items: list[ImageInput], output: Path, suffix: str) -> dict[str, Path]:
+    """Crop path per key; refuses two images mapping to one crop and a crop replacing an input."""
+    targets: dict[str, Path] = {}
+    owner: dict[Path, str] = {}
+    inputs = {item.path.resolve() for item in items}
+    for item in items:
+        target = crop_path(output, item.key, suffix)
+        if target in owner:
+            raise ValueError(f"images {owner[target]!r} and {item.key!r} would both be written to {target}; "
+                             "rename one, or align them in separate runs")
+        if target.resolve() in inputs:
+            raise ValueError(f"the crop of {item.key!r} would overwrite the input image {target}; "
+                             "choose another output folder")
+        owner[target] = item.key
+        targets[item.key] = target
+    return targets
+
+
+def _encode(crop: np.ndarray, suffix: str) -> bytes:
+    bgr = np.ascontiguousarray(crop[:, :, ::-1])
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix == ".jpg" else []
+    ok, encoded = cv2.imencode(suffix, bgr, params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {suffix} crop")
+    return encoded.tobytes()
+
+
+def _check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output} is a file; -o names the folder to write the crops to")
+    fresh = output.is_dir() and not any(output.iterdir()) and not journal_dir(output).exists()
+    if not fresh:  # an empty folder (e.g. made by mkdir) is no output to protect
+        check_output(output, resume, overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``aikd align``: write the crops and the errors file; returns the exit status."""
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    items = collect_inputs(args.inputs)
+    output: Path = args.output
+    suffix = FORMATS[args.format]
+    targets = _targets(items, output, suffix)
+    _check_output_folder(output, args.resume, args.overwrite)
+    prepare = make_prepare(args, items)
+
+    def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
+        results = []
+        for crop, item in zip(crops, batch, strict=True):
+            target = targets[item.key]
+            with atomic_write(target, "wb") as handle:
+                handle.write(_encode(crop, suffix))
+            results.append(ItemResult(rows=[[target.relative_to(output).as_posix()]]))
+        return results
+
+    def load_previous(folder: Path) -> dict[str, ItemResult]:
+        return {key: ItemResult(rows=[[target.relative_to(output).as_posix()]])
+                for key, target in targets.items() if target.is_file()}
+
+    results = run_job(items, process_batch, output, batch_size=args.batch_size, workers=args.workers,
+                      resume=args.resume, prepare=prepare, load_previous=load_previous, desc="align")
+    return finish_job(items, results, output, lambda good: None, verb="aligned").exit_code

@@ -1,0 +1,543 @@
+"""``aikd evaluate``: EDC/ERC curves, pAUC tables and plots for face image quality (FIQA) methods.
+
+One dataset and one face-recognition (FR) model::
+
+    aikd evaluate --scores aikd.csv crfiqa.csv --embeddings lfw_arcface.npz --pairs pairs.txt -o report/
+    aikd evaluate --embeddings adience.npz --pairs adience.csv --protocol identity --oracle -o report/
+
+Several of both, as in the AI-KD paper's tables (one table per FR model, one column per dataset)::
+
+    aikd evaluate --suite suite.yaml -o report/
+
+Curves and areas are computed by :mod:`aikd.evaluate` (see there for the two threshold conventions,
+``fixed`` and ``recomputed``, and the exact definitions); protocol files are read by :mod:`aikd.protocols`.
+Score files are CSV ``path,quality`` (or the official pickle), embeddings ``.npz`` files with ``paths`` and
+``embeddings`` (``aikd embed``). Image names are matched as :class:`aikd.protocols.NameIndex` describes.
+
+Images of the protocol that some score file lacks are reported (count and examples) and every pair using
+them is excluded for all methods alike, so that methods are compared on the same comparisons; it is an
+error when no mated or no non-mated comparison is left.
+
+Outputs in ``-o`` (each written atomically):
+
+* ``erc.csv``: curve points ``fr_model,dataset,method,fmr,threshold_mode,discard_fraction,fnmr,threshold``;
+  long fixed-threshold curves are thinned to at most ``--max-points`` exact points per curve.
+* ``pauc.csv``: ``fr_model,dataset,method,fmr,threshold_mode,discard_limit,pauc,pauc_normalised,
+  pauc_oracle,pauc_minus_oracle,fnmr0,threshold,mated,comparisons`` (``pauc_normalised`` = pAUC divided by
+  FNMR(0) x discard_limit: 1.0 is no better than not discarding, lower is better).
+* ``edc_<dataset>_<fr_model>_fmr<fmr>_<mode>.png`` and ``.svg``: FNMR against discard fraction, one line
+  per method, the no-discard line and the oracle line.
+* ``tables.md`` and ``table_<fr_model>_fmr<fmr>_<mode>_limit<limit>.csv``: normalised pAUC in the paper's
+  layout (rows = methods, columns = datasets, last column = mean over datasets; best value in bold).
+
+Suite file (YAML; relative paths are relative to the suite file; command-line options win over the
+optional top-level settings)::
+
+    # aikd evaluate --suite suite.yaml -o report/
+    fmr: [0.001]            # optional: target FMRs
+    discard_limit: [0.3]    # optional: pAUC limits
+    threshold: both         # optional: fixed | recomputed | both
+    models:                 # FR model -> dataset -> files; one table per FR model
+      ArcFace:
+        LFW:
+          embeddings: emb/arcface/lfw.npz
+          pairs: protocols/lfw/pairs.txt
+          protocol: auto        # optional: auto | lfw | calfw | bin | csv | identity
+          scores:               # method -> score file
+            AI-KD: scores/aikd/lfw.csv
+            CR-FIQA: scores/crfiqa/lfw.csv
+        Adience:
+          embeddings: emb/arcface/adience.npz
+          pairs: protocols/adience_identities.csv
+          protocol: identity
+          identity_column: identity   # optional (identity protocol)
+          scores: {AI-KD: scores/aikd/adience.csv, CR-FIQA: scores/crfiqa/adience.csv}
+
+Other optional per-dataset keys: ``lfw_pattern`` (image-name pattern of LFW-style pairs files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aikd import evaluate as ev
+from aikd import protocols
+from aikd.io import atomic_write, load_embeddings, read_labels, write_csv
+
+log = logging.getLogger(__name__)
+
+ORACLE = "oracle"
+MODE_TITLES = {
+    "fixed": "fixed threshold (FNM-EDC, ISO/IEC 29794-1)",
+    "recomputed": "threshold recomputed at each discard level",
+}
+X_LABELS = {
+    "fixed": "discard fraction (of mated comparisons, lowest pair quality first)",
+    "recomputed": "discard fraction (of all comparisons, lowest pair quality first)",
+}
+ERC_HEADER = ("fr_model", "dataset", "method", "fmr", "threshold_mode", "discard_fraction", "fnmr",
+              "threshold")
+PAUC_HEADER = ("fr_model", "dataset", "method", "fmr", "threshold_mode", "discard_limit", "pauc",
+               "pauc_normalised", "pauc_oracle", "pauc_minus_oracle", "fnmr0", "threshold", "mated",
+               "comparisons")
+SUITE_KEYS = {"fmr", "discard_limit", "threshold", "models"}
+DATASET_KEYS = {"embeddings", "pairs", "protocol", "scores", "lfw_pattern", "identity_column"}
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``aikd evaluate``."""
+    parser.add_argument("--scores", nargs="+", type=Path, metavar="CSV",
+                        help="quality score files, one per FIQA method (CSV path,quality)")
+    parser.add_argument("--names", nargs="+", metavar="NAME", help="method names (default: score file stems)")
+    parser.add_argument("--embeddings", type=Path, metavar="NPZ", help="face-recognition embeddings (.npz)")
+    parser.add_argument("--pairs", type=Path, metavar="FILE",
+                        help="protocol file; may be left out with --protocol identity (all embedded images, "
+                             "identity = parent folder)")
+    parser.add_argument("--protocol", choices=protocols.PROTOCOLS, default="auto",
+                        help="protocol file format (default: guessed from the file)")
+    parser.add_argument("--lfw-pattern", default=protocols.LFW_PATTERN,
+                        help="image name in LFW-style pairs, fields {name} and {n} (default: %(default)s)")
+    parser.add_argument("--identity-column", default="identity", help="identity column of an identity CSV")
+    parser.add_argument("--suite", type=Path, metavar="YAML",
+                        help="several FR models and datasets (format: the aikd.report module docstring)")
+    parser.add_argument("--dataset", help="dataset name in outputs (default: from the pairs file name)")
+    parser.add_argument("--fr-model", help="FR model name in outputs (default: embeddings file stem)")
+    parser.add_argument("--fmr", nargs="+", type=float, metavar="FMR",
+                        help=f"target false match rates (default: {ev.DEFAULT_FMR:g})")
+    parser.add_argument("--discard-limit", nargs="+", type=float, metavar="D",
+                        help=f"upper ends of the pAUC (default: {ev.DEFAULT_DISCARD_LIMIT:g})")
+    parser.add_argument("--threshold", choices=("fixed", "recomputed", "both"),
+                        help="threshold convention (default: both)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="add the theoretical-best curve to the CSV files as a method (needs no scores)")
+    parser.add_argument("--skip-bad-pairs", action="store_true",
+                        help="skip bad protocol lines and unknown images (reported on stderr); default: fail")
+    parser.add_argument("--max-points", type=int, default=2000, help="most points per curve in erc.csv")
+    parser.add_argument("--no-plots", action="store_true", help="write the CSV files and tables only")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+
+
+@dataclass
+class Job:
+    """One (FR model, dataset) evaluation."""
+
+    fr_model: str
+    dataset: str
+    embeddings: Path
+    pairs: Path | None
+    scores: dict[str, Path]
+    protocol: str = "auto"
+    lfw_pattern: str = protocols.LFW_PATTERN
+    identity_column: str = "identity"
+
+
+@dataclass
+class Settings:
+    fmrs: list[float]
+    limits: list[float]
+    modes: list[str]
+    oracle: bool
+    strict: bool
+
+
+@dataclass
+class Outcome:
+    """Curves of one job, with what they were computed on."""
+
+    job: Job
+    curves: ev.Curves
+    methods: list[str]
+    n_comparisons: int
+    oracles: dict[tuple[float, str], ev.EDC] = field(default_factory=dict)
+
+
+def _dataset_name(pairs: Path | None, embeddings: Path) -> str:
+    """``pairs_CALFW.txt`` -> CALFW, ``lfw/pairs.txt`` -> lfw, ``lfw.bin`` -> lfw; else embeddings stem."""
+    if pairs is None:
+        return embeddings.stem
+    stem = re.sub(r"^pairs[_-]|[_-]pairs$", "", pairs.stem, flags=re.IGNORECASE)
+    return pairs.parent.name if stem.lower() in ("pairs", "") and pairs.parent.name else stem
+
+
+def _job_from_args(args: argparse.Namespace) -> Job:
+    if args.embeddings is None:
+        raise ValueError("--embeddings is required (or give --suite)")
+    if args.pairs is None and args.protocol != "identity":
+        raise ValueError("--pairs is required, except with --protocol identity (all embedded images)")
+    scores = list(args.scores or [])
+    names = list(args.names) if args.names else [path.stem for path in scores]
+    if len(names) != len(scores):
+        raise ValueError(f"--names gives {len(names)} names for {len(scores)} score files")
+    if len(set(names)) != len(names) or ORACLE in names:
+        raise ValueError(f"method names must differ and not be {ORACLE!r}: {', '.join(names)}")
+    dataset = args.dataset or _dataset_name(args.pairs, args.embeddings)
+    return Job(args.fr_model or args.embeddings.stem, dataset, args.embeddings, args.pairs,
+               dict(zip(names, scores, strict=True)), args.protocol, args.lfw_pattern, args.identity_column)
+
+
+def _suite_entry(model: str, dataset: str, entry: object, root: Path) -> Job:
+    where = f"models.{model}.{dataset}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with embeddings, pairs and scores")
+    unknown = set(entry) - DATASET_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(DATASET_KEYS))}")
+    if "embeddings" not in entry:
+        raise ValueError(f"{where}: embeddings is missing")
+    scores = entry.get("scores") or {}
+    if not isinstance(scores, dict):
+        raise ValueError(f"{where}.scores: expected a mapping method -> score file")
+    protocol = str(entry.get("protocol", "auto"))
+    if protocol not in protocols.PROTOCOLS:
+        raise ValueError(f"{where}.protocol: {protocol!r} is not one of {', '.join(protocols.PROTOCOLS)}")
+    pairs = root / str(entry["pairs"]) if entry.get("pairs") else None
+    return Job(str(model), str(dataset), root / str(entry["embeddings"]), pairs,
+               {str(name): root / str(path) for name, path in scores.items()}, protocol,
+               str(entry.get("lfw_pattern", protocols.LFW_PATTERN)),
+               str(entry.get("identity_column", "identity")))
+
+
+def load_suite(path: Path) -> tuple[list[Job], dict]:
+    """Jobs and top-level settings of a suite file (format in the module docstring)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read suite file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
+        raise ValueError(f"{path}: expected a mapping with 'models: {{FR model: {{dataset: ...}}}}'")
+    unknown = set(data) - SUITE_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(SUITE_KEYS))}")
+    jobs = []
+    for model, datasets in data["models"].items():
+        if not isinstance(datasets, dict) or not datasets:
+            raise ValueError(f"{path}: models.{model}: expected a mapping dataset -> files")
+        jobs.extend(_suite_entry(model, dataset, entry, path.parent) for dataset, entry in datasets.items())
+    return jobs, {key: data[key] for key in SUITE_KEYS - {"models"} if key in data}
+
+
+def _as_list(value: object, what: str) -> list[float]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected numbers, got {value!r}") from None
+
+
+def _settings(args: argparse.Namespace, suite: dict) -> Settings:
+    fmrs = args.fmr or _as_list(suite.get("fmr", [ev.DEFAULT_FMR]), "fmr")
+    limits = args.discard_limit or _as_list(suite.get("discard_limit", [ev.DEFAULT_DISCARD_LIMIT]),
+                                            "discard_limit")
+    threshold = args.threshold or str(suite.get("threshold", "both"))
+    if threshold not in ("fixed", "recomputed", "both"):
+        raise ValueError(f"threshold must be fixed, recomputed or both, not {threshold!r}")
+    modes = list(ev.THRESHOLD_MODES) if threshold == "both" else [threshold]
+    bad = [f for f in fmrs if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"--fmr must be between 0 and 1 (exclusive), got {bad[0]:g}")
+    top = float(ev.RECOMPUTED_GRID[-1]) if "recomputed" in modes else 1.0
+    bad = [d for d in limits if not 0 < d <= top or d >= 1]
+    if bad:
+        raise ValueError(f"--discard-limit must be in (0, {top:g}] for the threshold conventions asked, "
+                         f"got {bad[0]:g}")
+    return Settings(sorted(set(fmrs)), sorted(set(limits)), modes, args.oracle, not args.skip_bad_pairs)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def _qualities(job: Job, index: protocols.NameIndex, n_rows: int) -> dict[str, np.ndarray]:
+    """Per method, the quality of each embedding row (NaN where the score file has none)."""
+    qualities = {}
+    for method, path in job.scores.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"score file not found: {path}")
+        table = read_labels(path)
+        found = (index.find(name) for name in table.paths)
+        rows = np.array([-1 if row is None else row for row in found], dtype=np.int64)
+        quality = np.full(n_rows, np.nan)
+        quality[rows[rows >= 0]] = table.qualities[rows >= 0]
+        qualities[method] = quality
+    return qualities
+
+
+def _examples(paths: Sequence[str], rows: np.ndarray, count: int = 3) -> str:
+    shown = ", ".join(paths[int(r)] for r in rows[:count])
+    return shown + (", ..." if len(rows) > count else "")
+
+
+Resolved = protocols.IndexedPairs | protocols.AllVsAll
+
+
+def _drop_unscored(resolved: Resolved, qualities: dict[str, np.ndarray], job: Job,
+                   paths: Sequence[str]) -> Resolved:
+    """Exclude, for all methods alike, the comparisons with an image some score file lacks (warning)."""
+    rows = resolved.rows if isinstance(resolved, protocols.IndexedPairs) else np.unique(resolved.rows)
+    scored = np.ones(len(paths), dtype=bool)
+    for method, quality in qualities.items():
+        missing = rows[~np.isfinite(quality[rows])]
+        if missing.size:
+            log.warning("warning: %s: %s (%s) has no score for %d of %d images in the protocol, e.g. %s",
+                        job.dataset, method, job.scores[method], missing.size, rows.size,
+                        _examples(paths, missing))
+        scored &= np.isfinite(quality)
+    if isinstance(resolved, protocols.IndexedPairs):
+        kept = resolved.subset(scored[resolved.first] & scored[resolved.second])
+        has_both = kept.mated.any() and (~kept.mated).any()
+    else:
+        kept = resolved.subset(scored[resolved.rows])
+        counts = np.bincount(kept.identity) if len(kept.rows) else np.zeros(0, np.int64)
+        has_both = bool((counts > 1).any() and (counts > 0).sum() > 1)
+    if len(kept) < len(resolved):
+        log.warning("warning: %s: %d of %d comparisons excluded (images without a score)",
+                    job.dataset, len(resolved) - len(kept), len(resolved))
+    if not has_both:
+        raise ValueError(f"{job.dataset}: no mated or no non-mated comparison left with a score for every "
+                         "image from every method")
+    return kept
+
+
+def _compute(resolved: Resolved, embeddings: np.ndarray, qualities: dict[str, np.ndarray],
+             settings: Settings) -> ev.Curves:
+    if isinstance(resolved, protocols.AllVsAll):
+        rows = resolved.rows
+        return ev.evaluate_all_vs_all(embeddings[rows], resolved.identity,
+                                      {m: q[rows] for m, q in qualities.items()}, settings.fmrs,
+                                      settings.modes)
+    used, local = np.unique(np.concatenate([resolved.first, resolved.second]), return_inverse=True)
+    first, second = local[: len(resolved)], local[len(resolved):]
+    return ev.evaluate_pairs(embeddings[used], first, second, resolved.mated,
+                             {m: q[used] for m, q in qualities.items()}, settings.fmrs, settings.modes)
+
+
+def evaluate_job(job: Job, settings: Settings) -> Outcome:
+    """Read one job's files, evaluate every method and derive the oracle curves."""
+    if not job.embeddings.is_file():
+        raise FileNotFoundError(f"embeddings file not found: {job.embeddings}")
+    if not job.scores and not settings.oracle:
+        raise ValueError(f"{job.dataset}: no score files: give --scores (or --oracle for the oracle only)")
+    paths, embeddings = load_embeddings(job.embeddings)
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError(f"{job.embeddings}: embeddings contain NaN or infinite values")
+    index = protocols.NameIndex(paths)
+    if job.pairs is None:
+        protocol = protocols.identity_list_from_names(paths, str(job.embeddings), settings.strict)
+    else:
+        protocol = protocols.read_protocol(job.pairs, job.protocol, pattern=job.lfw_pattern,
+                                           identity_column=job.identity_column, strict=settings.strict)
+    resolved = protocols.resolve(protocol, index, settings.strict)
+    qualities = _qualities(job, index, len(paths))
+    resolved = _drop_unscored(resolved, qualities, job, paths)
+    methods = list(qualities)
+    if not qualities:  # oracle only: a constant quality gives FNMR(0) and the thresholds
+        qualities = {"": np.zeros(len(paths))}
+    curves = _compute(resolved, embeddings, qualities, settings)
+    first = next(iter(qualities))
+    oracles = {(fmr, mode): ev.oracle_for(curves[first, fmr, mode]) for fmr in settings.fmrs
+               for mode in settings.modes}
+    curves = {key: edc for key, edc in curves.items() if key[0] in methods}
+    return Outcome(job, curves, methods, len(resolved), oracles)
+
+
+# -------------------------------------------------------------------------------------------- outputs
+def thin(edc: ev.EDC, max_points: int) -> np.ndarray:
+    """Indices of at most ``max_points`` exact curve points spread evenly over the discard fractions."""
+    n = len(edc.discard_fraction)
+    if n <= max_points:
+        return np.arange(n)
+    targets = np.linspace(0, edc.discard_fraction[-1], max(2, max_points))
+    picked = np.searchsorted(edc.discard_fraction, targets, side="right") - 1
+    return np.unique(np.concatenate([[0], picked, [n - 1]]))
+
+
+def _named_curves(outcome: Outcome, settings: Settings, fmr: float, mode: str) -> list[tuple[str, ev.EDC]]:
+    named = [(method, outcome.curves[method, fmr, mode]) for method in outcome.methods]
+    return named + ([(ORACLE, outcome.oracles[fmr, mode])] if settings.oracle else [])
+
+
+def erc_rows(outcomes: Sequence[Outcome], settings: Settings, max_points: int) -> list[tuple]:
+    rows = []
+    for outcome in outcomes:
+        for fmr in settings.fmrs:
+            for mode in settings.modes:
+                for method, edc in _named_curves(outcome, settings, fmr, mode):
+                    for i in thin(edc, max_points):
+                        rows.append((outcome.job.fr_model, outcome.job.dataset, method, fmr, mode,
+                                     float(edc.discard_fraction[i]), float(edc.fnmr[i]),
+                                     float(edc.threshold[i])))
+    return rows
+
+
+def _area(edc: ev.EDC, limit: float, where: str) -> float:
+    try:
+        return ev.pauc(edc, limit)
+    except ValueError as err:
+        log.warning("warning: %s: %s; pAUC left empty", where, err)
+        return math.nan
+
+
+def pauc_rows(outcomes: Sequence[Outcome], settings: Settings) -> list[tuple]:
+    rows = []
+    for outcome in outcomes:
+        job = outcome.job
+        for fmr in settings.fmrs:
+            for mode in settings.modes:
+                oracle = outcome.oracles[fmr, mode]
+                if oracle.fnmr0 == 0:
+                    log.warning("warning: %s/%s: FNMR is 0 at FMR %g (%s) without discarding; the normalised "
+                                "pAUC is left empty", job.fr_model, job.dataset, fmr, mode)
+                for method, edc in _named_curves(outcome, settings, fmr, mode):
+                    for limit in settings.limits:
+                        where = f"{job.fr_model}/{job.dataset}/{method} at FMR {fmr:g} ({mode})"
+                        area, best = _area(edc, limit, where), _area(oracle, limit, where + " oracle")
+                        base = edc.fnmr0 * limit
+                        rows.append((job.fr_model, job.dataset, method, fmr, mode, limit, area,
+                                     area / base if base > 0 else math.nan, best, area - best, edc.fnmr0,
+                                     float(edc.threshold[0]), edc.n_mated, outcome.n_comparisons))
+    return rows
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def plot_edc(outcome: Outcome, settings: Settings, fmr: float, mode: str, stem: Path) -> None:
+    """Write ``stem``.png and .svg: FNMR against discard fraction per method, no-discard and oracle lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    limit = max(settings.limits)
+    steps = "steps-post" if mode == "fixed" else "default"
+    oracle = outcome.oracles[fmr, mode]
+    for method in outcome.methods:
+        edc = outcome.curves[method, fmr, mode]
+        keep = thin(edc, 4000)
+        score = _area(edc, limit, method) / (edc.fnmr0 * limit) if edc.fnmr0 > 0 else math.nan
+        ax.plot(edc.discard_fraction[keep], edc.fnmr[keep], drawstyle=steps, lw=1.6, ms=3,
+                marker="o" if mode == "recomputed" else None, label=f"{method} ({score:.3f})")
+    ax.axhline(oracle.fnmr0, color="0.45", ls="--", lw=1.2, label=f"no discard (FNMR {oracle.fnmr0:.4f})")
+    x_oracle = np.linspace(0, 0.95, 400)
+    ax.plot(x_oracle, ev.oracle_fnmr(oracle.fnmr0, x_oracle), color="black", ls=":", lw=1.5, label="oracle")
+    for value in settings.limits:
+        ax.axvline(value, color="0.75", lw=0.8, zorder=0)
+    ax.axvspan(0, limit, color="0.93", zorder=-1)
+    in_region = [edc.fnmr[edc.discard_fraction <= limit] for edc in (outcome.curves[m, fmr, mode]
+                                                                    for m in outcome.methods)]
+    top = max([oracle.fnmr0 * 1.25, 1e-6, *(1.08 * float(v.max()) for v in in_region if v.size)])
+    ax.set(xlim=(0, 0.95), ylim=(0, min(top, 1.02)), ylabel=f"FNMR at FMR = {fmr:g}", xlabel=X_LABELS[mode])
+    job = outcome.job
+    ax.set_title(f"{job.dataset} ({job.fr_model}), FMR = {fmr:g}\n{MODE_TITLES[mode]}", fontsize=11)
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=8, loc="outside right upper", title=f"pAUC$_{{norm}}$ up to {limit:g}",
+               title_fontsize=8)
+    for suffix in ("png", "svg"):
+        with atomic_write(stem.with_name(f"{stem.name}.{suffix}"), "wb") as handle:
+            fig.savefig(handle, format=suffix, dpi=150)
+
+
+def _cell(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
+def _table(rows: Sequence[tuple], key: tuple) -> tuple[list[str], list[str], np.ndarray]:
+    """Methods, datasets and normalised pAUC (with a mean column) of the rows matching
+    ``key = (fr_model, fmr, threshold_mode, discard_limit)``."""
+    col = {name: i for i, name in enumerate(PAUC_HEADER)}
+    picked = [r for r in rows if (r[col["fr_model"]], r[col["fmr"]], r[col["threshold_mode"]],
+                                  r[col["discard_limit"]]) == key]
+    datasets = list(dict.fromkeys(r[col["dataset"]] for r in picked))
+    methods = list(dict.fromkeys(r[col["method"]] for r in picked))
+    value = {(r[col["method"]], r[col["dataset"]]): r[col["pauc_normalised"]] for r in picked}
+    table = np.array([[value.get((m, d), math.nan) for d in datasets] for m in methods], dtype=np.float64)
+    return methods, datasets, np.column_stack([table, table.mean(axis=1)])
+
+
+def write_tables(rows: Sequence[tuple], settings: Settings, output: Path) -> list[Path]:
+    """Paper-layout tables of normalised pAUC: one per FR model (and FMR, convention, discard limit)."""
+    written = []
+    markdown = ["# Normalised pAUC", "", "Lower is better; 1.0 is no better than not discarding. "
+                "Mean over datasets in the last column; the best value of each column in bold.", ""]
+    models = dict.fromkeys(r[0] for r in rows)
+    for model, fmr, mode, limit in itertools.product(models, settings.fmrs, settings.modes, settings.limits):
+        methods, datasets, table = _table(rows, (model, fmr, mode, limit))
+        path = output / f"table_{_file_part(model)}_fmr{fmr:g}_{mode}_limit{limit:g}.csv"
+        write_csv(path, ["method", *datasets, "mean"],
+                  [[m, *row] for m, row in zip(methods, table.tolist(), strict=True)])
+        written.append(path)
+        markdown += [f"## {model}: FMR {fmr:g}, {MODE_TITLES[mode]}, discard limit {limit:g}", "",
+                     *_markdown_table(methods, datasets, table), ""]
+    with atomic_write(output / "tables.md") as handle:
+        handle.write("\n".join(markdown).rstrip() + "\n")
+    return [*written, output / "tables.md"]
+
+
+def _markdown_table(methods: list[str], datasets: list[str], table: np.ndarray) -> list[str]:
+    """Rows of a Markdown table, the lowest value of each column in bold."""
+    best = np.nanmin(np.where(np.isnan(table), np.inf, table), axis=0)
+    lines = ["| method | " + " | ".join([*datasets, "mean"]) + " |", "|---|" + "---:|" * (len(datasets) + 1)]
+    for method, row in zip(methods, table, strict=True):
+        cells = [f"**{_cell(v)}**" if v == b and len(methods) > 1 else _cell(v)
+                 for v, b in zip(row, best, strict=True)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ run
+def _summary(rows: Sequence[tuple]) -> str:
+    col = {name: i for i, name in enumerate(PAUC_HEADER)}
+    lines = []
+    for r in rows:
+        where = f"{r[col['fr_model']]}/{r[col['dataset']]}"
+        lines.append(f"{where}  {r[col['method']]:<16} FMR {r[col['fmr']]:<7g} "
+                     f"{r[col['threshold_mode']]:<10} limit {r[col['discard_limit']]:<4g} "
+                     f"pAUC {r[col['pauc']]:.4g}  normalised {_cell(r[col['pauc_normalised']])}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, then write erc.csv, pauc.csv, plots and tables into ``args.output``."""
+    if args.suite is not None:
+        if args.scores or args.embeddings or args.pairs:
+            raise ValueError("--suite lists the files itself; leave out --scores, --embeddings and --pairs")
+        jobs, suite = load_suite(args.suite)
+    else:
+        jobs, suite = [_job_from_args(args)], {}
+    settings = _settings(args, suite)
+    if args.max_points < 2:
+        raise ValueError("--max-points must be at least 2")
+    outcomes = [evaluate_job(job, settings) for job in jobs]
+    output = args.output
+    write_csv(output / "erc.csv", ERC_HEADER, erc_rows(outcomes, settings, args.max_points))
+    rows = pauc_rows(outcomes, settings)
+    write_csv(output / "pauc.csv", PAUC_HEADER, rows)
+    written = [output / "erc.csv", output / "pauc.csv", *write_tables(rows, settings, output)]
+    if not args.no_plots:
+        for outcome in outcomes:
+            for fmr in settings.fmrs:
+                for mode in settings.modes:
+                    name = (f"edc_{_file_part(outcome.job.dataset)}_{_file_part(outcome.job.fr_model)}"
+                            f"_fmr{fmr:g}_{mode}")
+                    plot_edc(outcome, settings, fmr, mode, output / name)
+                    written += [output / f"{name}.png", output / f"{name}.svg"]
+    print(_summary(rows))
+    print(f"wrote {len(written)} files to {output}", file=sys.stderr)
+    return 0

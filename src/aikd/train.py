@@ -1,0 +1,753 @@
+"""``aikd train``: the AI-KD training loop (optimiser, schedule, EMA, AMP, DDP, checkpoints, resume).
+
+Follows the training setup of Babnik et al., "AI-KD" (IWBF 2024) as released with the paper
+(``train_config.yaml``, ``train_main.py``, ``utils.py``): one epoch, batch 64, SGD with two parameter
+groups (quality head: lr 0.05, momentum 0.9, weight decay 5e-4; the last 100 backbone tensors: lr 0.05,
+momentum 0.1), a LambdaLR stepped during the first 30% of the epoch only ("pretrain") with a sine warm-up
+over its first half, gradient clipping at norm 5, fp16 AMP with a GradScaler (init scale 128), and an EMA
+of the student (``avg = 0.1 * avg + 0.9 * param``) updated at every validation, i.e. every 10% of the
+epoch after the pretrain part. The best checkpoint holds the EMA weights; here the EMA weights are also
+what is validated (the paper validates the student and saves the EMA).
+
+Launch::
+
+    aikd train --config configs/aikd_r100.yaml --out runs/r100 data.images=/data/vggface2 ...
+    torchrun --standalone --nproc_per_node=4 -m aikd train --config configs/aikd_r100.yaml --out runs/r100
+    aikd train --resume runs/r100            # continues exactly where the last checkpoint left off
+
+The run folder gets ``config.yaml`` (the resolved config), ``data_report.json`` (what the index skipped),
+``metrics.jsonl`` / ``metrics.csv``, ``best.pt`` (EMA weights with the best validation quality loss),
+``last.pt`` (the student plus everything needed to resume) and ``teacher_cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from tqdm import tqdm
+
+from aikd.config import config_to_dict, describe_config, load_config, save_config
+from aikd.data import (
+    VAL_STREAM,
+    DataConfig,
+    DistillationDataset,
+    TrainingIndex,
+    build_index,
+    make_loader,
+    split_by_label,
+)
+from aikd.distill import (
+    NO_WEIGHTS,
+    AIKDTask,
+    LossConfig,
+    StudentConfig,
+    TeacherCache,
+    TeacherConfig,
+    build_task,
+    cache_key,
+    quality_forward,
+    teacher_embeddings,
+)
+from aikd.io import atomic_write, write_csv
+from aikd.models import read_checkpoint, save_checkpoint
+
+__all__ = [
+    "LoopConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "add_arguments",
+    "lr_factor",
+    "quality_metrics",
+    "run",
+    "train",
+]
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class OptimConfig:
+    """SGD with the paper's two parameter groups, and its LR schedule."""
+
+    head_lr: float = field(default=0.05, metadata={"help": "learning rate of the quality head"})
+    head_momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the quality head"})
+    head_weight_decay: float = field(default=5e-4, metadata={"help": "weight decay of the quality head"})
+    backbone_lr: float = field(default=0.05, metadata={"help": "learning rate of the trainable backbone tensors"})
+    backbone_momentum: float = field(default=0.1, metadata={"help": "SGD momentum of the backbone (paper: 0.1)"})
+    backbone_weight_decay: float = field(default=0.0, metadata={"help": "weight decay of the backbone (paper: 0)"})
+    clip_grad_norm: float = field(default=5.0, metadata={"help": "clip the trainable gradients' norm (0: off)"})
+    pretrain_fraction: float = field(default=0.3, metadata={"help": "share of an epoch the LR schedule runs over; "
+                                                                     "validation starts after it"})
+    warmup_fraction: float = field(default=0.5, metadata={"help": "share of the pretrain steps with sine LR "
+                                                                   "warm-up"})
+
+    def __post_init__(self) -> None:
+        for name in ("head_lr", "backbone_lr", "head_momentum", "backbone_momentum", "head_weight_decay",
+                     "backbone_weight_decay", "clip_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+        for name in ("pretrain_fraction", "warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected a value in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class LoopConfig:
+    """Length of the run, precision, validation, EMA, checkpoints, logging."""
+
+    epochs: int = field(default=1, metadata={"help": "passes over the training faces (paper: 1)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop the run after this many steps (the "
+                                                                   "schedule still follows the epoch length)"})
+    amp: Literal["auto", "off", "fp16", "bf16", False] = field(
+        default="auto", metadata={"help": "mixed precision: auto = fp16 on CUDA (paper), bf16 on CPUs with native "
+                                          "bf16, else off (YAML reads a bare off as false: also off)"})
+    init_scale: float = field(default=128.0, metadata={"help": "initial fp16 GradScaler scale (paper: 128)"})
+    validate_every: float = field(default=0.1, metadata={"help": "validate every this share of an epoch, after "
+                                                                  "the pretrain part (paper: 0.1)"})
+    ema_decay: float = field(default=0.1, metadata={"help": "EMA: avg = decay * avg + (1 - decay) * param at each "
+                                                             "validation (paper: 0.1)"})
+    select_on: Literal["aligned", "misaligned"] = field(
+        default="aligned", metadata={"help": "best checkpoint by validation quality loss on aligned (paper) or "
+                                             "misaligned faces"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "write last.pt every this many steps (0: only "
+                                                                   "at the end)"})
+    log_every: int = field(default=10, metadata={"help": "steps per metrics.jsonl record and progress update"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order and misalignment noise"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (torchrun: the local GPU)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (rank 0)"})
+    tensorboard: bool = field(default=True, metadata={"help": "also log to RUN_DIR/tensorboard when installed"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.amp, str):  # YAML reads a bare `amp: off` / `train.amp=off` as false
+            self.amp = "off"
+        if self.epochs < 1:
+            raise ValueError(f"epochs: expected at least 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: expected at least 1 (or null), got {self.max_steps}")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale: expected a positive value, got {self.init_scale}")
+        if not 0 < self.validate_every <= 1:
+            raise ValueError(f"validate_every: expected a share of an epoch in (0, 1], got {self.validate_every}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError("checkpoint_every must be >= 0 and log_every >= 1, got "
+                             f"{self.checkpoint_every} and {self.log_every}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``aikd train`` needs; ``aikd train --help-config`` lists every key."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def check_ready(self) -> None:
+        """Checks that need the file system; raise ``ValueError`` naming the key before any work."""
+        self.teacher.check()
+        if self.teacher.weights == NO_WEIGHTS and self.student.arch is None:
+            raise ValueError("student.arch: required with teacher.weights=none")
+        self.data.check_sources()
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``status`` is ``"done"`` or ``"stopped"`` (by ``stop_after``)."""
+
+    status: str
+    step: int
+    total_steps: int
+    best: dict[str, Any] | None
+    task: AIKDTask
+    run_dir: Path
+    rank: int = 0
+
+
+# -------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, warmup_end: int) -> float:
+    """The paper's LambdaLR factor at scheduler step ``step``: ``sin(step / warmup_end * pi / 2)``, then 1.
+
+    Step 0 has factor 0, so (as in the paper) the first update only fills the momentum buffers.
+    """
+    if step < warmup_end:
+        return math.sin(step / warmup_end * math.pi / 2.0)
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step counts of a run, all per process."""
+
+    steps_per_epoch: int
+    total_steps: int
+    pretrain_end: int
+    warmup_end: int
+    val_every: int
+
+    @classmethod
+    def make(cls, train_faces: int, batch_size: int, world_size: int, optim: OptimConfig, loop: LoopConfig) -> Plan:
+        per_rank = math.ceil(train_faces / world_size)
+        steps = per_rank // batch_size
+        if steps < 1:
+            raise ValueError(f"data.batch_size: {batch_size} is more than the {per_rank} training faces per "
+                             "process; lower it or add faces")
+        total = steps * loop.epochs if loop.max_steps is None else min(steps * loop.epochs, loop.max_steps)
+        pretrain_end = int(steps * optim.pretrain_fraction)
+        return cls(steps, total, pretrain_end, int(pretrain_end * optim.warmup_fraction),
+                   max(1, int(loop.validate_every * steps)))
+
+    def validates_at(self, step: int) -> bool:
+        """The paper validates when ``step % val_every == 0`` once the pretrain part is over."""
+        return step % self.val_every == 0 and step > self.pretrain_end
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {device} asked for, but CUDA is not available")
+    if use_cuda:
+        chosen = torch.device(f"cuda:{local_rank}") if device in ("auto", "cuda") or world_size > 1 else \
+            torch.device(device)
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = torch_dist.get_rank() if world_size > 1 else 0
+    return Dist(rank, world_size, chosen)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp`` on ``device`` (``None``: float32)."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return torch.bfloat16 if native_bf16 else None  # emulated bf16 is slower than float32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain data (loadable with ``torch.load(weights_only=True)``)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (as Spearman's rho needs)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _smooth_l1(predicted: np.ndarray, target: np.ndarray, beta: float) -> float:
+    error = np.abs(predicted - target)
+    return float(np.where(error < beta, 0.5 * error**2 / beta, error - 0.5 * beta).mean())
+
+
+def quality_metrics(aligned: np.ndarray, misaligned: np.ndarray, labels: np.ndarray, beta: float) -> dict[str, float]:
+    """Validation figures: quality loss, Spearman and Pearson vs the labels on aligned and misaligned faces,
+    and the alignment sensitivity ``mean |q̂(aligned) - q̂(misaligned)|``."""
+    out: dict[str, float] = {}
+    for view, predicted in (("aligned", aligned), ("misaligned", misaligned)):
+        out[f"quality_loss_{view}"] = _smooth_l1(predicted, labels, beta)
+        out[f"spearman_{view}"] = _pearson(_ranks(predicted), _ranks(labels))
+        out[f"pearson_{view}"] = _pearson(predicted, labels)
+    out["alignment_sensitivity"] = float(np.abs(aligned - misaligned).mean())
+    return out
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line, appended and flushed), ``metrics.csv`` (validations) and
+    TensorBoard when installed. Only rank 0 keeps one."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+        self.path, self.csv_path = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        records = self._read() if resume_step is not None else []
+        records = [r for r in records if r.get("step", 0) <= (resume_step or 0)]
+        with atomic_write(self.path) as handle:  # drop what the interrupted run logged after its checkpoint
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        self.validations = [r for r in records if r.get("kind") == "val"]
+        self.handle = open(self.path, "a", encoding="utf-8")  # append-only journal, flushed per record
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by the interruption: nothing after it is trustworthy
+        return records
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, float) and key != "time":
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        if record["kind"] == "val":
+            self.validations.append(record)
+            header = list(self.validations[-1])
+            write_csv(self.csv_path, header, [[r.get(k, "") for k in header] for r in self.validations])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One AI-KD run in one process (of possibly several under torchrun).
+
+    Args:
+        config: the resolved configuration.
+        run_dir: the run folder.
+        dist: this process's rank, world size and device.
+        index: the faces (built from ``config.data`` when not given).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, dist: Dist, index: TrainingIndex | None = None) -> None:
+        self.config, self.run_dir, self.dist = config, run_dir, dist
+        loop, data = config.train, config.data
+        seed_everything(loop.seed)
+        self.amp_dtype = resolve_amp(loop.amp, dist.device)
+        self.task, teacher_id = build_task(config.teacher, config.student, config.loss, seed=loop.seed,
+                                           amp_dtype=self.amp_dtype)  # first: a bad weights file fails fast
+        self.index = index if index is not None else build_index(data)
+        train_positions, val_positions = split_by_label(self.index.labels, data.val_fraction)
+        self.task.to(dist.device)
+        self.student = self.task.student
+        self.memory_format = torch.channels_last if config.student.channels_last else torch.contiguous_format
+        self.model: nn.Module = self.task
+        if dist.world_size > 1:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=device_ids)
+        preprocessing, misalignment = self.student.preprocessing, data.misalignment.build()
+        self.train_set = DistillationDataset(self.index, train_positions, preprocessing, misalignment, loop.seed)
+        self.val_set = DistillationDataset(self.index, val_positions, preprocessing, misalignment, loop.seed,
+                                           VAL_STREAM)
+        self.plan = Plan.make(len(train_positions), data.batch_size, dist.world_size, config.optim, loop)
+        self._build_optimisation()
+        self.cache = self._open_cache(teacher_id) if config.teacher.cache else None
+        self.step, self.best, self.last_validated = 0, None, -1
+
+    def _build_optimisation(self) -> None:
+        optim, loop = self.config.optim, self.config.train
+        head = list(self.student.quality_head.parameters())
+        backbone = [p for p in self.student.feature_extractor.parameters() if p.requires_grad]
+        groups = [{"params": head, "lr": optim.head_lr, "momentum": optim.head_momentum,
+                   "weight_decay": optim.head_weight_decay}]
+        if backbone:
+            groups.append({"params": backbone, "lr": optim.backbone_lr, "momentum": optim.backbone_momentum,
+                           "weight_decay": optim.backbone_weight_decay})
+        self.trainable = head + backbone
+        self.optimizer = torch.optim.SGD(groups)
+        factor = partial(lr_factor, warmup_end=self.plan.warmup_end)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [factor] * len(groups))
+        self.scaler = None
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.dist.device.type, init_scale=loop.init_scale,
+                                               growth_interval=max(1, self.plan.pretrain_end))
+        decay = loop.ema_decay
+        # The paper's SWALR(swa_lr=0.05) "EMA scheduler" anneals the LR towards 0.05, which it already is: a no-op,
+        # left out. Buffers (BatchNorm statistics) are copied from the student at each update (use_buffers=False).
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.student, avg_fn=lambda average, current, count: decay * average + (1.0 - decay) * current)
+        self.ema.requires_grad_(False)
+
+    def _open_cache(self, teacher_id: str) -> TeacherCache:
+        folder = Path(self.config.teacher.cache_dir or self.run_dir / "teacher_cache")
+        key = cache_key(teacher_id, self.index.fingerprint(), self.student.preprocessing, amp=self.amp_dtype,
+                        device=self.dist.device.type, layout=self.memory_format)
+        dim = int(self.student.preprocessing.embedding_size)
+        if self.dist.main:
+            TeacherCache(folder, len(self.index), dim, key, create=True)
+        self.dist.barrier()
+        return TeacherCache(folder, len(self.index), dim, key, create=False)
+
+    # ------------------------------------------------------------------------------------------ training
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimiser step on a batch from :func:`aikd.data.collate_pairs`; returns the loss terms."""
+        device = self.dist.device
+        teacher = teacher_embeddings(self.task, batch, device, self.cache, self.memory_format)
+        misaligned = batch["misaligned"].to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        quality = batch["quality"].to(device, non_blocking=True)
+        terms = self.model(misaligned, quality, teacher)
+        values = self._reduce_and_check(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.config.optim.clip_grad_norm
+        if self.scaler is not None:
+            self.scaler.scale(terms["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)
+            if clip > 0:
+                nn.utils.clip_grad_norm_(self.trainable, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            terms["loss"].backward()
+            if clip > 0:
+                nn.utils.clip_grad_norm_(self.trainable, clip)
+            self.optimizer.step()
+        self.step += 1
+        if self.step < self.plan.pretrain_end:  # the paper steps its LambdaLR during the pretrain part only
+            self.scheduler.step()
+        return values
+
+    def _reduce_and_check(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = ("loss", "quality_loss", "consistency_loss")
+        stacked = torch.stack([terms[name].detach().float() for name in names])
+        if self.dist.world_size > 1:
+            torch_dist.all_reduce(stacked)  # a NaN on any rank reaches every rank, so all stop together
+            stacked /= self.dist.world_size
+        values = dict(zip(names, stacked.tolist(), strict=True))
+        if not all(math.isfinite(v) for v in values.values()):
+            last = self.run_dir / "last.pt"
+            kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(f"the loss became {values['loss']} at step {self.step + 1} (quality loss "
+                                   f"{values['quality_loss']}, consistency loss {values['consistency_loss']}); "
+                                   f"training stopped and {kept}. Lower optim.*_lr or use train.amp=off")
+        return values
+
+    def _train_loader(self, epoch: int, start_batch: int) -> Any:
+        data = self.config.data
+        if self.cache is not None:
+            self.train_set.skip_aligned = self.cache.filled_mask()
+        return make_loader(self.train_set, data.batch_size, shuffle=True, seed=self.config.train.seed, epoch=epoch,
+                           rank=self.dist.rank, world_size=self.dist.world_size, start_batch=start_batch,
+                           workers=data.workers, drop_last=True, pin_memory=self.dist.device.type == "cuda")
+
+    def fit(self, stop_after: int | None = None) -> str:
+        """Train until the planned number of steps (``"done"``) or ``stop_after`` steps (``"stopped"``)."""
+        plan, loop = self.plan, self.config.train
+        log = MetricsLog(self.run_dir, self.step, loop.tensorboard) if self.dist.main else None
+        bar = tqdm(total=plan.total_steps, initial=self.step, desc="aikd train", dynamic_ncols=True,
+                   disable=not (self.dist.main and loop.progress), file=sys.stderr)
+        sums, started, window = np.zeros(3), time.perf_counter(), 0
+        try:
+            self.task.train()
+            while self.step < plan.total_steps:
+                epoch, start_batch = divmod(self.step, plan.steps_per_epoch)
+                for batch in self._train_loader(epoch, start_batch):
+                    values = self.train_step(batch)
+                    sums += [values["loss"], values["quality_loss"], values["consistency_loss"]]
+                    window += 1
+                    bar.update(1)
+                    if self.step % loop.log_every == 0 or self.step == plan.total_steps:
+                        rate = window * len(batch["index"]) * self.dist.world_size / (time.perf_counter() - started)
+                        self._log_train(log, bar, sums / window, rate, epoch)
+                        sums, started, window = np.zeros(3), time.perf_counter(), 0
+                    paused = time.perf_counter()
+                    if plan.validates_at(self.step):
+                        self.validate(log)
+                    if loop.checkpoint_every and self.step % loop.checkpoint_every == 0:
+                        self.save_last()
+                    started += time.perf_counter() - paused  # throughput counts training steps only
+                    if stop_after is not None and self.step >= stop_after:
+                        self.save_last()
+                        return "stopped"
+                    if self.step >= plan.total_steps:
+                        break
+            if self.last_validated != self.step:
+                self.validate(log)
+            self.save_last()
+            return "done"
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+    def _log_train(self, log: MetricsLog | None, bar: tqdm, means: np.ndarray, rate: float, epoch: int) -> None:
+        bar.set_postfix(loss=f"{means[0]:.4f}", q=f"{means[1]:.4f}", cos=f"{means[2]:.4f}", pairs_s=f"{rate:.1f}")
+        if log is not None:
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
+            log.write({"kind": "train", "step": self.step, "epoch": epoch, "loss": float(means[0]),
+                       "quality_loss": float(means[1]), "consistency_loss": float(means[2]),
+                       "lr_head": float(lrs[0]), "lr_backbone": float(lrs[-1]), "pairs_per_s": float(rate),
+                       "time": time.time()})
+
+    # ---------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def predict_validation(self, model: nn.Module) -> tuple[np.ndarray, ...]:
+        """(aligned qualities, misaligned qualities, labels) of the validation faces, gathered from all ranks."""
+        data, device = self.config.data, self.dist.device
+        loader = make_loader(self.val_set, data.val_batch_size, shuffle=False, seed=self.config.train.seed,
+                             rank=self.dist.rank, world_size=self.dist.world_size, workers=data.workers)
+        rows = []
+        for batch in loader:
+            faces = [batch[key].to(device).contiguous(memory_format=self.memory_format)
+                     for key in ("aligned", "misaligned")]
+            predicted = [quality_forward(model, view, self.amp_dtype)[1].double().cpu() for view in faces]
+            rows.append(torch.stack([batch["index"].double(), *predicted, batch["quality"].double()], dim=1))
+        table = torch.cat(rows).to(device)
+        if self.dist.world_size > 1:
+            parts = [torch.empty_like(table) for _ in range(self.dist.world_size)]
+            torch_dist.all_gather(parts, table)
+            table = torch.cat(parts)
+        table = table.cpu().numpy()
+        _, first = np.unique(table[:, 0], return_index=True)  # DistributedSampler repeats faces to even out ranks
+        table = table[first]
+        return table[:, 1], table[:, 2], table[:, 3]
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics, as DDP does before each forward.
+
+        DDP broadcasts buffers at the start of a forward, so after the last step each rank holds its own
+        update; validation, the EMA and checkpoints all use rank 0's.
+        """
+        if self.dist.world_size > 1:
+            for buffer in self.student.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
+    def validate(self, log: MetricsLog | None) -> dict[str, float]:
+        """Update the EMA, validate it, and keep it as ``best.pt`` when its quality loss improved."""
+        self.sync_buffers()
+        self.ema.update_parameters(self.student)
+        model = self.ema.module.eval()
+        metrics = quality_metrics(*self.predict_validation(model), beta=self.config.loss.beta)
+        self.last_validated = self.step
+        key = f"quality_loss_{self.config.train.select_on}"
+        improved = self.best is None or metrics[key] < self.best[key]
+        if improved:
+            self.best = {"step": self.step, **metrics}
+        if self.dist.main:
+            if improved:
+                save_checkpoint(self.run_dir / "best.pt", model, self.student.arch, self.student.preprocessing,
+                                extra={"kind": "best", "weights": "ema", "step": self.step, "validation": metrics,
+                                       "selected_on": key, "config": config_to_dict(self.config)})
+            if log is not None:
+                log.write({"kind": "val", "step": self.step, "best": improved, **metrics, "time": time.time()})
+        self.dist.barrier()
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the student's weights that resuming needs, as tensors and plain data."""
+        epoch, batch = divmod(self.step, self.plan.steps_per_epoch)
+        return {"kind": "training_state", "step": self.step, "epoch": epoch, "batch_in_epoch": batch,
+                "total_steps": self.plan.total_steps, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_state(), "best": self.best, "last_validated": self.last_validated,
+                "config": config_to_dict(self.config)}
+
+    def save_last(self) -> None:
+        """Write ``last.pt`` (student weights + training state) atomically; rank 0 only."""
+        self.sync_buffers()
+        if self.cache is not None:
+            self.cache.flush()
+        if self.dist.main:
+            save_checkpoint(self.run_dir / "last.pt", self.student, self.student.arch, self.student.preprocessing,
+                            extra=self.training_state())
+        self.dist.barrier()
+
+    def load_last(self) -> None:
+        """Restore the student and the training state from ``RUN_DIR/last.pt``."""
+        path = self.run_dir / "last.pt"
+        if not path.exists():
+            raise ValueError(f"--resume: {path} not found: the run wrote no checkpoint yet; start it again")
+        weights, meta = read_checkpoint(path)
+        state = meta.get("extra", {})
+        if state.get("kind") != "training_state":
+            raise ValueError(f"--resume: {path} holds no training state")
+        self.student.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.best, self.last_validated = int(state["step"]), state["best"], int(state["last_validated"])
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def train(
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    index: TrainingIndex | None = None,
+) -> TrainResult:
+    """Run (or resume) AI-KD training in ``run_dir``; under torchrun every process calls this.
+
+    Args:
+        config: the configuration (checked before any work).
+        run_dir: the run folder (created; a new run refuses a folder that already holds one).
+        resume: continue from ``run_dir/last.pt``.
+        stop_after: stop after this many steps with a checkpoint, as if interrupted.
+        index: use these faces instead of building the index from ``config.data``.
+
+    Raises:
+        ValueError: a bad configuration or input, naming the key or the file.
+        TrainingDiverged: the loss became NaN/inf.
+    """
+    config.check_ready()
+    run_dir = Path(run_dir)
+    dist = setup_distributed(config.train.device)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ValueError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+                         "another folder")
+    dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir, dist, index)
+    if resume:
+        trainer.load_last()
+    if dist.main:
+        save_config(config, run_dir / "config.yaml")
+        with atomic_write(run_dir / "data_report.json") as handle:
+            json.dump(trainer.index.report.to_dict(), handle, indent=2)
+        print(f"aikd train: {trainer.index.report.summary()}", file=sys.stderr)
+        print(f"aikd train: {len(trainer.train_set)} training / {len(trainer.val_set)} validation faces, "
+              f"{trainer.plan.total_steps} steps of {config.data.batch_size} x {dist.world_size}, "
+              f"device {dist.device}, amp {str(trainer.amp_dtype or 'off').replace('torch.', '')}", file=sys.stderr)
+    status = trainer.fit(stop_after)
+    return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``aikd train``."""
+    parser.add_argument("--config", help="YAML config (e.g. configs/aikd_r100.yaml, configs/tiny.yaml)")
+    parser.add_argument("--out", help="run folder: config.yaml, metrics, best.pt, last.pt")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                                                            "(its config.yaml, updated by any key=value)")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                        help="stop with a checkpoint after this many steps in all (continue with --resume)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.head_lr=0.01")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``aikd train``."""
+    if args.help_config:
+        print("\n".join(describe_config(TrainConfig)))
+        return 0
+    if args.resume:
+        if args.config or (args.out and Path(args.out) != Path(args.resume)):
+            raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; leave out --config/--out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ValueError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        config = load_config(TrainConfig, run_dir / "config.yaml", args.overrides)
+    else:
+        if not args.config or not args.out:
+            raise ValueError("give --config CONFIG.yaml and --out RUN_DIR (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        config = load_config(TrainConfig, args.config, args.overrides)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after: expected a positive number of steps, got {args.stop_after}")
+    try:
+        result = train(config, run_dir, resume=bool(args.resume), stop_after=args.stop_after)
+    except TrainingDiverged as err:
+        print(f"aikd train: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    if result.rank != 0:
+        return 0
+    if result.status == "stopped":
+        print(f"aikd train: stopped after step {result.step} of {result.total_steps}; continue with "
+              f"aikd train --resume {run_dir}", file=sys.stderr)
+    elif result.best is not None:
+        print(f"aikd train: done, {result.step} steps; best.pt from step {result.best['step']} (EMA weights), "
+              f"validation quality loss {result.best['quality_loss_aligned']:.4f} aligned / "
+              f"{result.best['quality_loss_misaligned']:.4f} misaligned", file=sys.stderr)
+    return 0
