@@ -108,3 +108,12 @@ def test_embeddings_roundtrip(tmp_path):
     np.testing.assert_array_equal(loaded, emb)
     with pytest.raises(ValueError, match="must be"):
         save_embeddings(tmp_path / "x.npz", ["a"], emb)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_csv(tmp_path / "o.csv", ["a"], [[1]])
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "o.csv").stat().st_mode & 0o777 == 0o644

@@ -28,10 +28,9 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from aikd.detect_cli import add_job_arguments
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
-from aikd.jobs import ItemResult, check_output, finish_job, journal_dir, run_job
+from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, journal_dir, run_job
 from aikd.sources import make_prepare
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aikd {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except (ValueError, ImportError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
         # Bad input reaches the user as one clear line naming the file or field, not a traceback.
         print(f"aikd {args.command}: error: {err}", file=sys.stderr)
         return 2

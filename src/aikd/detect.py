@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -244,3 +245,25 @@ def get_detector(name: str = "retinaface", **options: Any) -> Detector:
             f"its options are: {', '.join(signature.parameters)}"
         )
     return detector_class(**options)
+
+
+def thread_local_detector(name: str = "retinaface", single_threaded: bool = False,
+                          **options: Any) -> Callable[[], Detector]:
+    """A function returning the calling thread's own detector, built on first use in each thread.
+
+    OpenCV dnn networks (MTCNN) must not be shared between threads. The first detector is built at once,
+    in the calling thread, so a bad name or option fails early. ``single_threaded`` asks detectors that
+    have a thread pool of their own for one thread: the decode workers are then the parallelism.
+    """
+    detector_class = DETECTORS[name]() if name in DETECTORS else None
+    if single_threaded and detector_class and "num_threads" in inspect.signature(detector_class).parameters:
+        options["num_threads"] = 1
+    local = threading.local()
+    local.detector = get_detector(name, **options)
+
+    def detector() -> Detector:
+        if not hasattr(local, "detector"):
+            local.detector = get_detector(name, **options)
+        return local.detector
+
+    return detector

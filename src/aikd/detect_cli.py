@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,9 +36,9 @@ import numpy as np
 
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import LANDMARK_COLUMNS, write_csv
-from aikd.jobs import ItemResult, check_output, finish_job, run_job
+from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
 
-__all__ = ["BOX_COLUMNS", "add_arguments", "add_job_arguments", "detection_columns", "detector_factory", "run"]
+__all__ = ["BOX_COLUMNS", "add_arguments", "detection_columns", "run"]
 
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
 _VALUES = 15  # 10 landmark coordinates, 4 box coordinates, the confidence
@@ -73,46 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, batch_size=32)
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int,
-                      batch_help: str = "images per journal record") -> None:
-    """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs."""
-    group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: %(default)s)")
-    group.add_argument("--workers", type=int, default=2,
-                       help="decode (and detect) threads; 0 does everything in the main thread "
-                            "(default: %(default)s)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run (or add new images to a finished output)")
-    group.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
-def detector_factory(name: str, threshold: float, max_size: int | None, single_threaded: bool
-                     ) -> Callable[[], Any]:
-    """A function returning this thread's own detector (built on first use in each thread).
-
-    The first detector is built at once, in the calling thread, so a bad name or option fails early.
-    """
-    from aikd.detect import DETECTORS, get_detector
-
-    options: dict[str, Any] = {"score_threshold": threshold, "max_size": max_size}
-    detector_class = DETECTORS[name]() if name in DETECTORS else None
-    if single_threaded and detector_class and "num_threads" in inspect.signature(detector_class).parameters:
-        options["num_threads"] = 1  # the worker threads are the parallelism; no nested thread pools
-    first = get_detector(name, **options)
-    local = threading.local()
-    local.detector = first
-
-    def detector() -> Any:
-        if not hasattr(local, "detector"):
-            local.detector = get_detector(name, **options)
-        return local.detector
-
-    return detector
-
-
 def _detect_prepare(args: argparse.Namespace) -> Callable[[np.ndarray, ImageInput], np.ndarray]:
     """Decode-thread step: photo -> (F, 15) array of landmarks, box and confidence, best face first."""
-    detector = detector_factory(args.detector, args.threshold, args.max_size or None, args.workers > 0)
+    from aikd.detect import thread_local_detector
+
+    detector = thread_local_detector(args.detector, single_threaded=args.workers > 0,
+                                     score_threshold=args.threshold, max_size=args.max_size or None)
     no_face = f"no face found ({args.detector}, confidence threshold {args.threshold:g})"
 
     def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:

@@ -33,7 +33,9 @@ __all__ = [
     "decode_image",
     "load_image",
     "match_keys",
+    "match_keys",
     "match_landmarks",
+    "pil_to_rgb",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -119,7 +121,8 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) RGB uint8: 16-bit scaled, alpha composited onto black."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image).astype(np.float64)
@@ -151,7 +154,7 @@ def _open(source: io.BytesIO | Path, name: str, max_pixels: int) -> np.ndarray:
                     raise ImageError("image has no pixels")
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                return np.ascontiguousarray(_to_rgb_uint8(image))
+                return np.ascontiguousarray(pil_to_rgb(image))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

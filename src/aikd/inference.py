@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aikd.images import ImageInput
-from aikd.jobs import ItemResult, finish_job, read_journal
+from aikd.jobs import ItemResult, add_job_arguments, finish_job, read_journal
 from aikd.models.iresnet import IBasicBlock, IResNet
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -394,11 +394,7 @@ def _onnx_session(model: nn.Module, preprocessing: Preprocessing, device: torch.
 # ------------------------------------------------------------------------------------- command-line options
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
-    group = parser.add_argument_group("running")
-    group.add_argument("--batch-size", type=int, default=None,
-                       help=f"faces per forward pass (default: {CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
-    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                       help="threads decoding and preparing images ahead of the model (default: %(default)s)")
+    group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32 (exact), bf16 (autocast; fast on GPUs and on CPUs with native bf16, e.g. "
@@ -409,9 +405,6 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                             "CPUs, at the cost of an export of some seconds at start) (default: %(default)s)")
     group.add_argument("--no-fold", dest="fold", action="store_false",
                        help="run the model as stored instead of with BatchNorm folded into convolutions")
-    group.add_argument("--resume", action="store_true", help="continue an interrupted or finished run: skip "
-                       "images already done, retry the failed ones")
-    group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
 
 
 def engine_from_args(model: nn.Module, args: argparse.Namespace, device: torch.device | None = None) -> Engine:

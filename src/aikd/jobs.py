@@ -16,6 +16,7 @@ unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from aikd.images import ImageError, ImageInput, load_image
 from aikd.io import write_csv
 
-__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "errors_path",
-           "finish_job", "run_job"]
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "add_job_arguments",
+           "errors_path", "finish_job", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -66,6 +67,24 @@ class JobSummary:
     @property
     def exit_code(self) -> int:
         return EXIT_SOME_FAILED if self.failed else EXIT_OK
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
+                      batch_help: str = "images per journal record") -> argparse._ArgumentGroup:
+    """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs.
+
+    Returns the argument group, so a command can add its own running options next to these.
+    """
+    group = parser.add_argument_group("running")
+    default = "%(default)s" if batch_size is not None else "depends on the device"
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {default})")
+    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="threads decoding and preparing images ahead of the model (and detecting faces); "
+                            "0 does everything in the main thread (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted or finished run: skip images already done, retry failed ones")
+    group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
+    return group
 
 
 def errors_path(output: Path) -> Path:

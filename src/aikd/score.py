@@ -135,9 +135,9 @@ def _as_rgb(image: Any, index: int) -> np.ndarray:
         except ImageError as err:
             raise ValueError(f"{os.fspath(image)}: {err}") from None
     if _is_pil(image):
-        from aikd.images import _to_rgb_uint8  # the decoder's own mode conversion (alpha onto black, 16-bit)
+        from aikd.images import pil_to_rgb  # the decoder's own mode conversion (alpha onto black, 16-bit)
 
-        return np.ascontiguousarray(_to_rgb_uint8(image))
+        return np.ascontiguousarray(pil_to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise ValueError(f"image {index}: expected an (H, W, 3) RGB uint8 array, got {image.dtype} "

@@ -13,7 +13,6 @@ Shared by ``score``, ``embed`` and ``label``:
 from __future__ import annotations
 
 import argparse
-import threading
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,7 +89,10 @@ def make_prepare(args: argparse.Namespace, items: Sequence[ImageInput]) -> Prepa
 
         return prepare
     if args.detect:
-        detector_for_thread = _thread_local_detector(args.detector, args.detect_threshold)
+        from aikd.detect import thread_local_detector
+
+        detector_for_thread = thread_local_detector(args.detector, single_threaded=getattr(args, "workers", 0) > 0,
+                                                    score_threshold=args.detect_threshold)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
             faces = detector_for_thread().detect(image)
@@ -101,18 +103,3 @@ def make_prepare(args: argparse.Namespace, items: Sequence[ImageInput]) -> Prepa
 
         return prepare
     return lambda image, item: resize_to(image)
-
-
-def _thread_local_detector(name: str, threshold: float) -> Callable[[], object]:
-    """One detector per decode thread: OpenCV dnn networks must not be shared between threads."""
-    from aikd.detect import get_detector
-
-    get_detector(name, score_threshold=threshold)  # fail early, in the main thread, with a clear message
-    local = threading.local()
-
-    def detector() -> object:
-        if not hasattr(local, "detector"):
-            local.detector = get_detector(name, score_threshold=threshold)
-        return local.detector
-
-    return detector

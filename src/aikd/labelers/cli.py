@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from aikd.detect_cli import add_job_arguments
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import load_embeddings, save_embeddings, write_csv
-from aikd.jobs import ItemResult, check_output, finish_job, run_job
+from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
 from aikd.labelers import LABELERS, BatchLabels, Labeler, SetLabels, labeler_class
 from aikd.sources import add_source_arguments, make_prepare
 
