@@ -115,3 +115,21 @@ def test_match_keys_refuses_ambiguous_suffix(tmp_path):
     table = ["a/x/1.png", "b/x/1.png", "a/y/2.png"]
     items = [ImageInput(tmp_path / k, k) for k in ("x/1.png", "y/2.png", "1.png")]
     assert match_keys(items, table) == [None, 2, None]
+
+
+def test_bin_validation_set_members(tmp_path, rgb):
+    import io
+    import pickle
+
+    from aikd.images import load_input
+
+    encoded = []
+    for shade in (0, 80, 160, 240):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((6, 6, 3), shade, np.uint8)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps((encoded, [True, False])))
+    items = collect_inputs([path])
+    assert [i.key for i in items] == [f"lfw.bin#{i:06d}" for i in range(4)]
+    assert load_input(items[2]).mean() == 160

@@ -1,7 +1,8 @@
 """Image inputs: turn command-line arguments into a list of images, and decode any image to RGB uint8.
 
-Inputs may be image files, folders (searched recursively), glob patterns, or list files (``.txt`` with
-one path per line, ``.csv`` with a ``path`` column). Each image gets a *key*: its path relative to the
+Inputs may be image files, folders (searched recursively), glob patterns, list files (``.txt`` with
+one path per line, ``.csv`` with a ``path`` column), or insightface validation ``.bin`` sets (each image
+keyed ``NAME.bin#000123``, as their pairs name them). Each image gets a *key*: its path relative to the
 folder it was found in, or the path exactly as given for files, patterns and list entries. Keys are
 what output files contain and what a landmarks file is matched against.
 
@@ -13,6 +14,7 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import os
@@ -32,6 +34,7 @@ __all__ = [
     "collect_inputs",
     "decode_image",
     "load_image",
+    "load_input",
     "match_keys",
     "match_keys",
     "match_landmarks",
@@ -50,10 +53,14 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image to process: ``path`` to read, ``key`` to write in outputs."""
+    """One image to process: ``path`` to read, ``key`` to write in outputs.
+
+    ``member`` is the image's index inside a container file (an insightface validation ``.bin``).
+    """
 
     path: Path
     key: str
+    member: int | None = None
 
 
 def _is_pattern(text: str) -> bool:
@@ -88,6 +95,20 @@ def _from_list_file(list_file: Path) -> list[ImageInput]:
     return [ImageInput(Path(name) if os.path.isabs(name) else base / name, name) for name in names]
 
 
+@functools.lru_cache(maxsize=2)
+def _bin_images(path: Path) -> list[bytes]:
+    from aikd.protocols import read_bin  # numpy + the restricted unpickler only
+
+    return read_bin(path)[0]
+
+
+def _from_bin(path: Path) -> list[ImageInput]:
+    """The images of an insightface validation ``.bin``, keyed like its pairs (``lfw.bin#000123``)."""
+    from aikd.protocols import bin_image_name
+
+    return [ImageInput(path, bin_image_name(path, i), member=i) for i in range(len(_bin_images(path)))]
+
+
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
     """Expand command-line inputs into images, in a stable order, without duplicates.
 
@@ -102,6 +123,8 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
             found.extend(_from_folder(path))
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             found.extend(_from_list_file(path))
+        elif path.is_file() and path.suffix.lower() == ".bin":
+            found.extend(_from_bin(path))
         elif path.is_file():
             found.append(ImageInput(path, Path(text).as_posix()))
         elif _is_pattern(text):
@@ -185,6 +208,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
     if not os.access(path, os.R_OK):
         raise ImageError("cannot read file: permission denied")
     return _open(path, str(path), max_pixels)
+
+
+def load_input(item: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image of one input: a file, or a member of a container file."""
+    if item.member is not None:
+        return decode_image(_bin_images(item.path)[item.member], item.key, max_pixels)
+    return load_image(item.path, max_pixels)
 
 
 def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:

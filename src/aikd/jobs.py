@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from aikd.images import ImageError, ImageInput, load_image
+from aikd.images import ImageError, ImageInput, load_input
 from aikd.io import write_csv
 
 __all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "add_job_arguments",
@@ -180,7 +180,7 @@ Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
 
 def _load(item: ImageInput, prepare: Prepare | None) -> tuple[np.ndarray | None, str | None]:
     try:
-        image = load_image(item.path)
+        image = load_input(item)
         return (prepare(image, item) if prepare else image), None
     except (ImageError, ValueError) as err:
         return None, str(err)
