@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/aikd demo --out demo_out
+	$(VENV)/bin/aikd demo --out demo_out --overwrite
 
 test: install
 	$(PY) -m pytest -q

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of the tiny model (default: as configs/tiny.yaml)")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="empty an existing demo output folder first (refused for any other folder)")
 
 
 def _sample_photos() -> dict[str, np.ndarray]:
@@ -93,7 +95,7 @@ def _step(title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> None:
     print(f"\n== {title}\n$ aikd {' '.join(argv)}", file=sys.stderr, flush=True)
     code = main(argv)
     if code not in allowed:
-        raise RuntimeError(f"demo step '{title}' failed with exit status {code}")
+        raise ValueError(f"demo step '{title}' failed with exit status {code} (its error is printed above)")
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -140,23 +142,27 @@ def _fmt(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run every step; each is a real ``aikd`` command, so the demo exercises what users run."""
     out: Path = args.out
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass --overwrite to run the demo there again")
-    fresh = ["--overwrite"] if args.overwrite else []
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"{out} exists and is not empty; pass --overwrite to run the demo there again")
+        if not (out / "photos").is_dir() or not (out / "landmarks.csv").exists():
+            raise ValueError(f"{out} does not look like an aikd demo folder; --overwrite empties only those, "
+                             "choose another --out")
+        shutil.rmtree(out)
     photos = out / "photos"
     make_sample_photos(photos)
     print(f"wrote {len(list(photos.glob('*.png')))} sample photos to {photos}", file=sys.stderr)
-    _step("find faces and landmarks", ["detect", str(photos), "-o", str(out / "landmarks.csv"), *fresh], (0, 1))
+    _step("find faces and landmarks", ["detect", str(photos), "-o", str(out / "landmarks.csv")], (0, 1))
     for name, extra in (("aligned", []), ("misaligned", ["--misalign", "3", "--seed", "0"])):
         _step(f"{name} crops", ["align", str(photos), "--landmarks", str(out / "landmarks.csv"),
-                                "-o", str(out / name), *extra, *fresh], (0, 1))
+                                "-o", str(out / name), *extra], (0, 1))
     overrides = [f"train.max_steps={args.steps}"] if args.steps else []
     _step("train a tiny AI-KD model on synthetic faces",
-          ["train", "--config", str(_tiny_config()), "--out", str(out / "run"), *fresh, *overrides])
+          ["train", "--config", str(_tiny_config()), "--out", str(out / "run"), *overrides])
     checkpoint = str(out / "run" / "best.pt")
     for name, folder in (("aligned", out / "aligned"), ("misaligned", out / "misaligned"), ("as_is", photos)):
         _step(f"score {name}", ["score", str(folder), "--checkpoint", checkpoint,
-                                "-o", str(out / f"scores_{name}.csv"), *fresh], (0, 1))
+                                "-o", str(out / f"scores_{name}.csv")], (0, 1))
     _step("export to ONNX", ["export", "--checkpoint", checkpoint, "-o", str(out / "model.onnx")])
     table = _summary(out)
     with atomic_write(out / "summary.md") as handle:
