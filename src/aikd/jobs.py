@@ -216,9 +216,11 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
     if overwrite:
         shutil.rmtree(partial, ignore_errors=True)
-    elif not resume and (output.exists() or partial.exists()):
-        what = "an interrupted run's journal " + str(partial) if partial.exists() else "it"
-        raise ValueError(f"{output} exists ({what}); pass --resume to continue or --overwrite to start over")
+    elif not resume and partial.exists():
+        raise ValueError(f"{output}: an interrupted run left its journal {partial}; pass --resume to continue "
+                         "it or --overwrite to start over")
+    elif not resume and output.exists():
+        raise ValueError(f"{output} exists; pass --resume to continue or --overwrite to start over")
 
 
 def run_job(
