@@ -113,8 +113,6 @@ def _check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``aikd align``: write the crops and the errors file; returns the exit status."""
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     items = collect_inputs(args.inputs)
     output: Path = args.output
     suffix = FORMATS[args.format]

@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.max_size < 0:
         raise ValueError(f"--max-size must be >= 0 pixels (0: never downscale), got {args.max_size}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     items = collect_inputs(args.inputs)
     output: Path = args.output
     check_output(output, args.resume, args.overwrite)

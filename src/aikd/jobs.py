@@ -69,6 +69,13 @@ class JobSummary:
         return EXIT_SOME_FAILED if self.failed else EXIT_OK
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
                       batch_help: str = "images per journal record") -> argparse._ArgumentGroup:
     """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs.
@@ -78,7 +85,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
     group = parser.add_argument_group("running")
     default = "%(default)s" if batch_size is not None else "depends on the device"
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {default})")
-    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
                        help="threads decoding and preparing images ahead of the model (and detecting faces); "
                             "0 does everything in the main thread (default: %(default)s)")
     group.add_argument("--resume", action="store_true",

@@ -260,8 +260,6 @@ def run(args: argparse.Namespace) -> int:
     """``aikd label``: compute, write the labels file and the errors file; returns the exit status."""
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     items = collect_inputs(args.inputs)
     output: Path = args.output
     check_output(output, args.resume, args.overwrite)
