@@ -3,6 +3,7 @@
 import csv
 import io
 import pickle
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -36,3 +37,42 @@ def test_bin_set_scored_embedded_and_evaluated(tmp_path, tiny_checkpoint):
         rows = list(csv.DictReader(handle))
     assert rows and {row["method"] for row in rows} == {"scores"}
     assert all(np.isfinite(float(row["pauc"])) for row in rows)
+
+
+def test_photos_to_trained_model_to_evaluation(tmp_path, tiny_backbone):
+    """detect -> label -> train on files -> score -> embed -> evaluate -> export, keys matching throughout."""
+    import itertools
+
+    import torch
+
+    from aikd.demo import make_sample_photos
+    from aikd.io import read_labels
+
+    photos = tmp_path / "photos"
+    names = [p.name for p in make_sample_photos(photos)]
+    weights = tmp_path / "backbone.pth"
+    torch.save(tiny_backbone.state_dict(), weights)
+    landmarks, labels = tmp_path / "landmarks.csv", tmp_path / "labels.csv"
+    assert main(["detect", str(photos), "-o", str(landmarks)]) == 0
+    assert main(["label", str(photos), "--landmarks", str(landmarks), "--method", "serfiq", "--passes", "8",
+                 "--weights", str(weights), "--arch", "tiny", "-o", str(labels)]) == 0
+    assert sorted(read_labels(labels).paths) == sorted(names)
+    run = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "aikd_r100.yaml"  # the paper's setup, shrunk
+    assert main(["train", "--config", str(config), "--out", str(run), f"data.images={photos}",
+                 f"data.landmarks={landmarks}", f"data.labels={labels}", f"teacher.weights={weights}",
+                 "student.arch=tiny", "data.batch_size=4", "data.val_fraction=0.2", "data.workers=0",
+                 "train.amp=off", "train.progress=false"]) == 0
+    scores, embeddings = tmp_path / "scores.csv", tmp_path / "emb.npz"
+    assert main(["score", str(photos), "--checkpoint", str(run / "best.pt"), "--landmarks", str(landmarks),
+                 "-o", str(scores)]) == 0
+    assert main(["embed", str(photos), "--weights", str(weights), "--landmarks", str(landmarks),
+                 "-o", str(embeddings)]) == 0
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,genuine\n" + "".join(
+        f"{a},{b},{int(a.split('_')[0] == b.split('_')[0])}\n" for a, b in itertools.combinations(names, 2)))
+    assert main(["evaluate", "--scores", str(scores), str(labels), "--embeddings", str(embeddings),
+                 "--pairs", str(pairs), "--fmr", "0.1", "--no-plots", "-o", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "pauc.csv", newline="") as handle:
+        assert {row["method"] for row in csv.DictReader(handle)} == {"scores", "labels"}
+    assert main(["export", "--checkpoint", str(run / "best.pt"), "-o", str(tmp_path / "m.onnx")]) == 0
