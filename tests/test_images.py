@@ -1,21 +1,11 @@
 """Image inputs and robust decoding."""
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from aikd.images import ImageError, ImageInput, collect_inputs, load_image, match_keys, match_landmarks
-
-
-def _png_with_size(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels but holds no pixel data (a bomb stand-in)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+from conftest import png_claiming_size
 
 
 @pytest.fixture
@@ -66,7 +56,7 @@ def test_bad_files_give_reasons(tmp_path, rgb):
     Image.fromarray(rgb).save(tmp_path / "full.jpg")
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
-    (tmp_path / "bomb.png").write_bytes(_png_with_size(60000, 60000))
+    (tmp_path / "bomb.png").write_bytes(png_claiming_size(60000, 60000))
     expected = {"empty.jpg": "empty file", "text.jpg": "not an image", "trunc.jpg": "cannot decode",
                 "bomb.png": "too large", "missing.jpg": "not found"}
     for name, reason in expected.items():

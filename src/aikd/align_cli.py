@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from aikd.images import ImageInput, collect_inputs
+from aikd.images import ImageInput, add_input_arguments, collect_inputs
 from aikd.io import atomic_write
 from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, journal_dir, run_job
 from aikd.sources import make_prepare
@@ -41,8 +41,7 @@ JPEG_QUALITY = 95
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd align``."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns or list files")
+    add_input_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="ALIGNED_DIR",
                         help="folder to write the crops to (mirrors the input tree)")
     where = parser.add_argument_group("landmarks")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from aikd.images import ImageInput, collect_inputs
+from aikd.images import ImageInput, add_input_arguments, collect_inputs
 from aikd.io import LANDMARK_COLUMNS, write_csv
 from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
 
@@ -53,8 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd detect``."""
     from aikd.detect import DETECTORS
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns or list files")
+    add_input_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="CSV",
                         help="landmarks file to write (path,x1,y1,...,x5,y5,box_x1,...,confidence)")
     parser.add_argument("--all-faces", action="store_true",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd.images import ImageInput, collect_inputs
+from aikd.images import ImageInput, add_input_arguments, collect_inputs
 from aikd.inference import (
     add_inference_arguments,
     batch_size_from_args,
@@ -57,8 +57,7 @@ class _ResizeCounter:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd embed``."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns, or .txt/.csv lists of paths")
+    add_input_arguments(parser)
     parser.add_argument("--weights", type=Path, required=True,
                         help="FR backbone: arcface_torch backbone.pth, or an aikd/AI-KD quality checkpoint")
     parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")

@@ -13,6 +13,7 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import glob
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "add_input_arguments",
     "ImageError",
     "ImageInput",
     "collect_inputs",
@@ -107,6 +109,13 @@ def _from_bin(path: Path) -> list[ImageInput]:
     from aikd.protocols import bin_image_name
 
     return [ImageInput(path, bin_image_name(path, i), member=i) for i in range(len(_bin_images(path)))]
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``INPUT...`` positional argument every per-image command takes (see :func:`collect_inputs`)."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively), glob patterns, .txt/.csv lists of "
+                             "paths, or insightface .bin validation sets")
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aikd.images import ImageError, ImageInput, collect_inputs, load_image
+from aikd.images import ImageError, ImageInput, add_input_arguments, collect_inputs, load_image
 from aikd.inference import (
     Engine,
     add_inference_arguments,
@@ -240,8 +240,7 @@ def _read_csv_scores(path: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd score``."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns, or .txt/.csv lists of paths")
+    add_input_arguments(parser)
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="quality model: an aikd checkpoint or the AI-KD release (aikd-best.pth)")
     parser.add_argument("--arch", help="backbone architecture when the checkpoint does not record it (e.g. r100)")

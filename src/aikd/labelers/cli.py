@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from aikd.images import ImageInput, collect_inputs
+from aikd.images import ImageInput, add_input_arguments, collect_inputs
 from aikd.io import load_embeddings, save_embeddings, write_csv
 from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
 from aikd.labelers import LABELERS, BatchLabels, Labeler, SetLabels, labeler_class
@@ -52,8 +52,7 @@ RANDOM_WEIGHTS_WARNING = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd label``."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns or list files")
+    add_input_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="CSV",
                         help="labels file to write (path,quality,...)")
     parser.add_argument("--method", required=True, choices=list(LABELERS), help="the FIQA technique")
