@@ -51,9 +51,11 @@ from aikd.models import (
     load_backbone,
     read_checkpoint,
 )
+from aikd.models.layout import to_training_layout
 
 __all__ = [
     "AIKDTask",
+    "apply_training_layout",
     "DistillationLoss",
     "LossConfig",
     "StudentConfig",
@@ -104,7 +106,9 @@ class StudentConfig:
     frozen_bn: Literal["train", "eval"] = field(
         default="train", metadata={"help": "BatchNorm of frozen layers: train (update running stats, as the "
                                            "paper) or eval (keep the teacher's)"})
-    channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions)"})
+    channels_last: bool = field(default=True, metadata={"help": "NHWC memory format (faster convolutions); on the "
+                                                                "CPU, narrow strided 1x1 convolutions train in NCHW "
+                                                                "(a oneDNN bug, see aikd.models.layout)"})
 
     def __post_init__(self) -> None:
         if self.arch is not None:
@@ -320,9 +324,21 @@ def build_task(
     set_trainable(model, student.trainable_tensors)
     task = AIKDTask(model, frozen_teacher, DistillationLoss(loss.beta, loss.consistency_weight), amp_dtype,
                     student.frozen_bn)
-    if student.channels_last:
-        task.to(memory_format=torch.channels_last)
+    apply_training_layout(task, student.channels_last)
     return task, fingerprint
+
+
+def apply_training_layout(task: AIKDTask, channels_last: bool = True) -> list[str]:
+    """The memory layout training uses, in place: channels_last if asked, except the student's convolutions
+    whose channels_last backward oneDNN gets wrong (:mod:`aikd.models.layout`), which train in NCHW.
+
+    Returns:
+        Names of the student's convolutions that train in NCHW.
+    """
+    switched = to_training_layout(task.student, channels_last)
+    if channels_last:
+        task.teacher.to(memory_format=torch.channels_last)  # never differentiated: every layer is safe
+    return switched
 
 
 # ------------------------------------------------------------------------------------------------- cache

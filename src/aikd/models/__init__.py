@@ -25,6 +25,7 @@ from aikd.models.iresnet import (
     iresnet200,
     iresnet_tiny,
 )
+from aikd.models.layout import needs_nchw_backward, to_training_layout
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
 from aikd.models.registry import ModelSpec, build_backbone, build_model, get_spec, list_models, register_model
@@ -51,7 +52,9 @@ __all__ = [
     "list_models",
     "load_backbone",
     "load_quality_model",
+    "needs_nchw_backward",
     "read_checkpoint",
     "register_model",
     "save_checkpoint",
+    "to_training_layout",
 ]
