@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from aikd.detect import DETECTORS, Detector, get_detector
+from aikd.runtime import describe_cpu
 
 SIZES = (112, 640)
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--number", type=int, default=0, help="detections per repeat (0: 200 at 112 px, 20 at 640 px)"
     )
     args = parser.parse_args(argv)
+    print(f"cpu: {describe_cpu()}", flush=True)
 
     detector = get_detector(args.detector)
     photos = load_photos()

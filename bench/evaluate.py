@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(int(args.one), args.dim, args.images_per_identity)))
         return 0
+    from aikd.runtime import describe_cpu  # here only: the children measured below import numpy alone
+
+    print(f"cpu: {describe_cpu()}", flush=True)
     result = None
     for size in sorted(args.sizes):
         child = subprocess.run(

@@ -39,9 +39,10 @@ import torch
 from PIL import Image
 
 from aikd.images import ImageInput
-from aikd.inference import Engine, cpu_has_bf16
+from aikd.inference import Engine
 from aikd.jobs import ItemResult, run_job
 from aikd.models import build_model, calibrate_batchnorm
+from aikd.runtime import cpu_has_bf16, describe_cpu
 
 PATHS = {
     "torch-fp32": {"backend": "torch", "precision": "fp32"},
@@ -185,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "only with native CPU support)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and images (default: %(default)s)")
     args = parser.parse_args(argv)
+    print(f"cpu: {describe_cpu()}", flush=True)
     result = measure(args)
     for name, figures in result["paths"].items():
         print(f"{name:18s} {figures['img_s']:7.2f} img/s  {figures['ratio']:5.2f}x naive  "

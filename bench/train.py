@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from aikd.config import load_config
 from aikd.distill import teacher_embeddings
 from aikd.models import QualityHead, QualityModel
+from aikd.runtime import cpu_has_bf16, describe_cpu
 from aikd.train import Dist, TrainConfig, Trainer
 
 
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (median)")
     args = parser.parse_args()
+    print(f"cpu: {describe_cpu()}", flush=True)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         trainer = make_trainer(args.arch, args.batch, args.trainable, args.amp, Path(folder))
@@ -118,7 +120,7 @@ def main() -> None:
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "trainable_tensors": args.trainable, "amp": str(trainer.amp_dtype or "off"),
               "channels_last": True, "teacher_cache": True, "threads": torch.get_num_threads(),
-              "cpu_native_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())}
+              "cpu_native_bf16": cpu_has_bf16()}
     print(json.dumps(result))
 
 

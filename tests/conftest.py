@@ -154,3 +154,12 @@ def face_folder(tmp_path):
     bad = {"bomb.png": "too large", "empty.jpg": "empty file", "text.png": "not an image",
            "truncated.jpg": "cannot decode"}
     return folder, sorted(good), bad
+
+
+def pytest_sessionstart(session):
+    """First line of every test run, also under -q: the CPU and torch build, so a failure can be tied to a CPU."""
+    from aikd.runtime import describe_cpu
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"aikd cpu: {describe_cpu()}")

@@ -40,6 +40,7 @@ from aikd.jobs import ItemResult, add_job_arguments, finish_job, read_journal
 from aikd.models.iresnet import IBasicBlock, IResNet
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
+from aikd.runtime import cpu_has_bf16
 from aikd.sources import resize_to
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "Engine",
     "add_inference_arguments",
     "batch_size_from_args",
-    "cpu_has_bf16",
     "distributed",
     "engine_from_args",
     "finish_distributed",
@@ -86,14 +86,6 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: unsupported device type (use cpu, cuda, cuda:N or auto)")
     return device
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); elsewhere it is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- folding

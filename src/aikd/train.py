@@ -64,6 +64,7 @@ from aikd.distill import (
 )
 from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
+from aikd.runtime import cpu_has_bf16
 
 __all__ = [
     "LoopConfig",
@@ -277,8 +278,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.float16
-    native_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
-    return torch.bfloat16 if native_bf16 else None  # emulated bf16 is slower than float32
+    return torch.bfloat16 if cpu_has_bf16() else None  # emulated bf16 is slower than float32
 
 
 def seed_everything(seed: int) -> None:
