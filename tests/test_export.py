@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aikd.cli import main
-from aikd.export import check_onnx, export_onnx
+from aikd.export import check_onnx, export_onnx, relative_difference
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -39,7 +39,7 @@ def test_check_onnx_reports_differences(tiny_model, tmp_path):
     path = tmp_path / "m.onnx"
     export_onnx(tiny_model, path)
     worst = check_onnx(tiny_model, path)
-    assert set(worst) == {"embedding", "quality"} and worst["quality"] < 1e-4
+    assert set(worst) == {"embedding", "quality", "embedding_scale", "quality_scale"} and worst["quality"] < 1e-4
     with torch.no_grad():
         tiny_model.quality_head.l2.bias += 0.5  # the graph no longer matches the model
     assert check_onnx(tiny_model, path)["quality"] == pytest.approx(0.5, abs=1e-4)
@@ -50,10 +50,27 @@ def test_check_onnx_reports_differences(tiny_model, tmp_path):
 def test_parity_failure_exits_1_without_writing(tmp_path, tiny_checkpoint, monkeypatch):
     import aikd.export
 
-    monkeypatch.setattr(aikd.export, "check_onnx", lambda model, data: {"quality": 0.3, "embedding": 0.1})
+    monkeypatch.setattr(aikd.export, "check_onnx", lambda model, data: {
+        "quality": 0.3, "embedding": 0.1, "quality_scale": 0.9, "embedding_scale": 3.0})
     out = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(out)]) == 1
     assert not out.exists()
+
+
+def test_parity_is_judged_relative_to_the_scale_of_the_qualities(tmp_path, tiny_model):
+    """Qualities around 1e5-1e6 (a random, uncalibrated model) differ by ~0.1 in float32: not a parity failure."""
+    from aikd.models import save_checkpoint
+
+    with torch.no_grad():
+        tiny_model.quality_head.l2.weight *= 1e6
+        tiny_model.quality_head.l2.bias += 5e5
+    checkpoint = save_checkpoint(tmp_path / "large.pt", tiny_model, "tiny")
+    out = tmp_path / "large.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "-o", str(out)]) == 0 and out.exists()
+    worst = check_onnx(tiny_model, out)
+    assert worst["quality_scale"] > 1e5 and relative_difference(worst, "quality") < 1e-4
+    # the same absolute difference on qualities in [0, 1] is a failure
+    assert relative_difference({"quality": worst["quality"] + 0.01, "quality_scale": 0.8}, "quality") > 1e-4
 
 
 def test_export_usage_errors(tmp_path):
