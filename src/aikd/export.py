@@ -6,7 +6,7 @@ The graph takes ``image`` (N, 3, 112, 112) float32 faces preprocessed as the mod
 :class:`~aikd.models.Preprocessing` says (RGB, ``(x / 255 - 0.5) / 0.5``) and returns ``embedding``
 (N, 512, not L2-normalised) and ``quality`` (N,). The batch axis is dynamic.
 
-By default the exported graph is the BatchNorm-folded model (:func:`aikd.inference.fold_batchnorm`):
+By default the exported graph is the BatchNorm-folded model (:func:`aikd.models.folding.fold_batchnorm`):
 the same function with fewer operators. Parity is always measured against the plain, unfolded torch model.
 
 Exporter: the TorchScript-based one (``torch.onnx.export(..., dynamo=False)``). This model has no
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from aikd.io import atomic_write
+from aikd.models.folding import fold_batchnorm
 
 __all__ = ["OPSET", "add_arguments", "check_onnx", "export_onnx", "relative_difference", "run"]
 
@@ -59,8 +60,6 @@ def export_onnx(
         fold: export the BatchNorm-folded model (same outputs up to float rounding, fewer operators).
         opset: ONNX opset version.
     """
-    from aikd.inference import fold_batchnorm
-
     if input_size is None:
         preprocessing = getattr(model, "preprocessing", None)
         input_size = tuple(preprocessing.input_size) if preprocessing is not None else (112, 112)

@@ -1,0 +1,189 @@
+"""BatchNorm folding for inference: the same function with fewer operators, exact up to float rounding.
+
+Every BatchNorm of an inference-mode iResNet is an affine map per channel, ``y = a * x + b``. A BatchNorm
+*after* a convolution scales the convolution's output channels and adds a bias. The iResNet block's
+BatchNorm *before* its first convolution (``bn1 -> conv1``) scales the convolution's input channels; its
+shift ``b`` becomes a bias too, except on the one-pixel border, where ``conv1`` reads zero padding rather
+than ``b`` — that border difference is precomputed per input size and added back, so the folded block
+equals the original exactly. The trunk's final ``bn2``, ``fc`` and the ``features`` BatchNorm1d (dropout
+is the identity in eval mode) become one Linear layer. PReLU is kept.
+
+Used by the inference engine (:mod:`aikd.inference`) and the ONNX export (:mod:`aikd.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aikd.models.iresnet import IBasicBlock, IResNet
+from aikd.models.quality import QualityModel
+
+__all__ = ["FoldedBlock", "FoldedIResNet", "fold_batchnorm"]
+
+
+def _affine(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel (float64 for exact folding)."""
+    var = norm.running_var.double()
+    mean = norm.running_mean.double()
+    weight = norm.weight.double() if norm.weight is not None else torch.ones_like(var)
+    bias = norm.bias.double() if norm.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + norm.eps)
+    return scale, bias - mean * scale
+
+
+def _conv_then_norm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+    """``norm(conv(x))`` as one convolution with a bias."""
+    scale, shift = _affine(norm)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = shift + (conv.bias.double() * scale if conv.bias is not None else 0.0)
+    return _new_conv(conv, weight, bias)
+
+
+def _new_conv(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size, template.stride,
+                     template.padding, template.dilation, template.groups, bias=True,
+                     device=template.weight.device, dtype=template.weight.dtype)
+    conv.weight.data.copy_(weight)
+    conv.bias.data.copy_(bias)
+    return conv
+
+
+class _NormConvNorm(nn.Module):
+    """``bn_after(conv(bn_before(x)))`` as one convolution plus a precomputed border correction.
+
+    ``conv`` holds the folded weights and the bias an interior pixel gets. On the border, padding means
+    the original convolution never saw ``bn_before``'s shift there; the difference depends only on the
+    input size and is cached per (height, width, device, dtype).
+    """
+
+    def __init__(self, before: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d,
+                 after: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        in_scale, in_shift = _affine(before)
+        out_scale, out_shift = _affine(after)
+        weight = conv.weight.double()
+        # What the input shift adds through each kernel tap; an interior pixel gets the sum over all taps.
+        tap_shift = ((weight * in_shift.view(1, -1, 1, 1)).sum(1) * out_scale.view(-1, 1, 1)).cpu()
+        folded = weight * in_scale.view(1, -1, 1, 1) * out_scale.view(-1, 1, 1, 1)
+        self.conv = _new_conv(conv, folded, tap_shift.sum((1, 2)) + out_shift)
+        self.tap_shift = tap_shift  # float64, CPU: the border is computed exactly once per input size
+        self.correct_border = bool(in_shift.abs().max() > 0) and max(conv.padding) > 0
+        kernel, padding = tuple(conv.kernel_size), tuple(conv.padding)
+        self.ring_only = conv.stride == (1, 1) and conv.dilation == (1, 1) and kernel == (3, 3) and padding == (1, 1)
+        self._border: dict[tuple, torch.Tensor] = {}
+
+    def border(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(1, H', W', C_out) bias missing from ``conv``'s output: zero inside, non-zero on the border."""
+        key = (height, width, torch.device(device), dtype)
+        if key not in self._border:
+            conv = self.conv
+            # Ones convolved with the per-tap shift: the bias each output pixel really gets.
+            ones = torch.ones(1, 1, height, width, dtype=torch.float64)
+            real = F.conv2d(ones, self.tap_shift.unsqueeze(1), None, conv.stride, conv.padding, conv.dilation)
+            interior = self.tap_shift.sum((1, 2)).view(1, -1, 1, 1)
+            self._border[key] = (real - interior).permute(0, 2, 3, 1).contiguous().to(device, dtype)
+        return self._border[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if not self.correct_border:
+            return out
+        # int(): under the ONNX tracer sizes are tensors, and the border is a constant of the input size.
+        border = self.border(int(x.shape[-2]), int(x.shape[-1]), out.device, out.dtype)
+        height, width = out.shape[-2:]
+        if not self.ring_only or height < 3 or width < 3 or torch.jit.is_tracing() \
+                or torch.onnx.is_in_onnx_export():
+            return out + border.permute(0, 3, 1, 2)  # also the exported graph: one Add of a constant
+        # 3x3 kernel, stride 1, padding 1: only the outermost rows and columns differ. Two in-place adds on
+        # the (N, H, W, C) view, contiguous along C for channels_last output.
+        out_hwc = out.permute(0, 2, 3, 1)
+        out_hwc[:, :: height - 1] += border[:, :: height - 1]
+        out_hwc[:, 1:-1, :: width - 1] += border[:, 1:-1, :: width - 1]
+        return out
+
+
+class FoldedBlock(nn.Module):
+    """An :class:`IBasicBlock` with its three BatchNorms (and the shortcut's) folded into convolutions."""
+
+    def __init__(self, block: IBasicBlock) -> None:
+        super().__init__()
+        self.conv1 = _NormConvNorm(block.bn1, block.conv1, block.bn2)
+        self.prelu = copy.deepcopy(block.prelu)
+        self.conv2 = _conv_then_norm(block.conv2, block.bn3)
+        self.downsample = None
+        if block.downsample is not None:
+            conv, norm = block.downsample[0], block.downsample[1]
+            self.downsample = _conv_then_norm(conv, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.prelu(self.conv1(x)))
+        out += x if self.downsample is None else self.downsample(x)  # out is fresh: add in place
+        return out
+
+
+class FoldedIResNet(nn.Module):
+    """Inference-only iResNet: BatchNorms folded; ``bn2 -> flatten -> fc -> features`` as one Linear.
+
+    Same interface as :class:`IResNet` (``forward``, ``forward_trunk``, ``forward_embedding_from_trunk``,
+    ``num_features``), except that the trunk output is flattened in (height, width, channel) order, which
+    is free for channels_last input, and the embedding layer needs the trunk's spatial size (7x7).
+    """
+
+    def __init__(self, model: IResNet) -> None:
+        super().__init__()
+        self.num_features = model.num_features
+        self.conv1 = _conv_then_norm(model.conv1, model.bn1)
+        self.prelu = copy.deepcopy(model.prelu)
+        blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+        self.blocks = nn.Sequential(*(FoldedBlock(block) for block in blocks))
+        self.fc = self._fold_embedding(model)
+
+    @staticmethod
+    def _fold_embedding(model: IResNet) -> nn.Linear:
+        channels = model.bn2.num_features
+        positions = model.fc.in_features // channels
+        in_scale, in_shift = _affine(model.bn2)
+        out_scale, out_shift = _affine(model.features)
+        # fc input index is c * positions + p (flatten of C, H, W); reorder to p * channels + c (H, W, C).
+        weight = model.fc.weight.double().view(-1, channels, positions)
+        bias = model.fc.bias.double() + (weight * in_shift.view(1, -1, 1)).sum((1, 2))
+        weight = (weight * in_scale.view(1, -1, 1)).permute(0, 2, 1).reshape(model.fc.out_features, -1)
+        fc = nn.Linear(model.fc.in_features, model.fc.out_features, device=model.fc.weight.device,
+                       dtype=model.fc.weight.dtype)
+        fc.weight.data.copy_(weight * out_scale.view(-1, 1))
+        fc.bias.data.copy_(bias * out_scale + out_shift)
+        return fc
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 112, 112) -> (N, 7 * 7 * C) flattened in (H, W, C) order (before ``bn2``, folded into fc)."""
+        x = self.blocks(self.prelu(self.conv1(x)))
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+    def forward_embedding_from_trunk(self, trunk: torch.Tensor) -> torch.Tensor:
+        return self.fc(trunk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedding_from_trunk(self.forward_trunk(x))
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Inference copy of ``model`` with BatchNorm folded (see the module docstring); ``model`` is untouched.
+
+    Args:
+        model: an :class:`IResNet`, a :class:`QualityModel` with an iResNet backbone, or anything else (then
+            returned as an eval-mode copy, unfolded).
+
+    Returns:
+        A new module in eval mode giving the same outputs as ``model.eval()`` up to float rounding.
+    """
+    if isinstance(model, QualityModel):
+        backbone = fold_batchnorm(model.feature_extractor)
+        return QualityModel(backbone, copy.deepcopy(model.quality_head), model.arch, model.preprocessing).eval()
+    if isinstance(model, IResNet):
+        return FoldedIResNet(model.eval()).eval()
+    return copy.deepcopy(model).eval()
