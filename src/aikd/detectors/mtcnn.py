@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aikd.detect import DetectorBase, Face, nms
+from aikd.detectors.base import DetectorBase, Face, nms
 
 __all__ = ["MTCNNDetector", "model_paths"]
 

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from aikd.detect import DetectorBase, Face, box_iou, nms
+from aikd.detectors.base import DetectorBase, Face, box_iou, nms
 
 __all__ = ["RetinaFaceDetector", "load_weights"]
 
