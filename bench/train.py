@@ -35,7 +35,7 @@ from aikd.config import load_config
 from aikd.distill import teacher_embeddings
 from aikd.models import QualityHead, QualityModel
 from aikd.runtime import cpu_has_bf16, describe_cpu
-from aikd.train import Dist, TrainConfig, Trainer
+from aikd.train import TrainConfig, Trainer
 
 
 def make_trainer(arch: str, batch: int, trainable: str, amp: str, run_dir: Path) -> Trainer:
@@ -44,7 +44,7 @@ def make_trainer(arch: str, batch: int, trainable: str, amp: str, run_dir: Path)
                  f"data.batch_size={batch}", f"data.synthetic.count={batch * 4}", "data.val_fraction=0.25",
                  "teacher.weights=none", "data.source=synthetic", "data.workers=0", "optim.pretrain_fraction=0"]
     config = load_config(TrainConfig, None, overrides)
-    return Trainer(config, run_dir, Dist())
+    return Trainer(config, run_dir)
 
 
 def naive_step_fn(trainer: Trainer, batch: dict[str, torch.Tensor]) -> Callable[[], None]:

@@ -22,7 +22,7 @@ from aikd.distill import (
     teacher_fingerprint,
 )
 from aikd.models import build_backbone, build_model
-from aikd.train import Dist, Trainer
+from aikd.train import Trainer
 
 
 def _tiny_task(**student):
@@ -30,7 +30,7 @@ def _tiny_task(**student):
 
 
 def _trainer(config, tmp_path, name="run"):
-    return Trainer(config, tmp_path / name, Dist())
+    return Trainer(config, tmp_path / name)
 
 
 def _first_batch(trainer):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from aikd.inference import Engine, l2_normalise, normalise, resolve_device
+from aikd.inference import Engine, l2_normalise, normalise
 from aikd.models import Preprocessing, build_model, calibrate_batchnorm
 from aikd.models.folding import FoldedIResNet, _NormConvNorm, fold_batchnorm
+from aikd.runtime import resolve_device
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -29,14 +29,12 @@ from aikd.images import ImageInput, add_input_arguments, collect_inputs
 from aikd.inference import (
     add_inference_arguments,
     batch_size_from_args,
-    distributed,
     engine_from_args,
-    finish_distributed,
     l2_normalise,
-    resolve_device,
 )
 from aikd.io import load_embeddings, save_embeddings
-from aikd.jobs import ItemResult, check_output, run_job
+from aikd.jobs import ItemResult, check_output, finish_sharded, run_job
+from aikd.runtime import distributed, resolve_device
 from aikd.sources import add_source_arguments, make_prepare
 
 __all__ = ["add_arguments", "run"]
@@ -76,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     source_prepare = make_prepare(args, items)
     as_crops = args.landmarks is None and not args.detect
     resized = _ResizeCounter()
-    with distributed(resolve_device(args.device)) as (dist, device):
+    with distributed(args.device) as dist:
+        device = dist.device
         dist.from_main(lambda: check_output(args.output, args.resume, args.overwrite))
         engine = engine_from_args(load_backbone(args.weights, arch=args.arch), args, device)
         size = engine.preprocessing.input_size
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             save_embeddings(args.output, [item.key for item, _ in good],
                             np.stack(vectors) if vectors else np.zeros((0, engine.embedding_size), np.float32))
 
-        return finish_distributed(dist, items, results, args.output, write, verb="embedded")
+        return finish_sharded(dist, items, results, args.output, write, verb="embedded")
 
 
 def _load_previous(path: Path) -> dict[str, ItemResult]:

@@ -13,68 +13,37 @@ batches of preprocessed faces into embeddings (and qualities) as numpy arrays, o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import datetime
 import io
-import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from aikd.images import ImageInput
-from aikd.jobs import ItemResult, add_job_arguments, finish_job, read_journal
+from aikd.jobs import add_job_arguments
 from aikd.models.folding import fold_batchnorm
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
-from aikd.runtime import cpu_has_bf16
+from aikd.runtime import cpu_has_bf16, resolve_device
 from aikd.sources import resize_to
 
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
-    "Distributed",
     "Engine",
     "add_inference_arguments",
     "batch_size_from_args",
-    "distributed",
     "engine_from_args",
-    "finish_distributed",
     "l2_normalise",
     "normalise",
-    "resolve_device",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CPU_BATCH, GPU_BATCH = 32, 256  # a GPU needs large batches to be busy; on a CPU 32 is past the knee
 BACKENDS = ("torch", "onnxruntime")
-
-
-# ------------------------------------------------------------------------------------------------- devices
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None`` -> the first CUDA device if there is one, else the CPU; otherwise ``torch.device(name)``.
-
-    Raises:
-        ValueError: unknown device name, or a CUDA device that this machine does not have.
-    """
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {err} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this machine (or this torch build) has no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: unsupported device type (use cpu, cuda, cuda:N or auto)")
-    return device
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -239,96 +208,6 @@ def batch_size_from_args(args: argparse.Namespace, device: torch.device) -> int:
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     return batch_size
-
-
-# -------------------------------------------------------------------------------------------- torchrun
-class Distributed:
-    """This process's place in a ``torchrun`` job: ``rank`` of ``world_size`` (0 of 1 when run alone)."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def sum(self, value: int) -> int:
-        """The sum of ``value`` over all ranks (gloo/nccl all-reduce)."""
-        if self.world_size == 1:
-            return value
-        backend = torch.distributed.get_backend()
-        tensor = torch.tensor([value], dtype=torch.int64,
-                              device=f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-        torch.distributed.all_reduce(tensor)
-        return int(tensor.item())
-
-    def from_main(self, compute: Callable[[], Any]) -> Any:
-        """Run ``compute`` on rank 0 only and give every rank its result (or raise its ValueError everywhere)."""
-        result: list[Any] = [None]
-        if self.is_main:
-            try:
-                result = [("ok", compute())]
-            except ValueError as err:
-                result = [("error", str(err))]
-        if self.world_size > 1:
-            torch.distributed.broadcast_object_list(result, src=0)
-        status, value = result[0]
-        if status == "error":
-            raise ValueError(value)
-        return value
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[tuple[Distributed, torch.device]]:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (gloo on the CPU, nccl on GPUs).
-
-    Yields the :class:`Distributed` handle and the device this rank should use: ``cuda`` without an index
-    becomes ``cuda:LOCAL_RANK``.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        yield Distributed(), device
-        return
-    import torch.distributed as dist
-
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    # Ranks wait for each other at the end; a generous timeout covers uneven shards of slow images.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    try:
-        yield Distributed(dist.get_rank(), dist.get_world_size()), device
-    finally:
-        dist.destroy_process_group()
-
-
-def finish_distributed(
-    dist: Distributed,
-    items: Sequence[ImageInput],
-    results: dict[str, ItemResult],
-    output: os.PathLike,
-    write_output: Callable[[list[tuple[ImageInput, ItemResult]]], None],
-    verb: str,
-) -> int:
-    """After :func:`aikd.jobs.run_job` on every rank: rank 0 merges all ranks' results and writes the outputs.
-
-    Returns the exit status (0 all done, 1 some failed) on every rank.
-    """
-    dist.barrier()  # every rank's journal is complete
-
-    def finish() -> int:
-        merged = dict(results)
-        if dist.world_size > 1:
-            for key, result in read_journal(output).items():
-                if key not in merged or merged[key].error is not None:
-                    merged[key] = result
-        return finish_job(items, merged, output, write_output, verb=verb).exit_code
-
-    return dist.from_main(finish)
 
 
 def l2_normalise(embeddings: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -34,8 +34,11 @@ from tqdm import tqdm
 from aikd.images import ImageError, ImageInput, load_input
 from aikd.io import write_csv
 
+if TYPE_CHECKING:  # jobs stay torch-free: detect and align never load torch
+    from aikd.runtime import Distributed
+
 __all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "add_job_arguments",
-           "errors_path", "finish_job", "run_job"]
+           "errors_path", "finish_job", "finish_sharded", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -323,3 +326,36 @@ def finish_job(
         line += f"; {len(bad)} failed, reasons in {errors_file}"
     print(line, file=sys.stderr)
     return summary
+
+
+def finish_sharded(
+    dist: Distributed,
+    items: Sequence[ImageInput],
+    results: dict[str, ItemResult],
+    output: Path,
+    write_output: Callable[[list[tuple[ImageInput, ItemResult]]], None],
+    verb: str,
+    before_write: Callable[[dict[str, ItemResult]], None] | None = None,
+) -> int:
+    """After :func:`run_job` on every rank of a torchrun job: rank 0 merges every rank's journal and finishes.
+
+    Args:
+        before_write: called on rank 0 with all ranks' results before anything is written (a labeller's
+            pass over the whole set); it may update them.
+
+    Returns:
+        The exit status (0 all done, 1 some failed), on every rank.
+    """
+    dist.barrier()  # every rank's journal is complete
+
+    def finish() -> int:
+        merged = dict(results)
+        if dist.world_size > 1:
+            for key, result in read_journal(output).items():
+                if key not in merged or merged[key].error is not None:
+                    merged[key] = result
+        if before_write is not None:
+            before_write(merged)
+        return finish_job(items, merged, output, write_output, verb=verb).exit_code
+
+    return dist.from_main(finish)

@@ -1,19 +1,50 @@
-"""Where aikd runs: the CPU's instruction set as torch sees it, and whether bf16 is native there.
+"""Where and how aikd runs: device choice, mixed precision, seeding, torchrun, and the CPU it runs on.
 
-Kernel bugs and speed both depend on the CPU (AVX2, AVX-512, AVX-512 BF16/AMX, ARM), so the test run and
-every benchmark print :func:`describe_cpu` first: a failure or a figure can then be tied to a CPU.
+One home for what ``train``, ``score``, ``embed`` and ``label`` all need:
+
+- :func:`resolve_device`: ``auto`` is the first CUDA device if there is one, else the CPU; names are checked;
+- :func:`autocast_dtype` / :func:`autocast`: ``fp32``/``off``, ``fp16``, ``bf16`` or ``auto`` (fp16 on CUDA,
+  bf16 on CPUs with native bf16, else fp32: emulated bf16 is slower than fp32);
+- :func:`seed_everything`: Python, numpy and torch;
+- :class:`Distributed` and :func:`join_torchrun` / :func:`distributed`: this process's place in a
+  ``torchrun`` job (gloo on the CPU, NCCL on GPUs, ``cuda`` meaning the local rank's GPU);
+- :func:`describe_cpu`: kernel bugs and speed depend on the CPU (AVX2, AVX-512, AVX-512 BF16/AMX, ARM), so
+  the test run and every benchmark print it first, and a failure or a figure can be tied to a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import platform
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
 
-__all__ = ["cpu_capability", "cpu_has_bf16", "describe_cpu"]
+__all__ = [
+    "PRECISIONS",
+    "Distributed",
+    "autocast",
+    "autocast_dtype",
+    "cpu_capability",
+    "cpu_has_bf16",
+    "describe_cpu",
+    "distributed",
+    "join_torchrun",
+    "resolve_device",
+    "seed_everything",
+]
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+# ------------------------------------------------------------------------------------------------------- CPU
 def cpu_capability() -> str:
     """The vector instruction set torch's CPU kernels use here (``AVX2``, ``AVX512``, ``DEFAULT`` on ARM...)."""
     try:
@@ -33,7 +64,7 @@ def cpu_has_bf16() -> bool:
 def _onednn_version() -> str:
     for line in torch.__config__.show().splitlines():
         if "MKL-DNN" in line or "oneDNN" in line:
-            return line.split("v", 1)[-1].split()[0] if " v" in line else line.strip(" -")
+            return line.split(" v", 1)[-1].split()[0] if " v" in line else line.strip(" -")
     return "none"
 
 
@@ -42,3 +73,141 @@ def describe_cpu() -> str:
     return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
             f"CPU capability {cpu_capability()}, native bf16 {'yes' if cpu_has_bf16() else 'no'}, "
             f"oneDNN {_onednn_version()}, {torch.get_num_threads()} threads")
+
+
+# --------------------------------------------------------------------------------------------------- devices
+def resolve_device(name: str | torch.device | None = "auto", option: str = "--device") -> torch.device:
+    """``"auto"``/``None`` -> the first CUDA device if there is one, else the CPU; otherwise ``torch.device(name)``.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        option: the user-facing name of the setting, for error messages (``--device``, ``train.device``).
+
+    Raises:
+        ValueError: unknown device name, or a CUDA device that this machine does not have.
+    """
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"{option}: {err} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {name}: this machine (or this torch build) has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise ValueError(f"{option} {name}: unsupported device type (use cpu, cuda, cuda:N or auto)")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------- precision
+def autocast_dtype(precision: str | bool, device: torch.device, option: str = "--precision") -> torch.dtype | None:
+    """The autocast dtype of a precision setting on ``device``; ``None`` means float32.
+
+    ``auto`` is fp16 on CUDA (the paper's AMP), bf16 on CPUs with native bf16 arithmetic and float32 on other
+    CPUs, where bf16 is emulated and slower. ``off`` (and YAML's boolean reading of it) means fp32.
+
+    Raises:
+        ValueError: an unknown setting, or fp16 asked for on the CPU.
+    """
+    setting = "fp32" if precision in ("off", False) else str(precision)
+    if setting not in PRECISIONS:
+        raise ValueError(f"{option}: expected one of {', '.join(PRECISIONS)} or off, got {precision!r}")
+    if setting == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else None
+    if setting == "fp16" and device.type != "cuda":
+        raise ValueError(f"{option} fp16 needs a CUDA device; on the CPU use bf16")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``, or nothing for float32 (``None``)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------------- torchrun
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job: ``rank`` of ``world_size`` (0 of 1 when run alone), and
+    the device this rank runs on."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, saves and shows progress."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+    def sum(self, value: int) -> int:
+        """The sum of ``value`` over all ranks."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        torch_dist.all_reduce(tensor)
+        return int(tensor.item())
+
+    def from_main(self, compute: Callable[[], Any]) -> Any:
+        """Run ``compute`` on rank 0 only and give every rank its result (or raise its ValueError everywhere)."""
+        result: list[Any] = [None]
+        if self.is_main:
+            try:
+                result = [("ok", compute())]
+            except ValueError as err:
+                result = [("error", str(err))]
+        if self.world_size > 1:
+            torch_dist.broadcast_object_list(result, src=0)
+        status, value = result[0]
+        if status == "error":
+            raise ValueError(value)
+        return value
+
+    def _collective_device(self) -> torch.device:
+        return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def join_torchrun(device: str | torch.device | None = "auto", option: str = "--device") -> Distributed:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1; alone, a one-process :class:`Distributed`.
+
+    ``cuda`` (or ``auto`` on a GPU machine) becomes this rank's GPU, ``cuda:LOCAL_RANK``.
+    """
+    chosen = resolve_device(device, option)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if chosen.type == "cuda":
+        if chosen.index is None:
+            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not torch_dist.is_initialized():
+        # Ranks wait for each other at the end; a generous timeout covers uneven shards of slow images.
+        torch_dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
+                                      timeout=datetime.timedelta(hours=2))
+    rank = torch_dist.get_rank() if world_size > 1 else 0
+    return Distributed(rank, world_size, chosen)
+
+
+@contextlib.contextmanager
+def distributed(device: str | torch.device | None = "auto", option: str = "--device") -> Iterator[Distributed]:
+    """:func:`join_torchrun` for the duration of a command; leaves the process group it joined."""
+    joined = not torch_dist.is_initialized()
+    dist = join_torchrun(device, option)
+    try:
+        yield dist
+    finally:
+        if joined and dist.world_size > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()

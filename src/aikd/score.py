@@ -35,14 +35,12 @@ from aikd.inference import (
     Engine,
     add_inference_arguments,
     batch_size_from_args,
-    distributed,
     engine_from_args,
-    finish_distributed,
     l2_normalise,
-    resolve_device,
 )
 from aikd.io import atomic_write, load_embeddings, safe_pickle_load, save_embeddings, write_csv
-from aikd.jobs import ItemResult, check_output, run_job
+from aikd.jobs import ItemResult, check_output, finish_sharded, run_job
+from aikd.runtime import distributed, resolve_device
 from aikd.sources import add_source_arguments, make_prepare
 
 __all__ = ["FORMATS", "add_arguments", "read_scores", "run", "score_images", "write_scores"]
@@ -265,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--embeddings must name a different file than -o/--output")
     items = collect_inputs(args.inputs)
     source_prepare = make_prepare(args, items)
-    with distributed(resolve_device(args.device)) as (dist, device):
+    with distributed(args.device) as dist:
+        device = dist.device
         dist.from_main(lambda: _check_outputs(args))
         engine = engine_from_args(load_quality_model(args.checkpoint, arch=args.arch), args, device)
 
@@ -281,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
                           resume=args.resume, prepare=prepare, rank=dist.rank, world_size=dist.world_size,
                           load_previous=lambda path: _load_previous(path, fmt, args.embeddings), desc="scoring")
         write = _writer(args.output, fmt, args.embeddings, engine.embedding_size)
-        return finish_distributed(dist, items, results, args.output, write, verb="scored")
+        return finish_sharded(dist, items, results, args.output, write, verb="scored")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -64,7 +64,7 @@ from aikd.distill import (
 )
 from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
-from aikd.runtime import cpu_has_bf16
+from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
 
 __all__ = [
     "LoopConfig",
@@ -232,61 +232,6 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch_dist.barrier()
-
-
-def setup_distributed(device: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {device} asked for, but CUDA is not available")
-    if use_cuda:
-        chosen = torch.device(f"cuda:{local_rank}") if device in ("auto", "cuda") or world_size > 1 else \
-            torch.device(device)
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu")
-    if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = torch_dist.get_rank() if world_size > 1 else 0
-    return Dist(rank, world_size, chosen)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp`` on ``device`` (``None``: float32)."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None  # emulated bf16 is slower than float32
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """Global RNG states as tensors and plain data (loadable with ``torch.load(weights_only=True)``)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -403,11 +348,13 @@ class Trainer:
         index: the faces (built from ``config.data`` when not given).
     """
 
-    def __init__(self, config: TrainConfig, run_dir: Path, dist: Dist, index: TrainingIndex | None = None) -> None:
+    def __init__(self, config: TrainConfig, run_dir: Path, dist: Distributed | None = None,
+                 index: TrainingIndex | None = None) -> None:
+        dist = dist or Distributed(device=resolve_device(config.train.device, "train.device"))
         self.config, self.run_dir, self.dist = config, run_dir, dist
         loop, data = config.train, config.data
         seed_everything(loop.seed)
-        self.amp_dtype = resolve_amp(loop.amp, dist.device)
+        self.amp_dtype = autocast_dtype(loop.amp, dist.device, "train.amp")
         self.task, teacher_id = build_task(config.teacher, config.student, config.loss, seed=loop.seed,
                                            amp_dtype=self.amp_dtype)  # first: a bad weights file fails fast
         self.index = index if index is not None else build_index(data)
@@ -457,7 +404,7 @@ class Trainer:
         key = cache_key(teacher_id, self.index.fingerprint(), self.student.preprocessing, amp=self.amp_dtype,
                         device=self.dist.device.type, layout=self.memory_format)
         dim = int(self.student.preprocessing.embedding_size)
-        if self.dist.main:
+        if self.dist.is_main:
             TeacherCache(folder, len(self.index), dim, key, create=True)
         self.dist.barrier()
         return TeacherCache(folder, len(self.index), dim, key, create=False)
@@ -516,9 +463,9 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> str:
         """Train until the planned number of steps (``"done"``) or ``stop_after`` steps (``"stopped"``)."""
         plan, loop = self.plan, self.config.train
-        log = MetricsLog(self.run_dir, self.step, loop.tensorboard) if self.dist.main else None
+        log = MetricsLog(self.run_dir, self.step, loop.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="aikd train", dynamic_ncols=True,
-                   disable=not (self.dist.main and loop.progress), file=sys.stderr)
+                   disable=not (self.dist.is_main and loop.progress), file=sys.stderr)
         sums, started, window = np.zeros(3), time.perf_counter(), 0
         try:
             self.task.train()
@@ -606,7 +553,7 @@ class Trainer:
         improved = self.best is None or metrics[key] < self.best[key]
         if improved:
             self.best = {"step": self.step, **metrics}
-        if self.dist.main:
+        if self.dist.is_main:
             if improved:
                 save_checkpoint(self.run_dir / "best.pt", model, self.student.arch, self.student.preprocessing,
                                 extra={"kind": "best", "weights": "ema", "step": self.step, "validation": metrics,
@@ -632,7 +579,7 @@ class Trainer:
         self.sync_buffers()
         if self.cache is not None:
             self.cache.flush()
-        if self.dist.main:
+        if self.dist.is_main:
             save_checkpoint(self.run_dir / "last.pt", self.student, self.student.arch, self.student.preprocessing,
                             extra=self.training_state())
         self.dist.barrier()
@@ -664,6 +611,7 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     index: TrainingIndex | None = None,
+    dist: Distributed | None = None,
 ) -> TrainResult:
     """Run (or resume) AI-KD training in ``run_dir``; under torchrun every process calls this.
 
@@ -673,6 +621,7 @@ def train(
         resume: continue from ``run_dir/last.pt``.
         stop_after: stop after this many steps with a checkpoint, as if interrupted.
         index: use these faces instead of building the index from ``config.data``.
+        dist: this process's place in a torchrun job (default: join it, from the environment).
 
     Raises:
         ValueError: a bad configuration or input, naming the key or the file.
@@ -680,17 +629,17 @@ def train(
     """
     config.check_ready()
     run_dir = Path(run_dir)
-    dist = setup_distributed(config.train.device)
+    dist = dist or join_torchrun(config.train.device, "train.device")
     if not resume and (run_dir / "config.yaml").exists():
         raise ValueError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
                          "another folder")
     dist.barrier()  # every rank has looked before rank 0 writes anything
-    if dist.main:
+    if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, run_dir, dist, index)
     if resume:
         trainer.load_last()
-    if dist.main:
+    if dist.is_main:
         save_config(config, run_dir / "config.yaml")
         with atomic_write(run_dir / "data_report.json") as handle:
             json.dump(trainer.index.report.to_dict(), handle, indent=2)
