@@ -44,10 +44,9 @@ def test_embedding_file_format_and_values(tmp_path, backbone_file, face_folder, 
     keys, embeddings = load_embeddings(out)
     assert keys == good and embeddings.shape == (len(good), 512)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
-    from aikd.images import load_image
-    from aikd.sources import resize_to
+    from aikd.images import load_image, resize_image
 
-    faces = [resize_to(load_image(folder / key)) for key in good]
+    faces = [resize_image(load_image(folder / key), 112) for key in good]
     np.testing.assert_allclose(embeddings, _reference(backbone, faces), atol=1e-5)
     err = capsys.readouterr().err
     assert "warning: 4 input(s) were not 112x112" in err  # b, c_gray, e, f are not 112x112

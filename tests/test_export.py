@@ -48,9 +48,9 @@ def test_check_onnx_reports_differences(tiny_model, tmp_path):
 
 
 def test_parity_failure_exits_1_without_writing(tmp_path, tiny_checkpoint, monkeypatch):
-    import aikd.export
+    import aikd.commands.export
 
-    monkeypatch.setattr(aikd.export, "check_onnx", lambda model, data: {
+    monkeypatch.setattr(aikd.commands.export, "check_onnx", lambda model, data: {
         "quality": 0.3, "embedding": 0.1, "quality_scale": 0.9, "embedding_scale": 3.0})
     out = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(out)]) == 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from aikd.inference import Engine, l2_normalise, normalise
+from aikd.inference import Engine, l2_normalise
 from aikd.models import Preprocessing, build_model, calibrate_batchnorm
 from aikd.models.folding import FoldedIResNet, _NormConvNorm, fold_batchnorm
 from aikd.runtime import resolve_device
@@ -78,22 +78,24 @@ def test_folding_leaves_the_model_alone(shifted_model):
     assert isinstance(fold_batchnorm(other), nn.Sequential)
 
 
-def test_normalise_equals_preprocessing():
+def test_engine_prepares_exactly_as_the_models_preprocessing():
+    """One preprocessing for the API (``model.preprocessing(x)``) and the engine ``aikd score`` runs."""
     rng = np.random.default_rng(0)
-    faces = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(3)]
+    faces = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((112, 112, 3), (200, 80, 3), (80, 200, 3),
+                                                                          (50, 70, 3), (300, 300, 3))]
     preprocessing = Preprocessing()
-    ours = np.stack([normalise(face, preprocessing) for face in faces]).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(ours, preprocessing(faces).numpy(), atol=1e-7)
+    engine = Engine(nn.Identity(), device="cpu", fold=False, preprocessing=preprocessing)
+    ours = np.stack([engine.prepare(face) for face in faces]).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(ours, preprocessing(faces).numpy())
     bgr = Preprocessing(channel_order="BGR")
-    np.testing.assert_array_equal(normalise(faces[0], bgr), normalise(faces[0], preprocessing)[..., ::-1])
-    assert normalise(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8), preprocessing).shape == (112, 112, 3)
+    np.testing.assert_array_equal(bgr.normalise(faces[0]), preprocessing.normalise(faces[0])[..., ::-1])
     with pytest.raises(ValueError, match="uint8"):
-        normalise(faces[0].astype(np.float32), preprocessing)
+        preprocessing.normalise(faces[0].astype(np.float32))
 
 
 def _faces(count: int = 5, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [normalise(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), Preprocessing()) for _ in range(count)]
+    return [Preprocessing().normalise(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def test_engine_paths_agree(shifted_model):

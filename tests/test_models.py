@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from aikd.models import (
     IResNet,
     Preprocessing,
-    QualityModel,
     build_backbone,
     build_model,
     calibrate_batchnorm,
@@ -261,7 +260,7 @@ def test_checkpoint_roundtrip(tmp_path, tiny_model, faces_batch, suffix):
     state, meta = read_checkpoint(path)
     assert meta["format"] == "aikd" and meta["arch"] == "tiny" and meta["extra"] == {"step": 7}
     assert state.keys() == tiny_model.state_dict().keys()
-    loaded = QualityModel.load(path)
+    loaded = load_quality_model(path)
     assert loaded.arch == "tiny" and loaded.preprocessing == preprocessing
     with torch.no_grad():
         for ours, theirs in zip(loaded(faces_batch), tiny_model(faces_batch), strict=True):

@@ -45,7 +45,7 @@ def test_photos_to_trained_model_to_evaluation(tmp_path, tiny_backbone):
 
     import torch
 
-    from aikd.demo import make_sample_photos
+    from aikd.commands.demo import make_sample_photos
     from aikd.io import read_labels
 
     photos = tmp_path / "photos"

@@ -19,10 +19,10 @@ from PIL import Image
 
 from aikd.align import ARCFACE_TEMPLATE, align_face
 from aikd.cli import main
-from aikd.io import load_embeddings, write_csv
+from aikd.io import load_embeddings, read_labels, write_csv, write_qualities
 from aikd.jobs import journal_dir, read_journal
-from aikd.models import QualityModel
-from aikd.score import read_scores, score_images, write_scores
+from aikd.models import load_quality_model
+from aikd.score import score_images
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -82,7 +82,7 @@ def test_formats_round_trip(tmp_path, tiny_checkpoint, face_folder, fmt):
     suffix = {"pickle": ".pkl", "jsonl": ".jsonl"}[fmt]
     assert main([*base, "-o", str(tmp_path / f"s{suffix}"), "--format", fmt]) == 1
     keys, expected = _scores(tmp_path / "s.csv")
-    got = read_scores(tmp_path / f"s{suffix}")
+    got = read_labels(tmp_path / f"s{suffix}").as_dict()
     assert list(got) == keys
     np.testing.assert_array_equal(np.array(list(got.values()), dtype=np.float32), expected)
     if fmt == "pickle":  # the official format: a plain dict str -> float, readable by plain pickle
@@ -93,15 +93,15 @@ def test_formats_round_trip(tmp_path, tiny_checkpoint, face_folder, fmt):
         assert [json.loads(line)["path"] for line in lines] == keys
 
 
-def test_write_scores_shortest_exact_decimal(tmp_path):
+def test_write_qualities_shortest_exact_decimal(tmp_path):
     values = np.array([0.1, -1 / 3, 12345.678, 1e-8], dtype=np.float32)
     for fmt, name in (("csv", "s.csv"), ("pickle", "s.pkl"), ("jsonl", "s.jsonl")):
-        write_scores(tmp_path / name, ["a", "b", "c", "d"], values, fmt)
-        back = np.array(list(read_scores(tmp_path / name).values()), dtype=np.float32)
+        write_qualities(tmp_path / name, ["a", "b", "c", "d"], values, fmt)
+        back = np.array(list(read_labels(tmp_path / name).as_dict().values()), dtype=np.float32)
         np.testing.assert_array_equal(back, values)
     assert _csv_rows(tmp_path / "s.csv")[1] == ["a", "0.1"]
-    with pytest.raises(ValueError, match="unknown score format"):
-        write_scores(tmp_path / "x", ["a"], [1.0], "xml")
+    with pytest.raises(ValueError, match="--format must be one of"):
+        write_qualities(tmp_path / "x", ["a"], [1.0], "xml")
 
 
 def test_api_matches_cli_on_paths_arrays_and_pil(tmp_path, tiny_checkpoint, face_folder):
@@ -110,20 +110,20 @@ def test_api_matches_cli_on_paths_arrays_and_pil(tmp_path, tiny_checkpoint, face
     assert main(["score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--device", "cpu",
                  "--batch-size", "32"]) == 1
     _, cli = _scores(out)
-    model = QualityModel.load(tiny_checkpoint)
+    model = load_quality_model(tiny_checkpoint)
     paths = [folder / key for key in good]
-    np.testing.assert_array_equal(model.score(paths), cli)
-    np.testing.assert_array_equal(model.score([str(p) for p in paths]), cli)
+    np.testing.assert_array_equal(score_images(model, paths), cli)
+    np.testing.assert_array_equal(score_images(model, [str(p) for p in paths]), cli)
     pil_images = [Image.open(p) for p in paths]
-    np.testing.assert_array_equal(model.score(pil_images), cli)
+    np.testing.assert_array_equal(score_images(model, pil_images), cli)
     arrays = [np.asarray(image.convert("RGBA" if image.mode == "RGBA" else "RGB")) for image in pil_images]
     mixed = [paths[0], pil_images[1], *[np.asarray(im.convert("RGB")) for im in pil_images[2:3]], *paths[3:]]
-    np.testing.assert_array_equal(model.score(mixed), cli)
+    np.testing.assert_array_equal(score_images(model, mixed), cli)
     rgb_arrays = [a for a in arrays if a.shape[2] == 3]
     assert len(rgb_arrays) >= 4
-    single = model.score(rgb_arrays[0])
+    single = score_images(model, rgb_arrays[0])
     assert single.shape == (1,) and single.dtype == np.float32
-    assert model.score(np.stack([rgb_arrays[0]] * 3)).shape == (3,)
+    assert score_images(model, np.stack([rgb_arrays[0]] * 3)).shape == (3,)
 
 
 def test_scores_do_not_depend_on_the_batch(tiny_model):
@@ -178,7 +178,7 @@ def test_landmarks_align_first_and_unmatched_get_an_error(tmp_path, tiny_checkpo
     keys, qualities = _scores(out)
     assert keys == ["p1.png", "p3.png"]
     aligned = [align_face(photos[name], points[name]) for name in keys]
-    np.testing.assert_array_equal(QualityModel.load(tiny_checkpoint).score(aligned), qualities)
+    np.testing.assert_array_equal(score_images(load_quality_model(tiny_checkpoint), aligned), qualities)
     assert "no landmarks for this image" in _csv_rows(tmp_path / "s.errors.csv")[1][1]
 
 
@@ -205,7 +205,7 @@ def test_embeddings_alongside_scores(tmp_path, tiny_checkpoint, face_folder):
     keys, embeddings = load_embeddings(emb)
     assert keys == good and embeddings.shape == (len(good), 512) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
-    quality, api_embeddings = score_images(QualityModel.load(tiny_checkpoint), [folder / k for k in good],
+    quality, api_embeddings = score_images(load_quality_model(tiny_checkpoint), [folder / k for k in good],
                                            return_embeddings=True)
     np.testing.assert_array_equal(api_embeddings, embeddings)
     assert main(["score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "t.csv"),
@@ -261,7 +261,7 @@ def test_sigkill_then_resume_scores_every_image_once(tmp_path, tiny_checkpoint, 
     assert sum(scored) == len(keys) - len(done_before)  # nothing scored twice
     got_keys, qualities = _scores(out)
     assert got_keys == keys
-    reference = QualityModel.load(tiny_checkpoint).score([tmp_path / "many" / k for k in keys])
+    reference = score_images(load_quality_model(tiny_checkpoint), [tmp_path / "many" / k for k in keys])
     np.testing.assert_allclose(qualities, reference, atol=1e-6)
 
 
@@ -287,8 +287,8 @@ def test_two_gloo_ranks_merge_in_input_order(tmp_path, tiny_checkpoint, face_fol
     keys, qualities = _scores(out)
     assert keys == good
     assert sorted(row[0] for row in _csv_rows(tmp_path / "s.errors.csv")[1:]) == sorted(bad)
-    model = QualityModel.load(tiny_checkpoint)
-    reference, reference_embeddings = model.score([folder / k for k in good], return_embeddings=True)
+    model = load_quality_model(tiny_checkpoint)
+    reference, reference_embeddings = score_images(model, [folder / k for k in good], return_embeddings=True)
     np.testing.assert_allclose(qualities, reference, atol=1e-6)
     emb_keys, embeddings = load_embeddings(emb)
     assert emb_keys == good

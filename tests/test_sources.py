@@ -1,4 +1,4 @@
-"""How inputs become 112x112 model inputs: resize, landmarks, misalignment determinism."""
+"""How inputs become model-input crops: resize, landmarks, misalignment determinism, the model's input size."""
 
 import argparse
 
@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 
 from aikd.align import ARCFACE_TEMPLATE, align_face
+from aikd.commands.options import add_crop_arguments, crop_options
 from aikd.images import ImageInput
 from aikd.io import write_csv
-from aikd.sources import add_source_arguments, make_prepare
+from aikd.sources import make_prepare
 
 
 def _args(*argv):
+    """The crop options of a command line (as every per-image command builds them)."""
     parser = argparse.ArgumentParser()
-    add_source_arguments(parser)
-    return parser.parse_args(list(argv))
+    add_crop_arguments(parser)
+    return crop_options(parser.parse_args(list(argv)))
 
 
 @pytest.fixture
@@ -59,8 +61,8 @@ def test_misalignment_is_deterministic_per_key(photo, tmp_path):
 
 def test_option_errors(tmp_path):
     with pytest.raises(ValueError, match="needs --landmarks"):
-        make_prepare(_args("--misalign", "3"), [])
+        _args("--misalign", "3")
     with pytest.raises(ValueError, match=">= 0"):
-        make_prepare(_args("--misalign", "-1"), [])
+        _args("--misalign", "-1")
     with pytest.raises(SystemExit):
         _args("--landmarks", "x.csv", "--detect")

@@ -16,6 +16,8 @@ _LAZY = {
     "build_model": "aikd.models",
     "load_quality_model": "aikd.models",
     "load_backbone": "aikd.models",
+    "load_fr_model": "aikd.models",
+    "score_images": "aikd.score",
     "align_face": "aikd.align",
     "ARCFACE_TEMPLATE": "aikd.align",
 }

@@ -1,6 +1,7 @@
 """The ``aikd`` command line: one console script, one subcommand per job.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own module of :mod:`aikd.commands`, which provides ``add_arguments(parser)`` and
+``run(args) -> int``.
 Only the chosen subcommand's module is imported, so ``aikd --help`` and ``aikd evaluate`` never pay for
 torch start-up.
 """
@@ -16,16 +17,16 @@ from aikd import __version__
 
 # name -> (module, one-line help). The order is the order of a typical workflow.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "detect": ("aikd.detect_cli", "find faces and their 5 landmarks in photos -> landmarks.csv"),
-    "align": ("aikd.align_cli", "write 112x112 aligned (or deliberately misaligned) face crops"),
-    "label": ("aikd.labelers.cli", "make quality labels with a training-free FIQA technique"),
-    "train": ("aikd.train", "distil a FIQA technique into an alignment-invariant quality model (AI-KD)"),
-    "score": ("aikd.score", "score face images of any alignment -> scores.csv"),
-    "embed": ("aikd.embed", "face-recognition embeddings of images -> emb.npz"),
-    "evaluate": ("aikd.report", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
-    "export": ("aikd.export", "export a quality model to ONNX and check parity"),
-    "demo": ("aikd.demo", "run the whole pipeline on bundled sample faces"),
-    "models": ("aikd.models.registry", "list the registered model architectures"),
+    "detect": ("aikd.commands.detect", "find faces and their 5 landmarks in photos -> landmarks.csv"),
+    "align": ("aikd.commands.align", "write 112x112 aligned (or deliberately misaligned) face crops"),
+    "label": ("aikd.commands.label", "make quality labels with a training-free FIQA technique"),
+    "train": ("aikd.commands.train", "distil a FIQA technique into an alignment-invariant quality model (AI-KD)"),
+    "score": ("aikd.commands.score", "score face images of any alignment -> scores.csv"),
+    "embed": ("aikd.commands.embed", "face-recognition embeddings of images -> emb.npz"),
+    "evaluate": ("aikd.commands.evaluate", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
+    "export": ("aikd.commands.export", "export a quality model to ONNX and check parity"),
+    "demo": ("aikd.commands.demo", "run the whole pipeline on bundled sample faces"),
+    "models": ("aikd.commands.models", "list the registered model architectures"),
 }
 
 EXIT_CODES = """exit status:

@@ -44,12 +44,8 @@ from aikd.models import (
     Preprocessing,
     QualityHead,
     QualityModel,
-    build_backbone,
-    calibrate_batchnorm,
     get_spec,
-    infer_arch,
-    load_backbone,
-    read_checkpoint,
+    load_fr_model,
 )
 from aikd.models.layout import to_training_layout
 
@@ -276,26 +272,6 @@ def teacher_fingerprint(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _load_teacher_backbone(teacher: TeacherConfig, arch: str | None, seed: int) -> tuple[nn.Module, str, dict]:
-    """The FR backbone (weights loaded or random + calibrated), its arch name and its checkpoint record."""
-    if teacher.weights == NO_WEIGHTS:
-        if arch is None:
-            raise ValueError("student.arch: required with teacher.weights=none (there are no weights to read "
-                             "it from)")
-        torch.manual_seed(seed)
-        backbone = build_backbone(arch)
-        calibrate_batchnorm(backbone, batches=4, batch_size=8, seed=seed)
-        return backbone.eval(), get_spec(arch).name, {}
-    state, meta = read_checkpoint(teacher.weights)
-    arch = arch or meta.get("arch")
-    try:
-        backbone = load_backbone(state, arch=arch)
-        arch = arch or infer_arch(state)
-    except ValueError as err:
-        raise ValueError(f"teacher.weights: {teacher.weights}: {err}") from None
-    return backbone, get_spec(arch).name, meta
-
-
 def build_task(
     teacher: TeacherConfig,
     student: StudentConfig,
@@ -310,12 +286,15 @@ def build_task(
         (task, teacher fingerprint).
     """
     teacher.check()
-    backbone, arch, meta = _load_teacher_backbone(teacher, student.arch, seed)
-    embedding_size = int(getattr(backbone, "num_features", 512))
-    preprocessing = get_spec(arch).preprocessing
-    if meta.get("preprocessing") is not None:
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-    preprocessing = Preprocessing(**{**preprocessing.to_dict(), "embedding_size": embedding_size})
+    if teacher.weights == NO_WEIGHTS and student.arch is None:
+        raise ValueError("student.arch: required with teacher.weights=none (there are no weights to read it "
+                         "from)")
+    try:
+        loaded = load_fr_model(teacher.weights, student.arch, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"teacher.weights: {err}") from None
+    backbone, arch, preprocessing = loaded.backbone, loaded.arch, loaded.preprocessing
+    embedding_size = preprocessing.embedding_size
     fingerprint = teacher_fingerprint(backbone)
     frozen_teacher = copy.deepcopy(backbone).eval()
     torch.manual_seed(seed + 1)

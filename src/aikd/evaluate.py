@@ -36,6 +36,10 @@ Definitions used throughout (all similarities are cosine similarities of L2-norm
 * oracle (theoretical best): discarding exactly the false non-matches first,
   ``FNMR(d) = max(0, FNMR(0) - d) / (1 - d)`` for the fixed convention.
 
+The module also holds the regression figures of a quality predictor against its labels
+(:func:`quality_metrics`: SmoothL1 loss, Spearman and Pearson correlations, alignment sensitivity), which
+``aikd train`` reports at each validation.
+
 Scale: an all-vs-all protocol over 19k images has 1.8e8 comparisons. :func:`evaluate_all_vs_all` never
 holds them: it computes similarities in row blocks of the Gram matrix (float32 matrix products), keeps
 every mated comparison (few: only pairs within an identity), and streams the non-mated similarities
@@ -72,6 +76,7 @@ __all__ = [
     "fnmr_at_fmr",
     "fnmr_at_threshold",
     "image_ranks",
+    "quality_metrics",
     "iter_all_vs_all_similarities",
     "l2_normalise",
     "normalised_pauc",
@@ -94,10 +99,13 @@ _CHUNK_ELEMENTS = 1 << 22  # similarities per Gram block (16 MB of float32)
 
 # ----------------------------------------------------------------------------------------------- basics
 def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
+    """Rows scaled to unit L2 norm (float32; norms computed in float64); all-zero rows stay zero.
+
+    aikd's one L2 normalisation: ``aikd embed``/``score`` write embeddings with it, evaluation applies it again.
+    """
     embeddings = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, np.float32(1e-12))
+    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def cosine_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -607,3 +615,34 @@ def evaluate_all_vs_all(embeddings: np.ndarray, identity: np.ndarray, qualities:
                 threshold = fixed_thresholds[fmr]
                 curves[method, fmr, "fixed"] = fnm_edc(mated_scores, quality_of_pair, threshold, fmr)
     return curves
+
+
+# ---------------------------------------------------------------------------- quality regression metrics
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (as Spearman's rho needs)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _smooth_l1(predicted: np.ndarray, target: np.ndarray, beta: float) -> float:
+    error = np.abs(predicted - target)
+    return float(np.where(error < beta, 0.5 * error**2 / beta, error - 0.5 * beta).mean())
+
+
+def quality_metrics(aligned: np.ndarray, misaligned: np.ndarray, labels: np.ndarray, beta: float) -> dict[str, float]:
+    """Validation figures: quality loss, Spearman and Pearson vs the labels on aligned and misaligned faces,
+    and the alignment sensitivity ``mean |q̂(aligned) - q̂(misaligned)|``."""
+    out: dict[str, float] = {}
+    for view, predicted in (("aligned", aligned), ("misaligned", misaligned)):
+        out[f"quality_loss_{view}"] = _smooth_l1(predicted, labels, beta)
+        out[f"spearman_{view}"] = _pearson(_average_ranks(predicted), _average_ranks(labels))
+        out[f"pearson_{view}"] = _pearson(predicted, labels)
+    out["alignment_sensitivity"] = float(np.abs(aligned - misaligned).mean())
+    return out

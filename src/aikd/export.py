@@ -6,6 +6,12 @@ The graph takes ``image`` (N, 3, 112, 112) float32 faces preprocessed as the mod
 :class:`~aikd.models.Preprocessing` says (RGB, ``(x / 255 - 0.5) / 0.5``) and returns ``embedding``
 (N, 512, not L2-normalised) and ``quality`` (N,). The batch axis is dynamic.
 
+The file carries its preprocessing, so a consumer needs nothing else: the model's ``metadata_props`` hold
+``aikd.preprocessing`` (JSON: input size, colour order, mean, std, embedding size), ``aikd.alignment``
+(JSON: the five-point template in input pixels, left eye, right eye, nose, left and right mouth corner,
+for photos that are not yet aligned), ``aikd.arch``, ``aikd.outputs`` and ``aikd.version``. :func:`read_metadata`
+reads them back; the onnxruntime engine (``aikd score --checkpoint model.onnx``) preprocesses by them.
+
 By default the exported graph is the BatchNorm-folded model (:func:`aikd.models.folding.fold_batchnorm`):
 the same function with fewer operators. Parity is always measured against the plain, unfolded torch model.
 
@@ -17,13 +23,12 @@ dynamo exporter (torch 2.13's default) also works but needs onnxscript and print
 
 from __future__ import annotations
 
-import argparse
 import io
+import json
 import os
-import sys
 import warnings
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from torch import nn
 from aikd.io import atomic_write
 from aikd.models.folding import fold_batchnorm
 
-__all__ = ["OPSET", "add_arguments", "check_onnx", "export_onnx", "relative_difference", "run"]
+__all__ = ["OPSET", "check_onnx", "export_onnx", "read_metadata", "relative_difference"]
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -76,11 +81,71 @@ def export_onnx(
             input_names=[INPUT_NAME], output_names=names,
             dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
         )
+    data = _with_metadata(buffer.getvalue(), model, tuple(input_size), names)
     if isinstance(destination, (str, os.PathLike)):
         with atomic_write(destination, "wb") as handle:
-            handle.write(buffer.getvalue())
+            handle.write(data)
     else:
-        destination.write(buffer.getvalue())
+        destination.write(data)
+
+
+def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], names: list[str]) -> bytes:
+    """The exported graph with aikd's metadata (preprocessing, alignment template, arch, version) added."""
+    import onnx
+
+    from aikd import __version__
+    from aikd.align import ALIGNED_SIZE, ARCFACE_TEMPLATE
+    from aikd.models import Preprocessing
+
+    preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
+    template = (ARCFACE_TEMPLATE * (input_size[0] / ALIGNED_SIZE)).round(4).tolist()
+    values = {
+        "aikd.preprocessing": json.dumps({**preprocessing.to_dict(), "input_size": list(input_size)}),
+        "aikd.alignment": json.dumps({"template": template, "template_frame": list(input_size),
+                                      "points": ["left_eye", "right_eye", "nose", "left_mouth", "right_mouth"]}),
+        "aikd.arch": str(getattr(model, "arch", None) or ""),
+        "aikd.outputs": json.dumps(names),
+        "aikd.version": __version__,
+    }
+    proto = onnx.load_model_from_string(graph)
+    del proto.metadata_props[:]
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
+    """aikd's metadata of an exported graph: ``preprocessing`` (a :class:`~aikd.models.Preprocessing`),
+    ``alignment``, ``arch``, ``outputs`` and ``version``.
+
+    Raises:
+        ValueError: not an ONNX file, or one without aikd's metadata (exported elsewhere).
+    """
+    import onnx
+
+    from aikd.models import Preprocessing
+
+    source = "<bytes>" if isinstance(onnx_model, bytes) else str(onnx_model)
+    try:
+        data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
+        proto = onnx.load_model_from_string(data)
+    except OSError as err:
+        raise ValueError(f"{source}: cannot read ({err.strerror})") from None
+    except Exception as err:  # DecodeError: not an ONNX model
+        raise ValueError(f"{source}: not an ONNX model ({type(err).__name__})") from None
+    props = {entry.key: entry.value for entry in proto.metadata_props}
+    if "aikd.preprocessing" not in props:
+        raise ValueError(f"{source}: has no aikd metadata (not exported by aikd export); its preprocessing "
+                         "is unknown")
+    try:
+        return {"preprocessing": Preprocessing.from_dict(json.loads(props["aikd.preprocessing"])),
+                "alignment": json.loads(props.get("aikd.alignment", "null")),
+                "arch": props.get("aikd.arch") or None,
+                "outputs": json.loads(props.get("aikd.outputs", '["embedding", "quality"]')),
+                "version": props.get("aikd.version")}
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: malformed aikd metadata ({err})") from None
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -139,50 +204,3 @@ def relative_difference(worst: dict[str, float], name: str) -> float:
     """``worst[name]`` relative to the output's scale, ``max(1, largest |torch value|)``: qualities in [0, 1]
     are judged in absolute terms, a model whose outputs are ~1e5 by float32's relative precision."""
     return worst[name] / max(1.0, worst[f"{name}_scale"])
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``aikd export``."""
-    parser.add_argument("--checkpoint", type=Path, required=True, help="quality model checkpoint (aikd or paper)")
-    parser.add_argument("--arch", help="backbone architecture when the checkpoint does not record it (e.g. r100)")
-    parser.add_argument("-o", "--output", type=Path, default=Path("aikd.onnx"), help="ONNX file (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (default: %(default)s)")
-    parser.add_argument("--no-fold", dest="fold", action="store_false",
-                        help="export the plain graph with its BatchNorm nodes instead of the folded one")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest acceptable |quality(onnx) - quality(torch)| / max(1, max |quality(torch)|): "
-                             "absolute for qualities in [0, 1], relative for larger ones (default: %(default)s)")
-    parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip the onnx.checker and onnxruntime parity check")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``aikd export``: write the ONNX file, check it, print the parity; 1 if parity exceeds the tolerance."""
-    from aikd.models import load_quality_model
-
-    model = load_quality_model(args.checkpoint, arch=args.arch)
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise ValueError("aikd export needs the onnx package (pip install 'aikd[onnx]')") from None
-    buffer = io.BytesIO()
-    export_onnx(model, buffer, fold=args.fold, opset=args.opset)
-    data = buffer.getvalue()
-    if args.check:
-        worst = check_onnx(model, data)
-        difference = relative_difference(worst, "quality")
-        print(f"parity with torch (fp32, random faces): max |quality diff| {worst['quality']:.3g} "
-              f"(qualities up to {worst['quality_scale']:.3g}; {difference:.3g} of max(1, that)), "
-              f"max |embedding diff| {worst['embedding']:.3g}", file=sys.stderr)
-        if not difference <= args.tolerance:
-            print(f"aikd export: error: quality differs by {worst['quality']:.3g}, {difference:.3g} relative to "
-                  f"max(1, max |quality| = {worst['quality_scale']:.3g}) > --tolerance {args.tolerance}; "
-                  f"{args.output} not written", file=sys.stderr)
-            return 1
-    with atomic_write(args.output, "wb") as handle:
-        handle.write(data)
-    print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, opset {args.opset}, inputs image[N,3,"
-          f"{model.preprocessing.input_size[0]},{model.preprocessing.input_size[1]}] -> embedding, quality)",
-          file=sys.stderr)
-    return 0

@@ -13,7 +13,6 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import glob
@@ -24,13 +23,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
-    "add_input_arguments",
     "ImageError",
     "ImageInput",
     "collect_inputs",
@@ -38,9 +37,9 @@ __all__ = [
     "load_image",
     "load_input",
     "match_keys",
-    "match_keys",
     "match_landmarks",
     "pil_to_rgb",
+    "resize_image",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -109,13 +108,6 @@ def _from_bin(path: Path) -> list[ImageInput]:
     from aikd.protocols import bin_image_name
 
     return [ImageInput(path, bin_image_name(path, i), member=i) for i in range(len(_bin_images(path)))]
-
-
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``INPUT...`` positional argument every per-image command takes (see :func:`collect_inputs`)."""
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively), glob patterns, .txt/.csv lists of "
-                             "paths, or insightface .bin validation sets")
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
@@ -231,6 +223,20 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIX
     if not data:
         raise ImageError("empty image data")
     return _open(io.BytesIO(data), source, max_pixels)
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """The one resize rule of aikd (API, command line, training alike): ``image`` at ``size`` (a side, or
+    (height, width)), area averaging when either side shrinks, bilinear when both grow.
+
+    Returns ``image`` itself when it already has that size.
+    """
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
 
 
 # ---------------------------------------------------------------------------------------- landmark lookup

@@ -8,60 +8,42 @@ batches of preprocessed faces into embeddings (and qualities) as numpy arrays, o
   (CUDA) autocast over the convolutional trunk with the embedding layer and quality head kept in fp32;
 - ``onnxruntime``: the folded model exported to ONNX in memory and run by an onnxruntime session.
 
+Faces are prepared by the model's own :class:`~aikd.models.Preprocessing` (:meth:`Engine.prepare`), the
+arithmetic the Python API uses too.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
+import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from aikd.jobs import add_job_arguments
+from aikd.evaluate import l2_normalise
 from aikd.models.folding import fold_batchnorm
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
 from aikd.runtime import cpu_has_bf16, resolve_device
-from aikd.sources import resize_to
 
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "Engine",
-    "add_inference_arguments",
-    "batch_size_from_args",
-    "engine_from_args",
+    "InferenceOptions",
     "l2_normalise",
-    "normalise",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CPU_BATCH, GPU_BATCH = 32, 256  # a GPU needs large batches to be busy; on a CPU 32 is past the knee
 BACKENDS = ("torch", "onnxruntime")
-
-
-# ------------------------------------------------------------------------------------------ preprocessing
-def normalise(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """One uint8 (H, W, 3) RGB face -> float32 (H, W, C) model input, resized to the model's input size.
-
-    The same arithmetic as :meth:`Preprocessing.to_tensor` (``(x / 255 - mean) / std`` in float32), done
-    per image with numpy so that it runs in the decode threads; stacking gives an (N, H, W, C) batch whose
-    NCHW view is already channels_last.
-    """
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-    image = resize_to(image, preprocessing.input_size)
-    if preprocessing.channel_order == "BGR":
-        image = image[..., ::-1]
-    mean = np.asarray(preprocessing.mean, dtype=np.float32)
-    std = np.asarray(preprocessing.std, dtype=np.float32)
-    return (image.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -77,10 +59,12 @@ class Engine:
         backend: ``"torch"`` or ``"onnxruntime"`` (fp32; needs the ``onnx`` extra).
         fold: fold BatchNorm into convolutions (exact; see :func:`fold_batchnorm`).
         channels_last: NHWC memory layout for the convolutions (torch backend).
+        preprocessing: the input the model expects; default ``model.preprocessing`` (a quality model's).
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = "auto", precision: str = "fp32",
-                 backend: str = "torch", fold: bool = True, channels_last: bool = True) -> None:
+                 backend: str = "torch", fold: bool = True, channels_last: bool = True,
+                 preprocessing: Preprocessing | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if backend not in BACKENDS:
@@ -97,7 +81,7 @@ class Engine:
         self.has_quality = isinstance(model, QualityModel)
         backbone = model.feature_extractor if self.has_quality else model
         self.embedding_size = int(getattr(backbone, "num_features", 0) or Preprocessing().embedding_size)
-        self.preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
+        self.preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         prepared = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
         prepared.requires_grad_(False)
         self.session = None
@@ -113,9 +97,29 @@ class Engine:
         else:
             self.backbone, self.head = self.model, None
 
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, device: str | torch.device | None = "auto") -> Engine:
+        """An onnxruntime engine for a graph written by ``aikd export``, preprocessing as its metadata says.
+
+        Raises:
+            ValueError: not an aikd ONNX export (no preprocessing metadata), or onnxruntime missing.
+        """
+        from aikd.export import read_metadata
+
+        _require_onnxruntime()
+        metadata = read_metadata(path)
+        engine = cls.__new__(cls)
+        engine.device, engine.precision, engine.backend = resolve_device(device), "fp32", "onnxruntime"
+        engine.has_quality = "quality" in metadata["outputs"]
+        engine.preprocessing = metadata["preprocessing"]
+        engine.embedding_size = engine.preprocessing.embedding_size
+        engine.session = _session(Path(path).read_bytes(), engine.device)
+        return engine
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """uint8 RGB face -> float32 (H, W, C) input; thread-safe, meant for the decode workers."""
-        return normalise(image, self.preprocessing)
+        """uint8 RGB face -> float32 (H, W, C) input (:meth:`Preprocessing.normalise`); thread-safe, meant for
+        the decode workers."""
+        return self.preprocessing.normalise(image)
 
     def __call__(self, batch: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Faces from :meth:`prepare`, stacked (N, H, W, C) or as a list -> (embeddings (N, D), qualities (N,)).
@@ -158,60 +162,84 @@ class Engine:
 
 def _onnx_session(model: nn.Module, preprocessing: Preprocessing, device: torch.device) -> Any:
     """An onnxruntime session running ``model`` exported to ONNX in memory."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("--backend onnxruntime needs onnxruntime (pip install 'aikd[onnx]')") from None
     from aikd.export import export_onnx
 
+    _require_onnxruntime()
     buffer = io.BytesIO()
     export_onnx(model, buffer, input_size=preprocessing.input_size, fold=False)
-    providers = ["CPUExecutionProvider"]
+    return _session(buffer.getvalue(), device)
+
+
+def _require_onnxruntime() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ValueError("--backend onnxruntime needs onnxruntime (pip install 'aikd[onnx]')") from None
+
+
+def _session(graph: bytes, device: torch.device) -> Any:
+    import onnxruntime as ort
+
+    providers: list[Any] = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ValueError("--backend onnxruntime --device cuda needs onnxruntime-gpu")
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(buffer.getvalue(), options, providers=providers)
+    return ort.InferenceSession(graph, options, providers=providers)
 
 
-# ------------------------------------------------------------------------------------- command-line options
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
-    group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="fp32 (exact), bf16 (autocast; fast on GPUs and on CPUs with native bf16, e.g. "
-                            "AVX-512 BF16 or AMX, emulated and slow elsewhere) or fp16 (GPU autocast); the "
-                            "embedding layer and the quality head stay fp32 (default: %(default)s)")
-    group.add_argument("--backend", choices=BACKENDS, default="torch",
-                       help="torch, or onnxruntime (fp32, needs the onnx extra; often the fastest exact path on "
-                            "CPUs, at the cost of an export of some seconds at start) (default: %(default)s)")
-    group.add_argument("--no-fold", dest="fold", action="store_false",
-                       help="run the model as stored instead of with BatchNorm folded into convolutions")
+# ------------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a batch-inference command runs its model.
 
+    Attributes:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32`` (exact), ``bf16`` or ``fp16`` (autocast over the convolutional trunk).
+        backend: ``torch`` or ``onnxruntime``.
+        fold: fold BatchNorm into the convolutions (exact).
+        batch_size: faces per forward pass; ``None``: :data:`CPU_BATCH` on the CPU, :data:`GPU_BATCH` on a GPU.
+    """
 
-def engine_from_args(model: nn.Module, args: argparse.Namespace, device: torch.device | None = None) -> Engine:
-    """An :class:`Engine` configured by the options of :func:`add_inference_arguments`."""
-    if torch.device(device or resolve_device(args.device)).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # a command runs one input size: let cuDNN pick its fastest kernels
-    return Engine(model, device=device or args.device, precision=args.precision, backend=args.backend,
-                  fold=args.fold)
+    device: str = "auto"
+    precision: str = "fp32"
+    backend: str = "torch"
+    fold: bool = True
+    batch_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
-def batch_size_from_args(args: argparse.Namespace, device: torch.device) -> int:
-    """``--batch-size``, or the default for ``device``; raises ValueError below 1."""
-    batch_size = args.batch_size
-    if batch_size is None:
-        batch_size = GPU_BATCH if device.type == "cuda" else CPU_BATCH
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    return batch_size
+    def batch_size_on(self, device: torch.device) -> int:
+        """``batch_size``, or the default for ``device``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_BATCH if device.type == "cuda" else CPU_BATCH
 
+    def engine(self, model: nn.Module, device: torch.device | None = None,
+               preprocessing: Preprocessing | None = None) -> Engine:
+        """An :class:`Engine` running ``model`` this way (on ``device``, e.g. a torchrun rank's, if given)."""
+        device = device or resolve_device(self.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a command runs one input size: cuDNN picks its fastest kernels
+        return Engine(model, device=device, precision=self.precision, backend=self.backend, fold=self.fold,
+                      preprocessing=preprocessing)
 
-def l2_normalise(embeddings: np.ndarray) -> np.ndarray:
-    """Rows divided by their Euclidean norm (float32; an all-zero row stays zero)."""
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+    def quality_engine(self, checkpoint: str | os.PathLike, arch: str | None = None,
+                       device: torch.device | None = None) -> Engine:
+        """An engine for a quality model file: an aikd/AI-KD checkpoint, or an ``aikd export`` ONNX graph
+        (run by onnxruntime, fp32, with the preprocessing its metadata records)."""
+        if Path(checkpoint).suffix.lower() == ".onnx":
+            if self.precision != "fp32":
+                raise ValueError(f"{checkpoint}: an ONNX model runs in fp32; drop --precision {self.precision}")
+            return Engine.from_onnx(checkpoint, device or self.device)
+        from aikd.models.checkpoint import load_quality_model
+
+        return self.engine(load_quality_model(checkpoint, arch=arch), device)

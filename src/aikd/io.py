@@ -14,6 +14,8 @@ import _compat_pickle
 import contextlib
 import csv
 import io
+import json
+import math
 import os
 import pickle
 import tempfile
@@ -26,17 +28,21 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "QUALITY_FORMATS",
     "LabelTable",
     "LandmarkTable",
     "UnsafePickleError",
     "atomic_write",
     "load_embeddings",
     "read_labels",
+    "quality_format",
     "read_landmarks",
     "safe_pickle_load",
     "safe_pickle_loads",
     "save_embeddings",
+    "shortest_float32",
     "write_csv",
+    "write_qualities",
 ]
 
 LANDMARK_COLUMNS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
@@ -297,10 +303,17 @@ def read_landmarks(path: str | os.PathLike) -> LandmarkTable:
     return LandmarkTable(names, points.reshape(-1, 5, 2))
 
 
-def read_labels(path: str | os.PathLike, column: str = "quality") -> LabelTable:
-    """Read quality labels from CSV (``path,quality``) or the official pickle ``{name: score}``."""
+def read_labels(path: str | os.PathLike, column: str = "quality", fmt: str | None = None) -> LabelTable:
+    """Read a quality table: labels (``aikd train``) and scores (``aikd evaluate``) alike.
+
+    Formats (``fmt``, else from the suffix; see :func:`quality_format`): CSV with a ``path`` and a ``column``
+    column (what ``aikd score`` and ``aikd label`` write), the official pickle ``{name: score}``, or JSONL, one
+    ``{"path": ..., "quality": ...}`` object per line (``aikd score -o scores.jsonl``). Rows are kept in file
+    order, repeated names included (the caller decides what a repeat means).
+    """
     path = Path(path)
-    if is_pickle_path(path):
+    fmt = quality_format(path, fmt)
+    if fmt == "pickle":
         data = safe_pickle_load(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a dict {{name: score}}, got {type(data).__name__}")
@@ -308,6 +321,8 @@ def read_labels(path: str | os.PathLike, column: str = "quality") -> LabelTable:
         scores = np.array([_to_float(str(np.asarray(v).reshape(-1)[0])) if np.size(v) == 1 else np.nan
                            for v in data.values()], dtype=np.float64)
         return LabelTable(names, scores)
+    if fmt == "jsonl":
+        return _read_jsonl_qualities(path, column)
     quick = _read_csv_fast(path, (column,), np.float64)
     if quick is not None:
         return LabelTable(quick[0].tolist(), quick[1][:, 0])
@@ -317,6 +332,64 @@ def read_labels(path: str | os.PathLike, column: str = "quality") -> LabelTable:
     except ValueError:
         scores = np.array([_to_float(row[0]) for row in values], dtype=np.float64)
     return LabelTable(names, scores)
+
+
+def _read_jsonl_qualities(path: Path, column: str) -> LabelTable:
+    names, scores = [], []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read quality file ({err.strerror})") from None
+    with handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                names.append(str(entry["path"]))
+                scores.append(float(entry[column]) if entry[column] is not None else math.nan)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{line_no}: not a record with path and {column} ({err})") from None
+    return LabelTable(names, np.array(scores, dtype=np.float64))
+
+
+# ------------------------------------------------------------------------------------------ quality files
+QUALITY_FORMATS = ("csv", "pickle", "jsonl")
+_SUFFIX_FORMATS = {".csv": "csv", ".pkl": "pickle", ".pickle": "pickle", ".p": "pickle", ".jsonl": "jsonl"}
+
+
+def quality_format(path: str | os.PathLike, requested: str | None = None) -> str:
+    """``requested`` if given, else from the suffix (``.pkl``/``.pickle``/``.p`` -> pickle, ``.jsonl``), else csv."""
+    if requested is not None:
+        if requested not in QUALITY_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(QUALITY_FORMATS)}, got {requested!r}")
+        return requested
+    return _SUFFIX_FORMATS.get(Path(path).suffix.lower(), "csv")
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back to the same float32 (0.1f -> 0.1, not 0.10000000149011612)."""
+    return float(str(np.float32(value)))
+
+
+def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Sequence[float],
+                    fmt: str | None = None) -> None:
+    """Write a quality table atomically, in the given order: ``csv`` (path,quality), ``pickle`` (the official
+    ``{path: score}`` dict) or ``jsonl``; each value as the shortest decimal of its float32, so every format
+    reads back exactly (:func:`read_labels`)."""
+    fmt = quality_format(path, fmt)
+    values = [shortest_float32(q) for q in qualities]
+    if fmt == "csv":
+        write_csv(path, ("path", "quality"), ([key, repr(q)] for key, q in zip(keys, values, strict=True)))
+    elif fmt == "pickle":
+        # A plain dict of str -> float: nothing a restricted unpickler would refuse.
+        data = {str(key): float(q) for key, q in zip(keys, values, strict=True)}
+        with atomic_write(path, "wb") as handle:
+            handle.write(pickle.dumps(data, protocol=4))
+    else:
+        with atomic_write(path) as handle:
+            for key, q in zip(keys, values, strict=True):
+                handle.write(json.dumps({"path": key, "quality": q}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- embedding files

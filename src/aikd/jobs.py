@@ -16,7 +16,6 @@ unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from aikd.io import write_csv
 if TYPE_CHECKING:  # jobs stay torch-free: detect and align never load torch
     from aikd.runtime import Distributed
 
-__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobSummary", "add_job_arguments",
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOptions", "JobSummary", "check_output",
            "errors_path", "finish_job", "finish_sharded", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -72,29 +71,29 @@ class JobSummary:
         return EXIT_SOME_FAILED if self.failed else EXIT_OK
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+@dataclass(frozen=True)
+class JobOptions:
+    """How a per-image command runs: batch size, decode threads, and what to do with an earlier output.
 
-
-def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
-                      batch_help: str = "images per journal record") -> argparse._ArgumentGroup:
-    """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs.
-
-    Returns the argument group, so a command can add its own running options next to these.
+    Attributes:
+        batch_size: images per batch (per journal record, or per forward pass); ``None``: the command's default.
+        workers: threads decoding and preparing images ahead of the model; 0: the main thread does everything.
+        resume: continue an interrupted or finished run, skipping images already done.
+        overwrite: start over, replacing existing outputs.
     """
-    group = parser.add_argument_group("running")
-    default = "%(default)s" if batch_size is not None else "depends on the device"
-    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {default})")
-    group.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
-                       help="threads decoding and preparing images ahead of the model (and detecting faces); "
-                            "0 does everything in the main thread (default: %(default)s)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue an interrupted or finished run: skip images already done, retry failed ones")
-    group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
-    return group
+
+    batch_size: int | None = 32
+    workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pass one")
 
 
 def errors_path(output: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``aikd evaluate``: EDC/ERC curves, pAUC tables and plots for face image quality (FIQA) methods.
+"""The report of ``aikd evaluate``: EDC/ERC curves, pAUC tables and plots for face image quality (FIQA) methods.
 
 One dataset and one face-recognition (FR) model::
 
@@ -11,8 +11,9 @@ Several of both, as in the AI-KD paper's tables (one table per FR model, one col
 
 Curves and areas are computed by :mod:`aikd.evaluate` (see there for the two threshold conventions,
 ``fixed`` and ``recomputed``, and the exact definitions); protocol files are read by :mod:`aikd.protocols`.
-Score files are CSV ``path,quality`` (or the official pickle), embeddings ``.npz`` files with ``paths`` and
-``embeddings`` (``aikd embed``). Image names are matched as :class:`aikd.protocols.NameIndex` describes.
+Score files are what ``aikd score`` writes (CSV ``path,quality``, the official pickle, or JSONL; read by
+:func:`aikd.io.read_labels`), embeddings ``.npz`` files with ``paths`` and ``embeddings`` (``aikd embed``).
+Image names are matched as :class:`aikd.protocols.NameIndex` describes.
 
 Images of the protocol that some score file lacks are reported (count and examples) and every pair using
 them is excluded for all methods alike, so that methods are compared on the same comparisons; it is an
@@ -58,12 +59,10 @@ Other optional per-dataset keys: ``lfw_pattern`` (image-name pattern of LFW-styl
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,40 +93,6 @@ SUITE_KEYS = {"fmr", "discard_limit", "threshold", "models"}
 DATASET_KEYS = {"embeddings", "pairs", "protocol", "scores", "lfw_pattern", "identity_column"}
 
 
-# ------------------------------------------------------------------------------------------ arguments
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``aikd evaluate``."""
-    parser.add_argument("--scores", nargs="+", type=Path, metavar="CSV",
-                        help="quality score files, one per FIQA method (CSV path,quality)")
-    parser.add_argument("--names", nargs="+", metavar="NAME", help="method names (default: score file stems)")
-    parser.add_argument("--embeddings", type=Path, metavar="NPZ", help="face-recognition embeddings (.npz)")
-    parser.add_argument("--pairs", type=Path, metavar="FILE",
-                        help="protocol file; may be left out with --protocol identity (all embedded images, "
-                             "identity = parent folder)")
-    parser.add_argument("--protocol", choices=protocols.PROTOCOLS, default="auto",
-                        help="protocol file format (default: guessed from the file)")
-    parser.add_argument("--lfw-pattern", default=protocols.LFW_PATTERN,
-                        help="image name in LFW-style pairs, fields {name} and {n} (default: %(default)s)")
-    parser.add_argument("--identity-column", default="identity", help="identity column of an identity CSV")
-    parser.add_argument("--suite", type=Path, metavar="YAML",
-                        help="several FR models and datasets (format: the aikd.report module docstring)")
-    parser.add_argument("--dataset", help="dataset name in outputs (default: from the pairs file name)")
-    parser.add_argument("--fr-model", help="FR model name in outputs (default: embeddings file stem)")
-    parser.add_argument("--fmr", nargs="+", type=float, metavar="FMR",
-                        help=f"target false match rates (default: {ev.DEFAULT_FMR:g})")
-    parser.add_argument("--discard-limit", nargs="+", type=float, metavar="D",
-                        help=f"upper ends of the pAUC (default: {ev.DEFAULT_DISCARD_LIMIT:g})")
-    parser.add_argument("--threshold", choices=("fixed", "recomputed", "both"),
-                        help="threshold convention (default: both)")
-    parser.add_argument("--oracle", action="store_true",
-                        help="add the theoretical-best curve to the CSV files as a method (needs no scores)")
-    parser.add_argument("--skip-bad-pairs", action="store_true",
-                        help="skip bad protocol lines and unknown images (reported on stderr); default: fail")
-    parser.add_argument("--max-points", type=int, default=2000, help="most points per curve in erc.csv")
-    parser.add_argument("--no-plots", action="store_true", help="write the CSV files and tables only")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-
-
 @dataclass
 class Job:
     """One (FR model, dataset) evaluation."""
@@ -144,11 +109,35 @@ class Job:
 
 @dataclass
 class Settings:
+    """What to compute for every job: FMRs, pAUC limits, threshold conventions, the oracle, strictness."""
+
     fmrs: list[float]
     limits: list[float]
     modes: list[str]
-    oracle: bool
-    strict: bool
+    oracle: bool = False
+    strict: bool = True
+
+    @classmethod
+    def make(cls, fmrs: Sequence[float] | None = None, limits: Sequence[float] | None = None,
+             threshold: str | None = None, oracle: bool = False, strict: bool = True,
+             suite: dict | None = None) -> Settings:
+        """Checked settings: the values given, else a suite file's top-level ones, else the defaults."""
+        suite = suite or {}
+        fmrs = list(fmrs or _as_list(suite.get("fmr", [ev.DEFAULT_FMR]), "fmr"))
+        limits = list(limits or _as_list(suite.get("discard_limit", [ev.DEFAULT_DISCARD_LIMIT]), "discard_limit"))
+        threshold = threshold or str(suite.get("threshold", "both"))
+        if threshold not in ("fixed", "recomputed", "both"):
+            raise ValueError(f"threshold must be fixed, recomputed or both, not {threshold!r}")
+        modes = list(ev.THRESHOLD_MODES) if threshold == "both" else [threshold]
+        bad = [f for f in fmrs if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"--fmr must be between 0 and 1 (exclusive), got {bad[0]:g}")
+        top = float(ev.RECOMPUTED_GRID[-1]) if "recomputed" in modes else 1.0
+        bad = [d for d in limits if not 0 < d <= top or d >= 1]
+        if bad:
+            raise ValueError(f"--discard-limit must be in (0, {top:g}] for the threshold conventions asked, "
+                             f"got {bad[0]:g}")
+        return cls(sorted(set(fmrs)), sorted(set(limits)), modes, oracle, strict)
 
 
 @dataclass
@@ -162,28 +151,12 @@ class Outcome:
     oracles: dict[tuple[float, str], ev.EDC] = field(default_factory=dict)
 
 
-def _dataset_name(pairs: Path | None, embeddings: Path) -> str:
+def dataset_name(pairs: Path | None, embeddings: Path) -> str:
     """``pairs_CALFW.txt`` -> CALFW, ``lfw/pairs.txt`` -> lfw, ``lfw.bin`` -> lfw; else embeddings stem."""
     if pairs is None:
         return embeddings.stem
     stem = re.sub(r"^pairs[_-]|[_-]pairs$", "", pairs.stem, flags=re.IGNORECASE)
     return pairs.parent.name if stem.lower() in ("pairs", "") and pairs.parent.name else stem
-
-
-def _job_from_args(args: argparse.Namespace) -> Job:
-    if args.embeddings is None:
-        raise ValueError("--embeddings is required (or give --suite)")
-    if args.pairs is None and args.protocol != "identity":
-        raise ValueError("--pairs is required, except with --protocol identity (all embedded images)")
-    scores = list(args.scores or [])
-    names = list(args.names) if args.names else [path.stem for path in scores]
-    if len(names) != len(scores):
-        raise ValueError(f"--names gives {len(names)} names for {len(scores)} score files")
-    if len(set(names)) != len(names) or ORACLE in names:
-        raise ValueError(f"method names must differ and not be {ORACLE!r}: {', '.join(names)}")
-    dataset = args.dataset or _dataset_name(args.pairs, args.embeddings)
-    return Job(args.fr_model or args.embeddings.stem, dataset, args.embeddings, args.pairs,
-               dict(zip(names, scores, strict=True)), args.protocol, args.lfw_pattern, args.identity_column)
 
 
 def _suite_entry(model: str, dataset: str, entry: object, root: Path) -> Job:
@@ -239,25 +212,6 @@ def _as_list(value: object, what: str) -> list[float]:
         return [float(v) for v in values]
     except (TypeError, ValueError):
         raise ValueError(f"{what}: expected numbers, got {value!r}") from None
-
-
-def _settings(args: argparse.Namespace, suite: dict) -> Settings:
-    fmrs = args.fmr or _as_list(suite.get("fmr", [ev.DEFAULT_FMR]), "fmr")
-    limits = args.discard_limit or _as_list(suite.get("discard_limit", [ev.DEFAULT_DISCARD_LIMIT]),
-                                            "discard_limit")
-    threshold = args.threshold or str(suite.get("threshold", "both"))
-    if threshold not in ("fixed", "recomputed", "both"):
-        raise ValueError(f"threshold must be fixed, recomputed or both, not {threshold!r}")
-    modes = list(ev.THRESHOLD_MODES) if threshold == "both" else [threshold]
-    bad = [f for f in fmrs if not 0 < f < 1]
-    if bad:
-        raise ValueError(f"--fmr must be between 0 and 1 (exclusive), got {bad[0]:g}")
-    top = float(ev.RECOMPUTED_GRID[-1]) if "recomputed" in modes else 1.0
-    bad = [d for d in limits if not 0 < d <= top or d >= 1]
-    if bad:
-        raise ValueError(f"--discard-limit must be in (0, {top:g}] for the threshold conventions asked, "
-                         f"got {bad[0]:g}")
-    return Settings(sorted(set(fmrs)), sorted(set(limits)), modes, args.oracle, not args.skip_bad_pairs)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -502,7 +456,32 @@ def _markdown_table(methods: list[str], datasets: list[str], table: np.ndarray) 
 
 
 # ------------------------------------------------------------------------------------------------ run
-def _summary(rows: Sequence[tuple]) -> str:
+def write_report(jobs: Sequence[Job], settings: Settings, output: Path, max_points: int = 2000,
+                 plots: bool = True) -> tuple[list[tuple], list[Path]]:
+    """Evaluate every job, then write ``erc.csv``, ``pauc.csv``, the tables and (if ``plots``) the EDC plots.
+
+    Returns:
+        The ``pauc.csv`` rows and the files written.
+    """
+    if max_points < 2:
+        raise ValueError("--max-points must be at least 2")
+    outcomes = [evaluate_job(job, settings) for job in jobs]
+    write_csv(output / "erc.csv", ERC_HEADER, erc_rows(outcomes, settings, max_points))
+    rows = pauc_rows(outcomes, settings)
+    write_csv(output / "pauc.csv", PAUC_HEADER, rows)
+    written = [output / "erc.csv", output / "pauc.csv", *write_tables(rows, settings, output)]
+    if plots:
+        for outcome in outcomes:
+            for fmr in settings.fmrs:
+                for mode in settings.modes:
+                    name = (f"edc_{_file_part(outcome.job.dataset)}_{_file_part(outcome.job.fr_model)}"
+                            f"_fmr{fmr:g}_{mode}")
+                    plot_edc(outcome, settings, fmr, mode, output / name)
+                    written += [output / f"{name}.png", output / f"{name}.svg"]
+    return rows, written
+
+
+def summary(rows: Sequence[tuple]) -> str:
     col = {name: i for i, name in enumerate(PAUC_HEADER)}
     lines = []
     for r in rows:
@@ -511,33 +490,3 @@ def _summary(rows: Sequence[tuple]) -> str:
                      f"{r[col['threshold_mode']]:<10} limit {r[col['discard_limit']]:<4g} "
                      f"pAUC {r[col['pauc']]:.4g}  normalised {_cell(r[col['pauc_normalised']])}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, then write erc.csv, pauc.csv, plots and tables into ``args.output``."""
-    if args.suite is not None:
-        if args.scores or args.embeddings or args.pairs:
-            raise ValueError("--suite lists the files itself; leave out --scores, --embeddings and --pairs")
-        jobs, suite = load_suite(args.suite)
-    else:
-        jobs, suite = [_job_from_args(args)], {}
-    settings = _settings(args, suite)
-    if args.max_points < 2:
-        raise ValueError("--max-points must be at least 2")
-    outcomes = [evaluate_job(job, settings) for job in jobs]
-    output = args.output
-    write_csv(output / "erc.csv", ERC_HEADER, erc_rows(outcomes, settings, args.max_points))
-    rows = pauc_rows(outcomes, settings)
-    write_csv(output / "pauc.csv", PAUC_HEADER, rows)
-    written = [output / "erc.csv", output / "pauc.csv", *write_tables(rows, settings, output)]
-    if not args.no_plots:
-        for outcome in outcomes:
-            for fmr in settings.fmrs:
-                for mode in settings.modes:
-                    name = (f"edc_{_file_part(outcome.job.dataset)}_{_file_part(outcome.job.fr_model)}"
-                            f"_fmr{fmr:g}_{mode}")
-                    plot_edc(outcome, settings, fmr, mode, output / name)
-                    written += [output / f"{name}.png", output / f"{name}.svg"]
-    print(_summary(rows))
-    print(f"wrote {len(written)} files to {output}", file=sys.stderr)
-    return 0

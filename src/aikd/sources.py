@@ -1,105 +1,135 @@
-"""How input photos become 112x112 model inputs: as they come, aligned by landmarks, or detected first.
+"""How input photos become model-input crops: as they come, aligned by landmarks, or detected first.
 
-Shared by ``score``, ``embed`` and ``label``:
+Shared by ``score``, ``embed``, ``label`` and ``align`` (:class:`CropOptions`, built once from the command line):
 
-- default: the image is taken as it comes and resized to 112x112 (AI-KD is alignment-invariant; for
-  FR embeddings this assumes already aligned crops, hence ``--aligned`` as an explicit synonym);
-- ``--landmarks FILE``: five-point alignment with landmarks from a CSV/pickle, matched by image key;
-- ``--detect``: landmarks from the face detector (most confident face);
-- ``--misalign P --seed S``: the landmarks are jittered by U[-P, P] px before alignment, with noise
+- as they come (the default): the image is resized to the model's input size (AI-KD is alignment-invariant;
+  for FR embeddings this assumes already aligned crops, hence ``--aligned`` as an explicit synonym);
+- ``landmarks``: five-point alignment with landmarks from a CSV/pickle, matched by image name
+  (:class:`aikd.names.NameIndex`);
+- ``detect``: landmarks from the face detector (most confident face);
+- ``misalign P`` with ``seed S``: the landmarks are jittered by U[-P, P] px before alignment, with noise
   determined by (seed, image key) alone, so resuming or sharding a run does not change it.
+
+Crops are made at the model's input size (the ArcFace template scaled from its 112x112 frame), never at a
+fixed 112: a model whose input is 128x128 gets a 128x128 alignment, not a resampled 112x112 one.
 """
 
 from __future__ import annotations
 
-import argparse
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 
-from aikd.align import ALIGNED_SIZE, align_face, as_landmarks, misalign
-from aikd.images import ImageInput, match_landmarks
+from aikd.align import align_face, as_landmarks, misalign
+from aikd.images import ImageInput, match_landmarks, resize_image
 from aikd.io import read_landmarks
 
-__all__ = ["add_source_arguments", "make_prepare", "resize_to"]
+__all__ = ["CropOptions", "Prepare", "make_prepare"]
 
 Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
 
 
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--landmarks``, ``--detect``, ``--aligned``, ``--misalign`` and ``--seed`` to ``parser``."""
-    group = parser.add_argument_group("how faces are cropped")
-    exclusive = group.add_mutually_exclusive_group()
-    exclusive.add_argument("--landmarks", type=Path, metavar="FILE",
-                           help="align each image with its 5 landmarks from FILE (CSV path,x1,y1,...,x5,y5 "
-                                "or the official pickle); images without landmarks are reported as errors")
-    exclusive.add_argument("--detect", action="store_true",
-                           help="detect the most confident face and align it (needs the detect extra)")
-    exclusive.add_argument("--aligned", action="store_true",
-                           help="inputs are already aligned crops (the default: resized to 112x112 as they come)")
-    group.add_argument("--detector", default="retinaface", help="detector for --detect (default: %(default)s)")
-    group.add_argument("--detect-threshold", type=float, default=0.5, metavar="T",
-                       help="detector confidence threshold (default: %(default)s)")
-    group.add_argument("--misalign", type=float, default=0.0, metavar="P",
-                       help="jitter every landmark coordinate by U[-P, P] px before aligning (default: 0)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the misalignment noise (default: 0)")
+@dataclass(frozen=True)
+class CropOptions:
+    """How a photo becomes the model's input crop.
 
-
-def resize_to(image: np.ndarray, size: int | tuple[int, int] = ALIGNED_SIZE) -> np.ndarray:
-    """Resize to ``size`` (a side, or (height, width)): area filter when shrinking, bilinear when enlarging.
-
-    Returns ``image`` itself when it already has that size.
+    Attributes:
+        landmarks: align with the landmarks in this file (CSV or the official pickle).
+        detect: detect the most confident face and align it.
+        detector: the detector for ``detect``.
+        detect_threshold: its confidence threshold.
+        misalign: jitter every landmark coordinate by U[-misalign, misalign] pixels before aligning.
+        seed: seed of that noise (with each image's key).
     """
-    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if image.shape[:2] == (height, width):
-        return image
-    shrinking = image.shape[0] > height or image.shape[1] > width
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+
+    landmarks: Path | None = None
+    detect: bool = False
+    detector: str = "retinaface"
+    detect_threshold: float = 0.5
+    misalign: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.landmarks is not None and self.detect:
+            raise ValueError("--landmarks and --detect both choose the landmarks; pass one")
+        if not self.misalign >= 0:
+            raise ValueError(f"--misalign must be >= 0 pixels, got {self.misalign}")
+        if self.misalign > 0 and self.mode == "as-is":
+            raise ValueError("--misalign jitters landmarks: it needs --landmarks FILE or --detect")
+        if not 0.0 <= self.detect_threshold <= 1.0:
+            raise ValueError(f"--detect-threshold must be in [0, 1], got {self.detect_threshold}")
+
+    @property
+    def mode(self) -> str:
+        """``as-is``, ``landmarks`` or ``detect``."""
+        return "landmarks" if self.landmarks is not None else "detect" if self.detect else "as-is"
+
+    def record(self) -> dict[str, Any]:
+        """What defines the crops, as plain data."""
+        return {"mode": self.mode, "landmarks": str(self.landmarks) if self.landmarks else None,
+                "detector": self.detector if self.detect else None,
+                "detect_threshold": self.detect_threshold if self.detect else None,
+                "misalign": self.misalign, "seed": self.seed}
 
 
 def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.ndarray:
     if max_shift <= 0:
         return landmarks
-    rng = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8", "surrogateescape"))])
     return misalign(landmarks, rng, max_shift=max_shift)
 
 
-def make_prepare(args: argparse.Namespace, items: Sequence[ImageInput]) -> Prepare:
-    """The per-image preparation the source options ask for (runs in the decode worker threads)."""
-    if args.misalign < 0:
-        raise ValueError(f"--misalign must be >= 0 pixels, got {args.misalign}")
-    if args.misalign > 0 and not (args.landmarks or args.detect):
-        raise ValueError("--misalign jitters landmarks: it needs --landmarks FILE or --detect")
-    if args.landmarks is not None:
-        table = read_landmarks(args.landmarks)
+def _crop_side(input_size: Sequence[int]) -> int:
+    height, width = (int(v) for v in input_size)
+    if height != width:
+        raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
+    return height
+
+
+def make_prepare(options: CropOptions, items: Sequence[ImageInput], input_size: Sequence[int] = (112, 112),
+                 workers: int = 0) -> Prepare:
+    """The per-image preparation ``options`` ask for, at the model's ``input_size`` (runs in decode threads).
+
+    Args:
+        options: how to crop.
+        items: every input of the run (landmarks are matched to them once, up front).
+        input_size: (height, width) of the model's input.
+        workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
+    """
+    if options.mode == "landmarks":
+        side = _crop_side(input_size)
+        table = read_landmarks(options.landmarks)
         matched, missing = match_landmarks(items, table.paths, table.landmarks)
         by_key = {item.key: matched[i] for i, item in enumerate(items)}
         missing_keys = {items[i].key for i in missing}
-        source = str(args.landmarks)
+        source = str(options.landmarks)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
             if item.key in missing_keys:
                 raise ValueError(f"no landmarks for this image in {source}")
             landmarks = as_landmarks(by_key[item.key])
-            return align_face(image, _jitter(landmarks, item.key, args.misalign, args.seed))
+            return align_face(image, _jitter(landmarks, item.key, options.misalign, options.seed), size=side)
 
         return prepare
-    if args.detect:
+    if options.mode == "detect":
         from aikd.detect import thread_local_detector
 
-        detector_for_thread = thread_local_detector(args.detector, single_threaded=getattr(args, "workers", 0) > 0,
-                                                    score_threshold=args.detect_threshold)
+        side = _crop_side(input_size)
+        detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,
+                                                    score_threshold=options.detect_threshold)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
             faces = detector_for_thread().detect(image)
             if not faces:
                 raise ValueError("no face found")
             landmarks = as_landmarks(faces[0].landmarks)
-            return align_face(image, _jitter(landmarks, item.key, args.misalign, args.seed))
+            return align_face(image, _jitter(landmarks, item.key, options.misalign, options.seed), size=side)
 
         return prepare
-    return lambda image, item: resize_to(image)
+    size = tuple(int(v) for v in input_size)
+    return lambda image, item: resize_image(image, size)
+

@@ -22,7 +22,6 @@ The run folder gets ``config.yaml`` (the resolved config), ``data_report.json`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from tqdm import tqdm
 
-from aikd.config import config_to_dict, describe_config, load_config, save_config
+from aikd.config import config_to_dict, save_config
 from aikd.data import (
     VAL_STREAM,
     DataConfig,
@@ -62,6 +61,7 @@ from aikd.distill import (
     quality_forward,
     teacher_embeddings,
 )
+from aikd.evaluate import quality_metrics
 from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
 from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
@@ -73,10 +73,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
-    "add_arguments",
     "lr_factor",
-    "quality_metrics",
-    "run",
     "train",
 ]
 
@@ -255,36 +252,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python_state["version"], tuple(python_state["words"].tolist()), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties sharing their average rank (as Spearman's rho needs)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse]
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def _smooth_l1(predicted: np.ndarray, target: np.ndarray, beta: float) -> float:
-    error = np.abs(predicted - target)
-    return float(np.where(error < beta, 0.5 * error**2 / beta, error - 0.5 * beta).mean())
-
-
-def quality_metrics(aligned: np.ndarray, misaligned: np.ndarray, labels: np.ndarray, beta: float) -> dict[str, float]:
-    """Validation figures: quality loss, Spearman and Pearson vs the labels on aligned and misaligned faces,
-    and the alignment sensitivity ``mean |q̂(aligned) - q̂(misaligned)|``."""
-    out: dict[str, float] = {}
-    for view, predicted in (("aligned", aligned), ("misaligned", misaligned)):
-        out[f"quality_loss_{view}"] = _smooth_l1(predicted, labels, beta)
-        out[f"spearman_{view}"] = _pearson(_ranks(predicted), _ranks(labels))
-        out[f"pearson_{view}"] = _pearson(predicted, labels)
-    out["alignment_sensitivity"] = float(np.abs(aligned - misaligned).mean())
-    return out
 
 
 class MetricsLog:
@@ -649,54 +616,3 @@ def train(
               f"device {dist.device}, amp {str(trainer.amp_dtype or 'off').replace('torch.', '')}", file=sys.stderr)
     status = trainer.fit(stop_after)
     return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``aikd train``."""
-    parser.add_argument("--config", help="YAML config (e.g. configs/aikd_r100.yaml, configs/tiny.yaml)")
-    parser.add_argument("--out", help="run folder: config.yaml, metrics, best.pt, last.pt")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
-                                                            "(its config.yaml, updated by any key=value)")
-    parser.add_argument("--stop-after", type=int, metavar="STEPS",
-                        help="stop with a checkpoint after this many steps in all (continue with --resume)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.head_lr=0.01")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``aikd train``."""
-    if args.help_config:
-        print("\n".join(describe_config(TrainConfig)))
-        return 0
-    if args.resume:
-        if args.config or (args.out and Path(args.out) != Path(args.resume)):
-            raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; leave out --config/--out")
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise ValueError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        config = load_config(TrainConfig, run_dir / "config.yaml", args.overrides)
-    else:
-        if not args.config or not args.out:
-            raise ValueError("give --config CONFIG.yaml and --out RUN_DIR (or --resume RUN_DIR)")
-        run_dir = Path(args.out)
-        config = load_config(TrainConfig, args.config, args.overrides)
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ValueError(f"--stop-after: expected a positive number of steps, got {args.stop_after}")
-    try:
-        result = train(config, run_dir, resume=bool(args.resume), stop_after=args.stop_after)
-    except TrainingDiverged as err:
-        print(f"aikd train: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-    if result.rank != 0:
-        return 0
-    if result.status == "stopped":
-        print(f"aikd train: stopped after step {result.step} of {result.total_steps}; continue with "
-              f"aikd train --resume {run_dir}", file=sys.stderr)
-    elif result.best is not None:
-        print(f"aikd train: done, {result.step} steps; best.pt from step {result.best['step']} (EMA weights), "
-              f"validation quality loss {result.best['quality_loss_aligned']:.4f} aligned / "
-              f"{result.best['quality_loss_misaligned']:.4f} misaligned", file=sys.stderr)
-    return 0

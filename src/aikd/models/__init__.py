@@ -1,14 +1,17 @@
 """Models of AI-KD: insightface-compatible iResNet backbones, the quality head, the registry, checkpoints.
 
-    from aikd.models import build_model, load_quality_model
+    from aikd.models import build_model, load_fr_model, load_quality_model
     model = load_quality_model("aikd-best.pth")          # the paper's release, or an aikd checkpoint
     embedding, quality = model(model.preprocessing(images))
+    teacher = load_fr_model("backbone.pth")              # backbone + preprocessing + arch
 """
 
 from aikd.models.calibration import calibrate_batchnorm
 from aikd.models.checkpoint import (
+    FRModel,
     infer_arch,
     load_backbone,
+    load_fr_model,
     load_quality_model,
     read_checkpoint,
     save_checkpoint,
@@ -28,9 +31,18 @@ from aikd.models.iresnet import (
 from aikd.models.layout import needs_nchw_backward, to_training_layout
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
-from aikd.models.registry import ModelSpec, build_backbone, build_model, get_spec, list_models, register_model
+from aikd.models.registry import (
+    ModelSpec,
+    build_backbone,
+    build_model,
+    get_spec,
+    list_models,
+    preprocessing_for,
+    register_model,
+)
 
 __all__ = [
+    "FRModel",
     "IBasicBlock",
     "IResNet",
     "ModelSpec",
@@ -51,8 +63,10 @@ __all__ = [
     "iresnet_tiny",
     "list_models",
     "load_backbone",
+    "load_fr_model",
     "load_quality_model",
     "needs_nchw_backward",
+    "preprocessing_for",
     "read_checkpoint",
     "register_model",
     "save_checkpoint",

@@ -22,6 +22,7 @@ import re
 import struct
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,19 @@ import torch
 from torch import nn
 
 from aikd.io import atomic_write
+from aikd.models.calibration import calibrate_batchnorm
 from aikd.models.head import QualityHead
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
-from aikd.models.registry import build_backbone, get_spec, list_models
+from aikd.models.registry import build_backbone, embedding_size_of, get_spec, list_models, preprocessing_for
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "FRModel",
     "infer_arch",
     "load_backbone",
+    "load_fr_model",
     "load_quality_model",
     "read_checkpoint",
     "save_checkpoint",
@@ -78,11 +82,10 @@ def save_checkpoint(
     path = Path(path)
     spec = get_spec(arch)
     model = _unwrap(model)
-    if preprocessing is None:
-        preprocessing = getattr(model, "preprocessing", None) or spec.preprocessing
-    if not isinstance(preprocessing, Preprocessing):
-        preprocessing = Preprocessing.from_dict(preprocessing)
     state = _strip_wrapper_prefixes(_state_dict_of(model))
+    fc = (_part(state, BACKBONE_PREFIX) or state).get("fc.weight")
+    preprocessing = preprocessing_for(spec.name, int(fc.shape[0]) if fc is not None else None,
+                                      preprocessing or getattr(model, "preprocessing", None))
     state = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     try:
         looks_like = infer_arch(state)
@@ -371,17 +374,6 @@ def _read_any(
     return state, meta, str(weights)
 
 
-def _preprocessing_from(
-    meta: Mapping[str, Any], arch: str, embedding_size: int, source: str
-) -> Preprocessing:
-    if meta.get("preprocessing") is not None:
-        try:
-            return Preprocessing.from_dict(meta["preprocessing"])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{source}: bad preprocessing record: {err}") from None
-    return Preprocessing(**{**get_spec(arch).preprocessing.to_dict(), "embedding_size": embedding_size})
-
-
 def load_backbone(
     weights: str | os.PathLike | Mapping[str, torch.Tensor],
     arch: str | None = None,
@@ -394,13 +386,72 @@ def load_backbone(
         arch: architecture; by default the file's record, else inferred from the keys.
         map_location: device to put the model on.
     """
-    state, meta, source = _read_any(weights)
+    return _load_backbone(*_read_any(weights), arch)[0].to(map_location).eval()
+
+
+def _load_backbone(state: StateDict, meta: Mapping[str, Any], source: str, arch: str | None) -> tuple[nn.Module, str]:
     state = _part(state, BACKBONE_PREFIX) or state
     arch = _resolve_arch(arch, meta.get("arch"), state, source)
     fc = state.get("fc.weight")
     model = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
     _load_strictly(model, state, source, arch)
-    return model.to(map_location).eval()
+    return model, arch
+
+
+@dataclass
+class FRModel:
+    """A face-recognition backbone with what comes with it.
+
+    Attributes:
+        backbone: the network, in eval mode.
+        preprocessing: the input it expects (:func:`aikd.models.registry.preprocessing_for`).
+        arch: its registered architecture.
+        random: whether its weights are random (``weights="none"``): for tests and demos only.
+    """
+
+    backbone: nn.Module
+    preprocessing: Preprocessing
+    arch: str
+    random: bool = False
+
+
+def load_fr_model(
+    weights: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | None = None,
+    *,
+    seed: int = 0,
+    map_location: str | torch.device = "cpu",
+) -> FRModel:
+    """The face-recognition model every command that needs one loads (``label``, ``train``'s teacher, ``embed``).
+
+    Args:
+        weights: an insightface ``backbone.pth``, an aikd or AI-KD quality checkpoint (its backbone is taken),
+            a ``.safetensors`` file, a state dict; or ``"none"``: random weights seeded by ``seed``, with
+            BatchNorm calibrated on noise (tests and demos only: its embeddings mean nothing).
+        arch: architecture; by default the file's record, else inferred from the keys; required for ``none``.
+        seed: seed of random weights.
+        map_location: device to put the model on.
+
+    Raises:
+        ValueError: unreadable or unsafe weights, or weights that fit no (or not the named) architecture.
+    """
+    if isinstance(weights, (str, os.PathLike)) and str(weights).strip().lower() == "none":
+        if not arch:
+            raise ValueError("weights none builds random weights: name the architecture (e.g. tiny)")
+        name = get_spec(arch).name
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(name)
+        calibrate_batchnorm(backbone, batches=4, batch_size=8, seed=seed)
+        preprocessing = preprocessing_for(name, embedding_size_of(backbone))
+        return FRModel(backbone.to(map_location).eval(), preprocessing, name, random=True)
+    state, meta, source = _read_any(weights)
+    backbone, name = _load_backbone(state, meta, source, arch)
+    try:
+        preprocessing = preprocessing_for(name, embedding_size_of(backbone), meta.get("preprocessing"))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return FRModel(backbone.to(map_location).eval(), preprocessing, name)
 
 
 def load_quality_model(
@@ -432,7 +483,10 @@ def load_quality_model(
     fc = backbone_state.get("fc.weight")
     backbone = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
     head = QualityHead(int(in_features), int(hidden), int(head_state["l2.weight"].shape[0]))
-    preprocessing = _preprocessing_from(meta, arch, int(in_features), source)
+    try:
+        preprocessing = preprocessing_for(arch, int(in_features), meta.get("preprocessing"))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     model = QualityModel(backbone, head, arch=arch, preprocessing=preprocessing)
     _load_strictly(model, state, source, arch)
     return model.to(map_location).eval()

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aikd.images import resize_image
+
 __all__ = ["Preprocessing"]
 
 ImageBatch = np.ndarray | Sequence[np.ndarray]
@@ -69,51 +71,51 @@ class Preprocessing:
     def __call__(self, images: ImageBatch) -> torch.Tensor:
         return self.to_tensor(images)
 
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """``image`` at ``input_size`` by aikd's one resize rule (:func:`aikd.images.resize_image`)."""
+        return resize_image(image, self.input_size)
+
+    def normalise(self, image: np.ndarray) -> np.ndarray:
+        """One uint8 (H, W, 3) RGB image -> float32 (H, W, 3) model input: resized to ``input_size``, channels
+        in the model's order, ``(x / 255 - mean) / std``.
+
+        The single home of this arithmetic: :meth:`to_tensor` (the Python API), the inference engine's decode
+        threads (``aikd score``/``embed``) and training all call it, so the same image gives the same input.
+        Stacking gives an (N, H, W, 3) batch whose NCHW view is already channels_last.
+        """
+        image = self.resize(_check_image(image, 0))
+        if self.channel_order == "BGR":
+            image = image[..., ::-1]
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return (image.astype(np.float32) / np.float32(255.0) - mean) / std
+
     def to_tensor(self, images: ImageBatch) -> torch.Tensor:
-        """uint8 RGB images -> float32 (N, 3, H, W) model input.
+        """uint8 RGB images -> float32 (N, 3, H, W) model input (:meth:`normalise` of each).
 
         Args:
             images: one (H, W, 3) array, an (N, H, W, 3) array, or a list of (H, W, 3) arrays of any sizes.
-                Images not already ``input_size`` are resized with OpenCV (area averaging when shrinking,
-                bilinear when enlarging).
 
         Raises:
             ValueError: an image is not uint8 or not shaped (H, W, 3).
         """
-        batch = self._as_uint8_batch(images)
-        tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-        if self.channel_order == "BGR":
-            tensor = tensor.flip(1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return tensor.sub_(mean).div_(std).contiguous()
+        items = _as_list(images)
+        batch = np.stack([self.normalise(_check_image(image, i)) for i, image in enumerate(items)])
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
-    def _as_uint8_batch(self, images: ImageBatch) -> np.ndarray:
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            items: Sequence[np.ndarray] = list(images)
-        elif isinstance(images, np.ndarray):
-            items = [images]
-        elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
-            items = images
-        else:
-            raise ValueError(f"expected uint8 RGB image array(s), got {type(images).__name__}")
-        if len(items) == 0:
-            raise ValueError("no images given")
-        height, width = self.input_size
-        out = np.empty((len(items), height, width, 3), dtype=np.uint8)
-        for i, image in enumerate(items):
-            out[i] = self._resized(_check_image(image, i), height, width)
-        return out
 
-    @staticmethod
-    def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
-        if image.shape[:2] == (height, width):
-            return image
-        import cv2
-
-        shrinking = image.shape[0] >= height and image.shape[1] >= width
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
+def _as_list(images: ImageBatch) -> Sequence[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        items: Sequence[np.ndarray] = list(images)
+    elif isinstance(images, np.ndarray):
+        items = [images]
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        items = images
+    else:
+        raise ValueError(f"expected uint8 RGB image array(s), got {type(images).__name__}")
+    if len(items) == 0:
+        raise ValueError("no images given")
+    return items
 
 
 def _check_image(image: Any, index: int) -> np.ndarray:

@@ -8,9 +8,6 @@ the frozen teacher) and a scalar quality (regressed onto the FIQA technique's la
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -47,23 +44,6 @@ class QualityModel(nn.Module):
         embedding = self.feature_extractor(x)
         quality = self.quality_head(embedding)
         return embedding, quality.squeeze(-1).float()
-
-    @classmethod
-    def load(
-        cls, checkpoint: str | os.PathLike, arch: str | None = None, map_location: str | torch.device = "cpu"
-    ) -> QualityModel:
-        """Load a quality model checkpoint (ours or the paper's); see :func:`load_quality_model`."""
-        from aikd.models.checkpoint import load_quality_model
-
-        return load_quality_model(checkpoint, arch=arch, map_location=map_location)
-
-    def score(
-        self, images: Any, batch_size: int = 32, device: str | torch.device | None = None, **kwargs: Any
-    ) -> Any:
-        """Quality scores of images; see :func:`aikd.score.score_images`."""
-        from aikd.score import score_images
-
-        return score_images(self, images, batch_size=batch_size, device=device, **kwargs)
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}" if self.arch else ""

@@ -1,4 +1,4 @@
-"""Model registry: architecture name -> builder + the preprocessing it expects; the ``aikd models`` command.
+"""Model registry: architecture name -> builder + the preprocessing it expects (listed by ``aikd models``).
 
 Names follow insightface's ``arcface_torch`` configs (``r18`` ... ``r200``); ``iresnet100``-style names are
 accepted as aliases. ``tiny`` and ``r18_w0.25`` are narrow variants for tests and demos: same 112x112
@@ -7,11 +7,9 @@ input, same 512-D embedding, same module names.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,14 +24,15 @@ from aikd.models.quality import QualityModel
 __all__ = [
     "ModelSpec",
     "Preprocessing",
-    "add_arguments",
     "build_backbone",
     "build_model",
     "count_macs",
+    "describe",
+    "embedding_size_of",
     "get_spec",
     "list_models",
+    "preprocessing_for",
     "register_model",
-    "run",
 ]
 
 ARCFACE_PREPROCESSING = Preprocessing()
@@ -118,10 +117,40 @@ def build_model(name: str, head_hidden: int = 1024, **kwargs: Any) -> QualityMod
     """
     spec = get_spec(name)
     backbone = spec.builder(**kwargs)
-    embedding_size = int(getattr(backbone, "num_features", spec.preprocessing.embedding_size))
-    head = QualityHead(embedding_size, head_hidden)
-    preprocessing = replace(spec.preprocessing, embedding_size=embedding_size)
+    preprocessing = preprocessing_for(spec.name, embedding_size_of(backbone))
+    head = QualityHead(preprocessing.embedding_size, head_hidden)
     return QualityModel(backbone, head, arch=spec.name, preprocessing=preprocessing)
+
+
+def embedding_size_of(backbone: nn.Module) -> int | None:
+    """The length of the embeddings ``backbone`` gives, when it says (``num_features``)."""
+    size = getattr(backbone, "num_features", None)
+    return int(size) if size else None
+
+
+def preprocessing_for(arch: str, embedding_size: int | None = None,
+                      recorded: Mapping[str, Any] | Preprocessing | None = None) -> Preprocessing:
+    """The one rule for a model's preprocessing: what its file records, else its architecture's; with the
+    embedding size the backbone really has.
+
+    Args:
+        arch: registered architecture.
+        embedding_size: the backbone's embedding length (``None``: keep the recorded or registered one).
+        recorded: the preprocessing a checkpoint records, if any.
+
+    Raises:
+        ValueError: a malformed recorded preprocessing.
+    """
+    if recorded is None:
+        preprocessing = get_spec(arch).preprocessing
+    elif isinstance(recorded, Preprocessing):
+        preprocessing = recorded
+    else:
+        try:
+            preprocessing = Preprocessing.from_dict(recorded)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"bad preprocessing record: {err}") from None
+    return preprocessing if embedding_size is None else replace(preprocessing, embedding_size=int(embedding_size))
 
 
 # ---------------------------------------------------------------------------------------- model statistics
@@ -174,39 +203,3 @@ def _describe(spec: ModelSpec) -> dict[str, Any]:
         "description": spec.description,
         "preprocessing": spec.preprocessing.to_dict(),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``aikd models``."""
-    parser.add_argument("--json", action="store_true", help="print the table as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``aikd models``: print every registered architecture with its size and cost."""
-    rows = [describe(name) for name in list_models()]
-    if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'name':<10} {'blocks':<13} {'width':>5} {'params':>9} {'GMACs':>6} {'GFLOPs':>7}  description")
-    for row in rows:
-        blocks = "-".join(str(n) for n in row["blocks"])
-        params = f"{row['parameters'] / 1e6:.2f} M"
-        print(f"{row['name']:<10} {blocks:<13} {row['width']:>5} {params:>9} {row['gmacs']:>6.2f} "
-              f"{row['gflops']:>7.2f}  {row['description']}")
-    head_params = sum(p.numel() for p in QualityHead().parameters())
-    print(f"\nparams: backbone only (the quality head adds {head_params / 1e6:.2f} M); "
-          "GMACs: multiply-accumulates per 112x112 face (insightface's \"GFLOPs\"); GFLOPs = 2 x GMACs")
-    for preprocessing in {Preprocessing.from_dict(row["preprocessing"]) for row in rows}:
-        names = ", ".join(row["name"] for row in rows if row["preprocessing"] == preprocessing.to_dict())
-        print(f"preprocessing ({names}): {_describe_preprocessing(preprocessing)}")
-    return 0
-
-
-def _describe_preprocessing(preprocessing: Preprocessing) -> str:
-    height, width = preprocessing.input_size
-    pairs = list(zip(preprocessing.mean, preprocessing.std, strict=True))
-    scale = ", ".join(f"(x/255-{m:g})/{s:g}" for m, s in pairs)
-    if len(set(pairs)) == 1:
-        scale = f"(x/255-{preprocessing.mean[0]:g})/{preprocessing.std[0]:g} per channel"
-    return (f"{height}x{width} {preprocessing.channel_order}, {scale}, "
-            f"embedding {preprocessing.embedding_size}")

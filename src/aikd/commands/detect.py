@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from aikd.images import ImageInput, add_input_arguments, collect_inputs
+from aikd.commands.options import add_input_arguments, add_job_arguments, job_options
+from aikd.images import ImageInput, collect_inputs
 from aikd.io import LANDMARK_COLUMNS, write_csv
-from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
+from aikd.jobs import ItemResult, check_output, finish_job, run_job
 
 __all__ = ["BOX_COLUMNS", "add_arguments", "detection_columns", "run"]
 
@@ -70,19 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser, batch_size=32)
 
 
-def _detect_prepare(args: argparse.Namespace) -> Callable[[np.ndarray, ImageInput], np.ndarray]:
+def _detect_prepare(detector_name: str, threshold: float, max_size: int | None, all_faces: bool,
+                    workers: int) -> Callable[[np.ndarray, ImageInput], np.ndarray]:
     """Decode-thread step: photo -> (F, 15) array of landmarks, box and confidence, best face first."""
     from aikd.detect import thread_local_detector
 
-    detector = thread_local_detector(args.detector, single_threaded=args.workers > 0,
-                                     score_threshold=args.threshold, max_size=args.max_size or None)
-    no_face = f"no face found ({args.detector}, confidence threshold {args.threshold:g})"
+    detector = thread_local_detector(detector_name, single_threaded=workers > 0, score_threshold=threshold,
+                                     max_size=max_size)
+    no_face = f"no face found ({detector_name}, confidence threshold {threshold:g})"
 
     def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
         faces = detector().detect(image)
         if not faces:
             raise ValueError(no_face)
-        if not args.all_faces:
+        if not all_faces:
             faces = faces[:1]
         return np.array([[*face.landmarks.ravel(), *face.box, face.confidence] for face in faces], np.float64)
 
@@ -125,16 +127,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.max_size < 0:
         raise ValueError(f"--max-size must be >= 0 pixels (0: never downscale), got {args.max_size}")
+    job = job_options(args)
     items = collect_inputs(args.inputs)
     output: Path = args.output
-    check_output(output, args.resume, args.overwrite)
-    prepare = _detect_prepare(args)
+    check_output(output, job.resume, job.overwrite)
+    prepare = _detect_prepare(args.detector, args.threshold, args.max_size or None, args.all_faces, job.workers)
 
     def process_batch(detections: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         return [ItemResult(rows=_rows(found, args.all_faces)) for found in detections]
 
-    results = run_job(items, process_batch, output, batch_size=args.batch_size, workers=args.workers,
-                      resume=args.resume, prepare=prepare, load_previous=_load_previous(args.all_faces),
+    results = run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
+                      resume=job.resume, prepare=prepare, load_previous=_load_previous(args.all_faces),
                       desc="detect")
 
     def write_output(good: list[tuple[ImageInput, ItemResult]]) -> None:

@@ -20,7 +20,6 @@ the pipeline working, not a real quality model. For real scores, train from a re
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from aikd.io import atomic_write
+from aikd.io import atomic_write, read_labels
 
 __all__ = ["add_arguments", "make_sample_photos", "run"]
 
@@ -99,13 +98,12 @@ def _step(title: str, argv: list[str], allowed: tuple[int, ...] = (0,)) -> None:
 
 
 def _read_scores(path: Path) -> dict[str, float]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["path"]: float(row["quality"]) for row in csv.DictReader(handle)}
+    return read_labels(path).as_dict()
 
 
 def _tiny_config() -> Path:
     """configs/tiny.yaml of the source tree this package runs from."""
-    path = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    path = Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the demo needs configs/tiny.yaml from the aikd source tree")
     return path

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from aikd.align import ARCFACE_TEMPLATE, align_face, estimate_similarity, transform_points
-from aikd.align_cli import crop_path
 from aikd.cli import main
+from aikd.commands.align import crop_path
 from aikd.io import LANDMARK_COLUMNS, read_landmarks, write_csv
 
 

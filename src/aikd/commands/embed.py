@@ -3,10 +3,10 @@
     aikd embed lfw/ --arch r100 --weights backbone.pth --aligned -o lfw_emb.npz
     aikd embed photos/ --weights backbone.pth --landmarks lm.csv --misalign 3 --seed 1 -o misaligned.npz
 
-Any backbone :func:`aikd.models.load_backbone` reads works: an insightface ``arcface_torch``
+Any face-recognition model :func:`aikd.models.load_fr_model` reads works: an insightface ``arcface_torch``
 ``backbone.pth``, or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are aligned
-with ``--landmarks FILE`` or ``--detect``, or taken as already aligned 112x112 crops (``--aligned``, the
-default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
+with ``--landmarks FILE`` or ``--detect``, or taken as already aligned crops of the model's input size
+(``--aligned``, the default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
 misaligned-test variant of a set (AI-KD, Babnik et al., IWBF 2024): every landmark coordinate is jittered by
 U[-P, P] pixels before alignment, with noise fixed by (seed, image key), so resuming or sharding a run does
 not change it.
@@ -25,17 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd.images import ImageInput, add_input_arguments, collect_inputs
-from aikd.inference import (
+from aikd.commands.options import (
+    add_crop_arguments,
     add_inference_arguments,
-    batch_size_from_args,
-    engine_from_args,
-    l2_normalise,
+    add_input_arguments,
+    crop_options,
+    inference_options,
+    job_options,
 )
+from aikd.evaluate import l2_normalise
+from aikd.images import ImageInput, collect_inputs
 from aikd.io import load_embeddings, save_embeddings
 from aikd.jobs import ItemResult, check_output, finish_sharded, run_job
-from aikd.runtime import distributed, resolve_device
-from aikd.sources import add_source_arguments, make_prepare
+from aikd.sources import make_prepare
 
 __all__ = ["add_arguments", "run"]
 
@@ -61,37 +63,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")
     parser.add_argument("-o", "--output", type=Path, default=Path("embeddings.npz"),
                         help="embedding file, .npz with paths and embeddings (default: %(default)s)")
-    add_source_arguments(parser)
+    add_crop_arguments(parser)
     add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``aikd embed``: 0 when every image was embedded, 1 when some failed (listed in the errors file)."""
-    from aikd.models import load_backbone
+    from aikd.models import load_fr_model
+    from aikd.runtime import distributed
 
-    batch_size = batch_size_from_args(args, resolve_device(args.device))
+    job, crop, inference = job_options(args), crop_options(args), inference_options(args)
+    output: Path = args.output
     items = collect_inputs(args.inputs)
-    source_prepare = make_prepare(args, items)
-    as_crops = args.landmarks is None and not args.detect
     resized = _ResizeCounter()
-    with distributed(args.device) as dist:
-        device = dist.device
-        dist.from_main(lambda: check_output(args.output, args.resume, args.overwrite))
-        engine = engine_from_args(load_backbone(args.weights, arch=args.arch), args, device)
+    with distributed(inference.device) as dist:
+        dist.from_main(lambda: check_output(output, job.resume, job.overwrite))
+        model = load_fr_model(args.weights, args.arch)
+        engine = inference.engine(model.backbone, dist.device, model.preprocessing)
         size = engine.preprocessing.input_size
+        crop_prepare = make_prepare(crop, items, size, job.workers)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
-            if as_crops:
+            if crop.mode == "as-is":
                 resized.note(image, size)
-            return engine.prepare(source_prepare(image, item))
+            return engine.prepare(crop_prepare(image, item))
 
         def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
             embeddings, _ = engine(batch)
             return [ItemResult(vector=vector) for vector in l2_normalise(embeddings)]
 
-        results = run_job(items, process, args.output, batch_size=batch_size, workers=args.workers,
-                          resume=args.resume, prepare=prepare, rank=dist.rank, world_size=dist.world_size,
-                          load_previous=_load_previous, desc="embedding")
+        results = run_job(items, process, output, batch_size=inference.batch_size_on(dist.device),
+                          workers=job.workers, resume=job.resume, prepare=prepare, rank=dist.rank,
+                          world_size=dist.world_size, load_previous=_load_previous, desc="embedding")
         resized_count = dist.sum(resized.count)
         if resized_count and dist.is_main:
             print(f"warning: {resized_count} input(s) were not {size[0]}x{size[1]} aligned crops and were "
@@ -99,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
         def write(good: list[tuple[ImageInput, ItemResult]]) -> None:
             vectors = [result.vector for _, result in good]
-            save_embeddings(args.output, [item.key for item, _ in good],
+            save_embeddings(output, [item.key for item, _ in good],
                             np.stack(vectors) if vectors else np.zeros((0, engine.embedding_size), np.float32))
 
-        return finish_sharded(dist, items, results, args.output, write, verb="embedded")
+        return finish_sharded(dist, items, results, output, write, verb="embedded")
 
 
 def _load_previous(path: Path) -> dict[str, ItemResult]:

@@ -16,12 +16,15 @@ Examples::
     aikd label images/ --method import --labels crfiqa.pkl --normalise rank -o labels.csv
     aikd label faces/ --method serfiq --arch tiny --weights none --seed 0 -o demo.csv   # pipeline test only
 
-Faces are prepared like ``aikd score`` prepares them (:mod:`aikd.sources`): as they come, resized to
-112x112 (``--aligned``), aligned with ``--landmarks``, or detected (``--detect``). ``--seed`` seeds the
-misalignment noise, the SER-FIQ dropout masks and random weights alike.
+Faces are prepared like ``aikd score`` prepares them (:mod:`aikd.sources`): as they come, resized to the
+FR model's input size (``--aligned``), aligned with ``--landmarks``, or detected (``--detect``). ``--seed``
+seeds the misalignment noise, the SER-FIQ dropout masks and random weights alike. The FR model is loaded by
+:func:`aikd.models.load_fr_model`, as ``aikd train`` loads its teacher.
 
 Runs are resumable (``--resume``) and failures are listed in ``LABELS_STEM.errors.csv``, as for every
-per-image command.
+per-image command; under ``torchrun`` each rank labels a share of the images::
+
+    torchrun --nproc_per_node=4 -m aikd label vggface2/ --method serfiq --weights backbone.pth -o labels.csv
 """
 
 from __future__ import annotations
@@ -31,17 +34,28 @@ import csv
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aikd.images import ImageInput, add_input_arguments, collect_inputs
+from aikd.commands.options import (
+    add_crop_arguments,
+    add_input_arguments,
+    add_job_arguments,
+    crop_options,
+    job_options,
+)
+from aikd.images import ImageInput, collect_inputs
 from aikd.io import load_embeddings, save_embeddings, write_csv
-from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, run_job
+from aikd.jobs import ItemResult, JobOptions, check_output, finish_sharded, run_job
 from aikd.labelers import LABELERS, BatchLabels, Labeler, SetLabels, labeler_class
-from aikd.sources import add_source_arguments, make_prepare
+from aikd.sources import CropOptions, make_prepare
 
-__all__ = ["add_arguments", "build_labeler", "embeddings_path", "run"]
+if TYPE_CHECKING:
+    from aikd.models import FRModel
+    from aikd.runtime import Distributed
+
+__all__ = ["add_arguments", "embeddings_path", "run"]
 
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: --weights none: the face-recognition model has RANDOM weights (arch {arch}, seed {seed}, "
@@ -61,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="FR backbone weights (insightface backbone.pth, aikd checkpoint, .safetensors); "
                             "'none' for random weights (tests and demos only: the labels mean nothing)")
     model.add_argument("--arch", help="backbone architecture, e.g. r100 (default: from the weights file)")
-    model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    add_source_arguments(parser)
+    model.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N or auto (torchrun: each rank's GPU) (default: %(default)s)")
+    add_crop_arguments(parser)
     serfiq = parser.add_argument_group("serfiq")
     serfiq.add_argument("--passes", type=int, default=100, metavar="T",
                         help="stochastic forward passes per image (default: %(default)s, as in the paper)")
@@ -113,7 +128,7 @@ def _identities_from_lists(inputs: Sequence[str], column: str) -> dict[str, str]
     return identities
 
 
-def build_labeler(args: argparse.Namespace, backbone: Any = None) -> Labeler:
+def _labeler_from_args(args: argparse.Namespace, backbone: Any = None) -> Labeler:
     """The labeller ``args.method`` asks for (``backbone``: the FR model, for methods that need one)."""
     cls = labeler_class(args.method)
     if args.method == "serfiq":
@@ -136,34 +151,6 @@ def build_labeler(args: argparse.Namespace, backbone: Any = None) -> Labeler:
     if args.labels is None:
         raise ValueError("--method import needs --labels FILE (CSV path,quality or the official pickle)")
     return cls(ImportOptions(args.labels, args.labels_column, args.normalise))
-
-
-def load_fr_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(backbone, preprocessing, device)`` from ``--weights/--arch/--device`` (random weights for 'none')."""
-    import torch
-
-    from aikd.models import Preprocessing, build_backbone, calibrate_batchnorm, get_spec, load_backbone
-    from aikd.models.checkpoint import read_checkpoint
-
-    if not args.weights:
-        raise ValueError(f"--method {args.method} needs a face-recognition model: --weights FR.pth [--arch r100] "
-                         "(or --weights none --arch tiny for a pipeline test)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.weights.lower() == "none":
-        if not args.arch:
-            raise ValueError("--weights none builds random weights: name the architecture with --arch (e.g. tiny)")
-        spec = get_spec(args.arch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            backbone = build_backbone(spec.name)
-        calibrate_batchnorm(backbone, seed=args.seed)
-        print(RANDOM_WEIGHTS_WARNING.format(arch=spec.name, seed=args.seed), file=sys.stderr)
-        return backbone.to(device).eval(), spec.preprocessing, device
-    state, meta = read_checkpoint(args.weights)
-    backbone = load_backbone(state, args.arch or meta.get("arch"), map_location=device)
-    recorded = meta.get("preprocessing")
-    preprocessing = Preprocessing.from_dict(recorded) if recorded else get_spec(args.arch or "r100").preprocessing
-    return backbone, preprocessing, device
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -221,10 +208,12 @@ def _load_previous(labeler: Labeler) -> Callable[[Path], dict[str, ItemResult]]:
     return load
 
 
-def _first_pass(args: argparse.Namespace, labeler: Labeler, items: list[ImageInput], preprocessing: Any,
-                device: Any) -> dict[str, ItemResult]:
-    """Decode, prepare and label (or embed) every image through the resumable job runner."""
+def _first_pass(labeler: Labeler, items: list[ImageInput], output: Path, job: JobOptions, crop: CropOptions,
+                model: FRModel, dist: Distributed, desc: str) -> dict[str, ItemResult]:
+    """Decode, prepare and label (or embed) this rank's share of the images through the resumable job runner."""
     import torch
+
+    preprocessing, device = model.preprocessing, dist.device
 
     def process_batch(images: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         faces = preprocessing(images).to(device)
@@ -232,9 +221,10 @@ def _first_pass(args: argparse.Namespace, labeler: Labeler, items: list[ImageInp
             labels = labeler.label_batch(faces, [item.key for item in batch])
         return _batch_results(labels, labeler.columns)
 
-    return run_job(items, process_batch, args.output, batch_size=args.batch_size, workers=args.workers,
-                   resume=args.resume, prepare=make_prepare(args, items), load_previous=_load_previous(labeler),
-                   desc=args.method)
+    prepare = make_prepare(crop, items, preprocessing.input_size, job.workers)
+    return run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers, resume=job.resume,
+                   prepare=prepare, rank=dist.rank, world_size=dist.world_size,
+                   load_previous=_load_previous(labeler), desc=desc)
 
 
 def _set_pass(labeler: Labeler, items: list[ImageInput], results: dict[str, ItemResult], output: Path) -> None:
@@ -256,28 +246,45 @@ def _set_pass(labeler: Labeler, items: list[ImageInput], results: dict[str, Item
 
 
 def run(args: argparse.Namespace) -> int:
-    """``aikd label``: compute, write the labels file and the errors file; returns the exit status."""
+    """``aikd label``: compute, write the labels file and the errors file; returns the exit status.
+
+    Under torchrun every rank labels its share of the images (``--device cuda``: its own GPU); rank 0 then
+    merges them, runs the whole-set pass of set methods (certainty) and writes the outputs.
+    """
+    from aikd.models import load_fr_model
+    from aikd.runtime import distributed
+
+    job, crop = job_options(args), crop_options(args)
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    method = labeler_class(args.method)
+    if method.needs_model and not args.weights:
+        raise ValueError(f"--method {args.method} needs a face-recognition model: --weights FR.pth [--arch r100] "
+                         "(or --weights none --arch tiny for a pipeline test)")
+    if method.needs_model and args.weights.strip().lower() == "none" and not args.arch:
+        raise ValueError("--weights none builds random weights: name the architecture with --arch (e.g. tiny)")
     items = collect_inputs(args.inputs)
     output: Path = args.output
-    check_output(output, args.resume, args.overwrite)
-    random_weights = labeler_class(args.method).needs_model and (args.weights or "").lower() == "none"
-    results: dict[str, ItemResult] = {}
-    if labeler_class(args.method).needs_model:
-        backbone, preprocessing, device = load_fr_model(args)
-        labeler = build_labeler(args, backbone)
-        results = _first_pass(args, labeler, items, preprocessing, device)
-    else:
-        labeler = build_labeler(args)
-    if labeler.set_pass:
-        _set_pass(labeler, items, results, output)
-    header = ["path", "quality", *labeler.columns]
+    with distributed(args.device if method.needs_model else "cpu") as dist:
+        dist.from_main(lambda: check_output(output, job.resume, job.overwrite))
+        results: dict[str, ItemResult] = {}
+        model = None
+        if method.needs_model:
+            model = load_fr_model(args.weights, args.arch, seed=args.seed, map_location=dist.device)
+            if model.random and dist.is_main:
+                print(RANDOM_WEIGHTS_WARNING.format(arch=model.arch, seed=args.seed), file=sys.stderr)
+            labeler = _labeler_from_args(args, model.backbone)
+            results = _first_pass(labeler, items, output, job, crop, model, dist, args.method)
+        else:
+            labeler = _labeler_from_args(args)
+        header = ["path", "quality", *labeler.columns]
 
-    def write_output(good: list[tuple[ImageInput, ItemResult]]) -> None:
-        write_csv(output, header, ([item.key, *row] for item, result in good for row in result.rows))
+        def write_output(good: list[tuple[ImageInput, ItemResult]]) -> None:
+            write_csv(output, header, ([item.key, *row] for item, result in good for row in result.rows))
 
-    summary = finish_job(items, results, output, write_output, verb=f"labelled ({args.method})")
-    if random_weights:  # again after the progress bar, where it is seen
-        print(RANDOM_WEIGHTS_WARNING.format(arch=args.arch, seed=args.seed), file=sys.stderr)
-    return summary.exit_code
+        set_pass = (lambda merged: _set_pass(labeler, items, merged, output)) if labeler.set_pass else None
+        code = finish_sharded(dist, items, results, output, write_output, verb=f"labelled ({args.method})",
+                              before_write=set_pass)
+        if model is not None and model.random and dist.is_main:  # again after the progress bar, where it is seen
+            print(RANDOM_WEIGHTS_WARNING.format(arch=model.arch, seed=args.seed), file=sys.stderr)
+        return code

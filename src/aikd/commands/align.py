@@ -28,9 +28,11 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from aikd.images import ImageInput, add_input_arguments, collect_inputs
+from aikd.align import ALIGNED_SIZE
+from aikd.commands.options import add_crop_arguments, add_input_arguments, add_job_arguments, crop_options, job_options
+from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
-from aikd.jobs import ItemResult, add_job_arguments, check_output, finish_job, journal_dir, run_job
+from aikd.jobs import ItemResult, check_output, finish_job, journal_dir, run_job
 from aikd.sources import make_prepare
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
@@ -44,21 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="ALIGNED_DIR",
                         help="folder to write the crops to (mirrors the input tree)")
-    where = parser.add_argument_group("landmarks")
-    exclusive = where.add_mutually_exclusive_group(required=True)
-    exclusive.add_argument("--landmarks", type=Path, metavar="FILE",
-                           help="5-point landmarks by image (CSV path,x1,y1,...,x5,y5 as written by aikd detect, "
-                                "or the official pickle)")
-    exclusive.add_argument("--detect", action="store_true", help="detect the most confident face instead")
-    where.add_argument("--detector", default="retinaface", help="detector for --detect (default: %(default)s)")
-    where.add_argument("--detect-threshold", type=float, default=0.5, metavar="T",
-                       help="detector confidence threshold for --detect (default: %(default)s)")
-    noise = parser.add_argument_group("misalignment")
-    noise.add_argument("--misalign", type=float, default=0.0, metavar="P",
-                       help="jitter every landmark coordinate by U[-P, P] source pixels before aligning "
-                            "(AI-KD uses 3; default: 0, aligned)")
-    noise.add_argument("--seed", type=int, default=0,
-                       help="seed of the misalignment noise; with the image key it fixes each crop (default: 0)")
+    add_crop_arguments(parser, alignment_required=True)
     parser.add_argument("--format", choices=sorted(FORMATS), default="png",
                         help=f"png (lossless, default) or jpg (quality {JPEG_QUALITY})")
     add_job_arguments(parser, batch_size=64)
@@ -112,19 +100,20 @@ def _check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``aikd align``: write the crops and the errors file; returns the exit status."""
+    job, crop = job_options(args), crop_options(args)
     items = collect_inputs(args.inputs)
     output: Path = args.output
     suffix = FORMATS[args.format]
     targets = _targets(items, output, suffix)
-    _check_output_folder(output, args.resume, args.overwrite)
-    prepare = make_prepare(args, items)
+    _check_output_folder(output, job.resume, job.overwrite)
+    prepare = make_prepare(crop, items, (ALIGNED_SIZE, ALIGNED_SIZE), job.workers)
 
     def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         results = []
-        for crop, item in zip(crops, batch, strict=True):
+        for crop_image, item in zip(crops, batch, strict=True):
             target = targets[item.key]
             with atomic_write(target, "wb") as handle:
-                handle.write(_encode(crop, suffix))
+                handle.write(_encode(crop_image, suffix))
             results.append(ItemResult(rows=[[target.relative_to(output).as_posix()]]))
         return results
 
@@ -132,6 +121,6 @@ def run(args: argparse.Namespace) -> int:
         return {key: ItemResult(rows=[[target.relative_to(output).as_posix()]])
                 for key, target in targets.items() if target.is_file()}
 
-    results = run_job(items, process_batch, output, batch_size=args.batch_size, workers=args.workers,
-                      resume=args.resume, prepare=prepare, load_previous=load_previous, desc="align")
+    results = run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
+                      resume=job.resume, prepare=prepare, load_previous=load_previous, desc="align")
     return finish_job(items, results, output, lambda good: None, verb="aligned").exit_code

@@ -1,0 +1,121 @@
+"""Command-line options several commands share, and the typed options they become (built once per run).
+
+- ``INPUT...``: image files, folders, patterns, lists or ``.bin`` sets (:func:`aikd.images.collect_inputs`);
+- running: ``--batch-size``, ``--workers``, ``--resume``, ``--overwrite`` -> :class:`aikd.jobs.JobOptions`;
+- cropping: ``--landmarks``/``--detect``/``--aligned``, ``--misalign``, ``--seed`` ->
+  :class:`aikd.sources.CropOptions`;
+- inference: ``--device``, ``--precision``, ``--backend``, ``--no-fold`` ->
+  :class:`aikd.inference.InferenceOptions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from aikd.jobs import JobOptions
+from aikd.sources import CropOptions
+
+__all__ = [
+    "add_crop_arguments",
+    "add_inference_arguments",
+    "add_input_arguments",
+    "add_job_arguments",
+    "crop_options",
+    "inference_options",
+    "job_options",
+]
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``INPUT...`` positional argument every per-image command takes."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively), glob patterns, .txt/.csv lists of "
+                             "paths, or insightface .bin validation sets")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
+                      batch_help: str = "images per journal record") -> argparse._ArgumentGroup:
+    """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs.
+
+    Returns the argument group, so a command can add its own running options next to these.
+    """
+    group = parser.add_argument_group("running")
+    default = "%(default)s" if batch_size is not None else "depends on the device"
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {default})")
+    group.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,
+                       help="threads decoding and preparing images ahead of the model (and detecting faces); "
+                            "0 does everything in the main thread (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted or finished run: skip images already done, retry failed ones")
+    group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
+    return group
+
+
+def job_options(args: argparse.Namespace) -> JobOptions:
+    """The :class:`JobOptions` of :func:`add_job_arguments`."""
+    return JobOptions(args.batch_size, args.workers, args.resume, args.overwrite)
+
+
+def add_crop_arguments(parser: argparse.ArgumentParser, alignment_required: bool = False) -> None:
+    """``--landmarks``/``--detect`` (and ``--aligned`` unless alignment is required), ``--detector``,
+    ``--detect-threshold``, ``--misalign``, ``--seed``."""
+    group = parser.add_argument_group("landmarks" if alignment_required else "how faces are cropped")
+    exclusive = group.add_mutually_exclusive_group(required=alignment_required)
+    exclusive.add_argument("--landmarks", type=Path, metavar="FILE",
+                           help="align each image with its 5 landmarks from FILE (CSV path,x1,y1,...,x5,y5 as "
+                                "written by aikd detect, or the official pickle); images without landmarks are "
+                                "reported as errors")
+    exclusive.add_argument("--detect", action="store_true",
+                           help="detect the most confident face and align it (needs the detect extra)")
+    if not alignment_required:
+        exclusive.add_argument("--aligned", action="store_true",
+                               help="inputs are already aligned crops (the default: resized to the model's input "
+                                    "size as they come)")
+    group.add_argument("--detector", default="retinaface", help="detector for --detect (default: %(default)s)")
+    group.add_argument("--detect-threshold", type=float, default=0.5, metavar="T",
+                       help="detector confidence threshold for --detect (default: %(default)s)")
+    group.add_argument("--misalign", type=float, default=0.0, metavar="P",
+                       help="jitter every landmark coordinate by U[-P, P] source pixels before aligning "
+                            "(AI-KD uses 3; default: 0, aligned)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the misalignment noise; with the image key it fixes each crop (default: 0)")
+
+
+def crop_options(args: argparse.Namespace) -> CropOptions:
+    """The :class:`CropOptions` of :func:`add_crop_arguments`."""
+    return CropOptions(args.landmarks, args.detect, args.detector, args.detect_threshold, args.misalign, args.seed)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
+    from aikd.inference import BACKENDS, CPU_BATCH, GPU_BATCH, PRECISIONS
+
+    group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="fp32 (exact), bf16 (autocast; fast on GPUs and on CPUs with native bf16, e.g. "
+                            "AVX-512 BF16 or AMX, emulated and slow elsewhere) or fp16 (GPU autocast); the "
+                            "embedding layer and the quality head stay fp32 (default: %(default)s)")
+    group.add_argument("--backend", choices=BACKENDS, default="torch",
+                       help="torch, or onnxruntime (fp32, needs the onnx extra; often the fastest exact path on "
+                            "CPUs, at the cost of an export of some seconds at start) (default: %(default)s)")
+    group.add_argument("--no-fold", dest="fold", action="store_false",
+                       help="run the model as stored instead of with BatchNorm folded into convolutions")
+
+
+def inference_options(args: argparse.Namespace):  # -> aikd.inference.InferenceOptions (imports torch)
+    """The :class:`~aikd.inference.InferenceOptions` of :func:`add_inference_arguments`."""
+    from aikd.inference import InferenceOptions
+
+    return InferenceOptions(args.device, args.precision, args.backend, args.fold, args.batch_size)
