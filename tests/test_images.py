@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aikd.images import ImageError, ImageInput, collect_inputs, load_image, match_keys, match_landmarks
+from aikd.images import ImageError, ImageInput, collect_inputs, load_image, match_landmarks
 from conftest import png_claiming_size
 
 
@@ -99,12 +99,6 @@ def test_match_landmarks(tmp_path):
     np.testing.assert_array_equal(matched[:3], points[:3])
     np.testing.assert_array_equal(matched[4], points[3])
     assert missing == [3, 5] and np.isnan(matched[3]).all()
-
-
-def test_match_keys_refuses_ambiguous_suffix(tmp_path):
-    table = ["a/x/1.png", "b/x/1.png", "a/y/2.png"]
-    items = [ImageInput(tmp_path / k, k) for k in ("x/1.png", "y/2.png", "1.png")]
-    assert match_keys(items, table) == [None, 2, None]
 
 
 def test_bin_validation_set_members(tmp_path, rgb):

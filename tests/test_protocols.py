@@ -203,19 +203,6 @@ def test_detect_protocol(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ resolving
-def test_name_index_exact_normalised_and_suffix_matches():
-    paths = ["/data/lfw/Abel/Abel_0001.jpg", "lfw\\Bob\\Bob_0001.jpg", "Carl/Carl_0001.jpg",
-             "x/dup/Dup_0001.jpg", "y/dup/Dup_0001.jpg"]
-    index = pr.NameIndex(paths)
-    assert index.find("/data/lfw/Abel/Abel_0001.jpg") == 0  # exact
-    assert index.find("Abel/Abel_0001.jpg") == 0  # trailing components of one path
-    assert index.find("./lfw/Bob/Bob_0001.jpg") == 1  # normalised
-    assert index.find("images/Carl/Carl_0001.jpg") == 2  # the path is the name's trailing components
-    assert index.find("dup/Dup_0001.jpg") is None  # ambiguous
-    assert index.find("x/dup/Dup_0001.jpg") == 3
-    assert index.find("Nobody/Nobody_0001.jpg") is None
-
-
 def test_resolve_reports_unknown_names_with_line_numbers(tmp_path, caplog):
     pairs = pr.read_lfw_pairs(write(tmp_path / "pairs.txt", LFW_PAIRS))
     known = sorted(set(pairs.first + pairs.second) - {"Dean_Barker/Dean_Barker_0001.jpg",

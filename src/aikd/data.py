@@ -35,6 +35,7 @@ from aikd.align import Misalignment, align_face, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
 from aikd.models.preprocessing import Preprocessing
+from aikd.names import match_names
 from aikd.synthetic import SyntheticFaces
 
 __all__ = [
@@ -163,9 +164,11 @@ class IndexReport:
     }
 
     def add(self, problem: str, names: np.ndarray) -> None:
+        """Count ``names`` under ``problem`` (added to what it already holds) and keep the first examples."""
         if len(names):
-            self.counts[problem] = int(len(names))
-            self.examples[problem] = [str(name) for name in names[:EXAMPLES]]
+            self.counts[problem] = self.counts.get(problem, 0) + int(len(names))
+            examples = self.examples.setdefault(problem, [])
+            examples.extend(str(name) for name in names[:EXAMPLES - len(examples)])
 
     def summary(self) -> str:
         """One line per problem, e.g. ``no_label: 3 images or landmarks without a label (e.g. a.jpg, b.jpg)``."""
@@ -246,9 +249,12 @@ def read_index(
 ) -> TrainingIndex:
     """Join an image folder, a landmarks file and a labels file into a :class:`TrainingIndex`.
 
-    Names are matched exactly as written (relative to ``images``). Entries without landmarks, without a
-    label, without an image file (when ``check_images``), with a NaN/inf label or with unusable landmarks
-    are left out and reported in ``index.report``; the kept entries are sorted by name.
+    Names are joined by aikd's one name policy (:mod:`aikd.names`: exact, normalised, then whole trailing
+    path components matching one name), so a landmarks file written relative to another root (``vggface2/
+    n001/1.jpg``) still finds ``n001/1.jpg`` in the labels and the folder; an index entry keeps the image's
+    path relative to ``images``. Entries without landmarks, without a label, without an image file (when
+    ``check_images``), with a NaN/inf label or with unusable landmarks are left out and reported in
+    ``index.report``; the kept entries are sorted by name.
 
     Args:
         images: image root folder.
@@ -266,18 +272,28 @@ def read_index(
     landmark_names, points = _first_occurrences(landmark_names, points, report, "duplicate_landmarks")
     label_names, scores = _first_occurrences(label_names, scores, report, "duplicate_labels")
     files = _walk_images(Path(images)) if check_images else None
-    known = label_names if files is None else np.union1d(label_names, files)
-    report.add("no_landmarks", np.setdiff1d(known, landmark_names, assume_unique=True))
-    known = landmark_names if files is None else np.union1d(landmark_names, files)
-    report.add("no_label", np.setdiff1d(known, label_names, assume_unique=True))
-    names, in_landmarks, in_labels = np.intersect1d(landmark_names, label_names, assume_unique=True,
-                                                    return_indices=True)
-    points, scores = points[in_landmarks], scores[in_labels]
+    found = match_names(landmark_names, label_names)
+    label_at = _one_to_one(found, report, landmark_names, "duplicate_landmarks")
+    has_label = label_at >= 0
+    labelled = np.zeros(len(label_names), dtype=bool)
+    labelled[label_at[has_label]] = True
+    no_landmarks, no_label = label_names[~labelled], landmark_names[found < 0]
+    names, points, scores = landmark_names[has_label], points[has_label], scores[label_at[has_label]]
     keep = np.ones(len(names), dtype=bool)
     if files is not None:
-        has_file = np.isin(names, files, assume_unique=True)
+        file_at = _one_to_one(match_names(names, files), report, names, "duplicate_landmarks")
+        has_file = file_at >= 0
         report.add("no_image", names[~has_file])
         keep &= has_file
+        names = np.where(has_file, files[np.maximum(file_at, 0)], names)  # the file's own path, as stored
+        imaged = np.zeros(len(files), dtype=bool)
+        imaged[file_at[has_file]] = True
+        imaged[match_names(files, landmark_names) >= 0] = True
+        bare = files[~imaged]  # image files that no landmark names
+        no_landmarks = np.union1d(no_landmarks, bare)
+        no_label = np.union1d(no_label, bare[match_names(bare, label_names) < 0])
+    report.add("no_landmarks", np.unique(no_landmarks))
+    report.add("no_label", np.unique(no_label))
     finite = np.isfinite(scores)
     report.add("bad_label", names[keep & ~finite])
     keep &= finite
@@ -288,7 +304,9 @@ def read_index(
     if report.usable == 0:
         raise ValueError(f"no usable training faces in {landmarks} + {labels} (images in {images}):\n"
                          f"{report.summary()}")
-    return TrainingIndex(names[keep], points[keep].astype(np.float32), scores[keep].astype(np.float64),
+    names, points, scores = names[keep], points[keep], scores[keep]
+    order = np.argsort(names, kind="stable")
+    return TrainingIndex(names[order], points[order].astype(np.float32), scores[order].astype(np.float64),
                          Path(images), report)
 
 
@@ -316,6 +334,18 @@ def _first_occurrences(
         repeated[first] = False
         report.add(problem, np.unique(names[repeated]))
     return unique, values[first]
+
+
+def _one_to_one(rows: np.ndarray, report: IndexReport, names: np.ndarray, problem: str) -> np.ndarray:
+    """``rows`` with every row after its first use set to -1: two names standing for one entry (``a.jpg`` and
+    ``./a.jpg``) are one face, the first kept and the others reported."""
+    rows = rows.copy()
+    found = np.flatnonzero(rows >= 0)
+    _, first = np.unique(rows[found], return_index=True)
+    repeated = np.setdiff1d(found, found[first], assume_unique=True)
+    rows[repeated] = -1
+    report.add(problem, names[repeated])
+    return rows
 
 
 def _walk_images(root: Path) -> np.ndarray:

@@ -4,7 +4,7 @@ Inputs may be image files, folders (searched recursively), glob patterns, list f
 one path per line, ``.csv`` with a ``path`` column), or insightface validation ``.bin`` sets (each image
 keyed ``NAME.bin#000123``, as their pairs name them). Each image gets a *key*: its path relative to the
 folder it was found in, or the path exactly as given for files, patterns and list entries. Keys are
-what output files contain and what a landmarks file is matched against.
+what output files contain and what a landmarks file is matched against (:mod:`aikd.names`).
 
 Decoding never trusts the file: empty, truncated, non-image and decompression-bomb files raise
 :class:`ImageError` with a one-line reason; grayscale, palette, RGBA, 16-bit and CMYK images are
@@ -21,11 +21,13 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from aikd.names import NameIndex
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -36,7 +38,6 @@ __all__ = [
     "decode_image",
     "load_image",
     "load_input",
-    "match_keys",
     "match_landmarks",
     "pil_to_rgb",
     "resize_image",
@@ -240,65 +241,16 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- landmark lookup
-def _normalise_key(key: str) -> str:
-    """``./a//b\\c.jpg`` -> ``a/b/c.jpg``: the same file named the ways people write paths."""
-    parts = PurePosixPath(key.replace("\\", "/")).parts
-    return "/".join(part for part in parts if part not in ("/", "."))
-
-
-def _suffixes(key: str) -> list[str]:
-    """Proper trailing paths of a key, longest first: ``a/b/c.jpg`` -> ``b/c.jpg``, ``c.jpg``."""
-    parts = key.split("/")
-    return ["/".join(parts[i:]) for i in range(1, len(parts))]
-
-
-def match_keys(items: Iterable[ImageInput], table_paths: Sequence[str]) -> list[int | None]:
-    """Row of ``table_paths`` for each input: exact key, normalised key, then whole trailing path components.
-
-    The last rule lets a file written relative to another root match: ``vggface2/n001/1.jpg`` in the file
-    matches the input key ``n001/1.jpg`` and the other way round, when that match is unambiguous. It never
-    matches on a differing folder: ``id1/1.png`` is not ``id2/1.png``. Every file that names images
-    (landmarks, labels) is matched to the inputs this way.
-
-    Returns:
-        One index into ``table_paths`` per item, ``None`` where nothing matched.
-    """
-    items = list(items)
-    exact = {name: i for i, name in enumerate(table_paths)}
-    normalised = {_normalise_key(name): i for i, name in enumerate(table_paths)}
-    found: list[int | None] = []
-    for item in items:
-        index = exact.get(item.key)
-        found.append(index if index is not None else normalised.get(_normalise_key(item.key)))
-    if all(index is not None for index in found):
-        return found
-    table_suffixes: dict[str, int | None] = {}  # built only when needed: it is large for big files
-    for name, i in normalised.items():
-        for suffix in _suffixes(name):
-            table_suffixes[suffix] = i if table_suffixes.get(suffix, i) == i else None  # None: ambiguous
-    for row, item in enumerate(items):
-        if found[row] is None:
-            key = _normalise_key(item.key)
-            found[row] = table_suffixes.get(key)
-            if found[row] is None:  # the input key is the longer one
-                found[row] = next((normalised[s] for s in _suffixes(key) if s in normalised), None)
-    return found
-
-
 def match_landmarks(
     items: Iterable[ImageInput], table_paths: Sequence[str], landmarks: np.ndarray
 ) -> tuple[np.ndarray, list[int]]:
-    """Landmarks for each input, matched by key (see :func:`match_keys`).
+    """Landmarks for each input, its key matched to the table's names by :class:`aikd.names.NameIndex`.
 
     Returns:
         (N, 5, 2) landmarks (NaN rows where nothing matched) and the indices of unmatched items.
     """
-    indices = match_keys(items, table_paths)
-    out = np.full((len(indices), 5, 2), np.nan, dtype=np.float32)
-    missing = []
-    for row, index in enumerate(indices):
-        if index is None:
-            missing.append(row)
-        else:
-            out[row] = landmarks[index]
-    return out, missing
+    rows = NameIndex(table_paths).find_all([item.key for item in items])
+    out = np.full((len(rows), 5, 2), np.nan, dtype=np.float32)
+    found = rows >= 0
+    out[found] = np.asarray(landmarks)[rows[found]]
+    return out, np.flatnonzero(~found).tolist()

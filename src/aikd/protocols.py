@@ -29,10 +29,10 @@ are collected with file and line number. With ``strict=True`` (the default) one 
 few and the count; with ``strict=False`` they are skipped and the same report is logged as a warning
 (stderr). Nothing is dropped silently.
 
-Pairs name images; :func:`resolve` maps names to rows of an embedding file (:class:`NameIndex`): an exact
-match first, else a match of normalised relative paths (see :func:`normalise_name`): equal, or one path
-being the other's trailing path components (``Abel/Abel_0001.jpg`` finds ``/data/lfw/Abel/Abel_0001.jpg``
-and vice versa) when exactly one embedding path fits.
+Pairs name images; :func:`resolve` maps names to rows of an embedding file by aikd's one name policy
+(:mod:`aikd.names`): an exact match first, else normalised relative paths, equal or one being the other's
+trailing path components (``Abel/Abel_0001.jpg`` finds ``/data/lfw/Abel/Abel_0001.jpg`` and vice versa),
+when exactly one embedding path fits.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from aikd.io import UnsafePickleError, safe_pickle_load
+from aikd.names import NameIndex, normalise_name
 
 __all__ = [
     "LFW_PATTERN",
@@ -54,13 +55,11 @@ __all__ = [
     "AllVsAll",
     "IdentityList",
     "IndexedPairs",
-    "NameIndex",
     "PairIssue",
     "PairList",
     "detect_protocol",
     "identity_list_from_names",
     "iter_bin_images",
-    "normalise_name",
     "read_bin",
     "read_bin_pairs",
     "read_calfw_pairs",
@@ -491,62 +490,6 @@ def read_protocol(path: str | Path, protocol: str = "auto", *, pattern: str = LF
 
 
 # ------------------------------------------------------------------------------------------ resolving
-def normalise_name(name: str) -> str:
-    """Forward slashes, no ``.``/``..`` or doubled separators, no leading ``/``.
-
-    ``.\\lfw\\a.jpg`` -> ``lfw/a.jpg``; ``/data//lfw/./a.jpg`` -> ``data/lfw/a.jpg``.
-    """
-    text = name.strip().replace("\\", "/")
-    return posixpath.normpath(text).lstrip("/") if text else ""
-
-
-def _suffixes(name: str) -> list[str]:
-    """Trailing path-component runs, longest first, without the whole name: a/b/c -> [b/c, c]."""
-    parts = name.split("/")
-    return ["/".join(parts[k:]) for k in range(1, len(parts))]
-
-
-class NameIndex:
-    """Finds the row of an image name among the paths of an embedding file.
-
-    Order of attempts: the exact string; the normalised name (:func:`normalise_name`) equal to a normalised
-    path; the normalised name equal to the trailing components of exactly one path; the longest trailing
-    components of the name equal to exactly one normalised path. Ambiguous matches count as not found.
-    """
-
-    def __init__(self, paths: Sequence[str]):
-        self._exact = {p: i for i, p in reversed(list(enumerate(paths)))}
-        self._normal: dict[str, int] = {}
-        self._tails: dict[str, int] = {}
-        for i, p in enumerate(paths):
-            normal = normalise_name(p)
-            self._normal[normal] = -1 if normal in self._normal and self._normal[normal] != i else i
-            for tail in _suffixes(normal):
-                self._tails[tail] = -1 if tail in self._tails else i
-
-    def find(self, name: str) -> int | None:
-        """Row of ``name``, or None when no single path matches."""
-        if name in self._exact:
-            return self._exact[name]
-        normal = normalise_name(name)
-        for candidate in (self._normal.get(normal), self._tails.get(normal)):
-            if candidate is not None:
-                return candidate if candidate >= 0 else None
-        for tail in _suffixes(normal):
-            if tail in self._normal:
-                return self._normal[tail] if self._normal[tail] >= 0 else None
-        return None
-
-
-def _rows(names: Sequence[str], index: NameIndex) -> np.ndarray:
-    cache: dict[str, int] = {}
-    for name in names:
-        if name not in cache:
-            found = index.find(name)
-            cache[name] = -1 if found is None else found
-    return np.array([cache[name] for name in names], dtype=np.int64)
-
-
 def resolve(protocol: PairList | IdentityList, embedding_paths: Sequence[str] | NameIndex,
             strict: bool = True) -> IndexedPairs | AllVsAll:
     """Map a protocol's image names to embedding rows (see :class:`NameIndex`).
@@ -557,7 +500,7 @@ def resolve(protocol: PairList | IdentityList, embedding_paths: Sequence[str] | 
     index = embedding_paths if isinstance(embedding_paths, NameIndex) else NameIndex(embedding_paths)
     if isinstance(protocol, IdentityList):
         return _resolve_identities(protocol, index, strict)
-    first, second = _rows(protocol.first, index), _rows(protocol.second, index)
+    first, second = index.find_all(protocol.first), index.find_all(protocol.second)
     known = (first >= 0) & (second >= 0)
     missing = [protocol.first[k] if first[k] < 0 else protocol.second[k] for k in np.flatnonzero(~known)]
     issues = [PairIssue(protocol.source, int(line), f"image {name!r} is not in the embeddings")
@@ -570,7 +513,7 @@ def resolve(protocol: PairList | IdentityList, embedding_paths: Sequence[str] | 
 
 
 def _resolve_identities(protocol: IdentityList, index: NameIndex, strict: bool) -> AllVsAll:
-    rows = _rows(protocol.names, index)
+    rows = index.find_all(protocol.names)
     issues = [PairIssue(protocol.source, int(line), f"image {name!r} is not in the embeddings")
               for line, name, row in zip(protocol.lines, protocol.names, rows, strict=True) if row < 0]
     first_line: dict[int, int] = {}

@@ -13,7 +13,7 @@ Curves and areas are computed by :mod:`aikd.evaluate` (see there for the two thr
 ``fixed`` and ``recomputed``, and the exact definitions); protocol files are read by :mod:`aikd.protocols`.
 Score files are what ``aikd score`` writes (CSV ``path,quality``, the official pickle, or JSONL; read by
 :func:`aikd.io.read_labels`), embeddings ``.npz`` files with ``paths`` and ``embeddings`` (``aikd embed``).
-Image names are matched as :class:`aikd.protocols.NameIndex` describes.
+Image names are matched by aikd's one name policy (:mod:`aikd.names`).
 
 Images of the protocol that some score file lacks are reported (count and examples) and every pair using
 them is excluded for all methods alike, so that methods are compared on the same comparisons; it is an
@@ -72,6 +72,7 @@ import numpy as np
 from aikd import evaluate as ev
 from aikd import protocols
 from aikd.io import atomic_write, load_embeddings, read_labels, write_csv
+from aikd.names import NameIndex
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +216,14 @@ def _as_list(value: object, what: str) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def _qualities(job: Job, index: protocols.NameIndex, n_rows: int) -> dict[str, np.ndarray]:
+def _qualities(job: Job, index: NameIndex, n_rows: int) -> dict[str, np.ndarray]:
     """Per method, the quality of each embedding row (NaN where the score file has none)."""
     qualities = {}
     for method, path in job.scores.items():
         if not path.is_file():
             raise FileNotFoundError(f"score file not found: {path}")
         table = read_labels(path)
-        found = (index.find(name) for name in table.paths)
-        rows = np.array([-1 if row is None else row for row in found], dtype=np.int64)
+        rows = index.find_all(table.paths)
         quality = np.full(n_rows, np.nan)
         quality[rows[rows >= 0]] = table.qualities[rows >= 0]
         qualities[method] = quality
@@ -288,7 +288,7 @@ def evaluate_job(job: Job, settings: Settings) -> Outcome:
     paths, embeddings = load_embeddings(job.embeddings)
     if not np.all(np.isfinite(embeddings)):
         raise ValueError(f"{job.embeddings}: embeddings contain NaN or infinite values")
-    index = protocols.NameIndex(paths)
+    index = NameIndex(paths)
     if job.pairs is None:
         protocol = protocols.identity_list_from_names(paths, str(job.embeddings), settings.strict)
     else:

@@ -2,8 +2,8 @@
 
 AI-KD distils whatever technique made the labels. A labels file is a CSV ``path,quality`` (another column
 with ``column=``) or the official AI-KD pickle ``{name: score}`` (read through the restricted unpickler of
-:mod:`aikd.io`). Its names are matched to the input images like a landmarks file: exact key, normalised
-key, then a file name that is unique in the labels file.
+:mod:`aikd.io`). Its names are matched to the input images like a landmarks file (:mod:`aikd.names`): exact key,
+normalised key, then whole trailing path components that match exactly one name.
 
 Raw ranges differ from technique to technique (SER-FIQ on ArcFace sits in a narrow band near 0.9,
 MagFace magnitudes around 20-35, CR-FIQA ratios around 0-1.5...), and only their order carries meaning
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd.images import ImageInput, match_keys
 from aikd.io import read_labels
 from aikd.labelers import Labeler, SetLabels
+from aikd.names import NameIndex
 
 __all__ = ["NORMALISATIONS", "ImportOptions", "ImportedLabels", "normalise_labels"]
 
@@ -99,7 +99,7 @@ class ImportedLabels(Labeler):
     def label_set(self, keys: Sequence[str], embeddings: np.ndarray | None = None) -> SetLabels:
         """Labels of ``keys``; unmatched, NaN and infinite ones are errors."""
         source = self.options.labels
-        indices = match_keys([ImageInput(Path(key), key) for key in keys], self.table.paths)
+        indices = [None if row < 0 else int(row) for row in NameIndex(self.table.paths).find_all(list(keys))]
         raw = np.array([self.table.qualities[i] if i is not None else np.nan for i in indices], dtype=np.float64)
         errors: dict[int, str] = {}
         for position, (index, value) in enumerate(zip(indices, raw, strict=True)):
