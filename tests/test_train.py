@@ -66,11 +66,11 @@ def test_loss_decreases_on_synthetic_faces(tiny_train_config, tmp_path):
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
     weights, meta = read_checkpoint(path)
-    return {**weights, **{f"ema.{k}": v for k, v in meta["extra"].get("ema", {}).items()}}
+    return {**weights, **{f"ema.{k}": v for k, v in (meta["extra"].get("ema") or {}).items()}}
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tiny_train_config, tmp_path):
-    overrides = ("train.epochs=2", "train.validate_every=0.5")
+    overrides = ("train.epochs=2", "train.validate_every=0.5", "train.ema=running")
     whole = train(tiny_train_config(*overrides), tmp_path / "whole")
     assert whole.status == "done" and whole.step == 14
     stopped = train(tiny_train_config(*overrides), tmp_path / "split", stop_after=5)
@@ -130,7 +130,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         _, quality = model(model.preprocessing(faces))
     assert quality.shape == (2,) and torch.isfinite(quality).all()
     meta = read_checkpoint(run_dir / "best.pt")[1]
-    assert meta["extra"]["weights"] == "ema" and meta["preprocessing"]["input_size"] == [112, 112]
+    assert meta["extra"]["weights"] == "student" and meta["preprocessing"]["input_size"] == [112, 112]
     saved = load_config(TrainConfig, run_dir / "config.yaml")
     assert saved.data.batch_size == 8 and saved.teacher.weights == "none"
     validation = _records(run_dir, "val")[-1]
@@ -142,13 +142,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_nan_losses_in_a_row_stop_and_keep_the_last_good_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["train", "--config", TINY, "--out", str(run_dir), *SMALL, "optim.head_lr=1.0e+30",
-                 "optim.clip_grad_norm=0", "train.checkpoint_every=1"])
+                 "optim.clip_grad_norm=0", "train.checkpoint_every=1", "train.max_nonfinite_steps=2"])
     err = capsys.readouterr().err
     assert code == 1, err
-    step = int(err.split("at step ")[1].split()[0])
+    assert "2 steps in a row had a non-finite loss" in err and "step skipped (1 in a row" in err
+    step = int(err.split("in a row had a non-finite loss or gradients (step ")[1].split(":")[0])
     assert "the last good checkpoint" in err and str(run_dir / "last.pt") in err
     assert read_checkpoint(run_dir / "last.pt")[1]["extra"]["step"] == step - 1
 

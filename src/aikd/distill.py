@@ -28,7 +28,6 @@ keeps them in a memory-mapped file in the run folder and the teacher forward dis
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from aikd.models import (
     load_fr_model,
 )
 from aikd.models.layout import to_training_layout
+from aikd.runtime import autocast
 
 __all__ = [
     "AIKDTask",
@@ -153,28 +153,45 @@ class DistillationLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- forward
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+AMP_REGIONS = ("paper", "trunk")
 
 
-def embed(backbone: nn.Module, faces: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Float32 embeddings: the convolutional trunk under autocast, ``fc`` and ``features`` in float32.
+def embed(backbone: nn.Module, faces: torch.Tensor, amp_dtype: torch.dtype | None,
+          regions: str = "paper") -> torch.Tensor:
+    """Embeddings of ``faces``, with autocast (``amp_dtype``) over the regions ``regions`` names.
 
-    As in insightface ``arcface_torch`` mixed-precision training, the embedding layers stay in float32.
+    ``paper``: the convolutional trunk in float32, ``fc`` and ``features`` under autocast. The paper's code
+    builds its backbone with ``fp16=False``, so arcface_torch's inner ``autocast(False)`` keeps the trunk in
+    float32 while the outer autocast covers the embedding layers (and the quality head).
+    ``trunk``: the trunk under autocast, ``fc`` and ``features`` in float32 (arcface_torch's own mixed
+    precision; much faster, since the trunk is nearly all of the arithmetic).
+    Without ``amp_dtype`` everything runs in float32 either way. The result is float32.
     """
-    if amp_dtype is None or not hasattr(backbone, "forward_trunk"):
-        with _autocast(faces.device, amp_dtype):
+    if regions not in AMP_REGIONS:
+        raise ValueError(f"train.amp_regions: expected one of {', '.join(AMP_REGIONS)}, got {regions!r}")
+    if amp_dtype is None:
+        return backbone(faces).float()
+    if not hasattr(backbone, "forward_trunk"):
+        with autocast(faces.device, amp_dtype):
             return backbone(faces).float()
-    with _autocast(faces.device, amp_dtype):
-        trunk = backbone.forward_trunk(faces)
-    return backbone.forward_embedding_from_trunk(trunk.float())
+    if regions == "trunk":
+        with autocast(faces.device, amp_dtype):
+            trunk = backbone.forward_trunk(faces)
+        return backbone.forward_embedding_from_trunk(trunk.float())
+    trunk = backbone.forward_trunk(faces)
+    with autocast(faces.device, amp_dtype):
+        return backbone.forward_embedding_from_trunk(trunk).float()
 
 
 def quality_forward(
-    model: QualityModel, faces: torch.Tensor, amp_dtype: torch.dtype | None = None
+    model: QualityModel, faces: torch.Tensor, amp_dtype: torch.dtype | None = None, regions: str = "paper"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embedding, quality)`` of a :class:`QualityModel`, float32; the head always runs in float32."""
-    embedding = embed(model.feature_extractor, faces, amp_dtype)
+    """``(embedding, quality)`` of a :class:`QualityModel`, float32; the head runs under autocast with the
+    ``paper`` regions (as the paper's code), in float32 with ``trunk``."""
+    embedding = embed(model.feature_extractor, faces, amp_dtype, regions)
+    if amp_dtype is not None and regions == "paper":
+        with autocast(faces.device, amp_dtype):
+            return embedding, model.quality_head(embedding).squeeze(-1).float()
     return embedding, model.quality_head(embedding).squeeze(-1)
 
 
@@ -186,8 +203,9 @@ class AIKDTask(nn.Module):
         student: the quality model being trained.
         teacher: the frozen face-recognition backbone (a separate object from the student's backbone).
         loss: the AI-KD loss.
-        amp_dtype: autocast dtype of the convolutional trunks (``None``: float32).
+        amp_dtype: autocast dtype (``None``: float32).
         frozen_bn: ``"train"`` or ``"eval"``: the mode of BatchNorm layers without trainable parameters.
+        amp_regions: what runs under autocast (:func:`embed`).
     """
 
     def __init__(
@@ -197,12 +215,13 @@ class AIKDTask(nn.Module):
         loss: DistillationLoss,
         amp_dtype: torch.dtype | None = None,
         frozen_bn: str = "train",
+        amp_regions: str = "paper",
     ) -> None:
         super().__init__()
         if any(p is q for p in teacher.parameters() for q in student.parameters()):
             raise ValueError("the teacher shares parameters with the student; give it its own frozen copy")
         self.student, self.teacher, self.loss = student, teacher, loss
-        self.amp_dtype, self.frozen_bn = amp_dtype, frozen_bn
+        self.amp_dtype, self.frozen_bn, self.amp_regions = amp_dtype, frozen_bn, amp_regions
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.train()
@@ -222,13 +241,14 @@ class AIKDTask(nn.Module):
     @torch.no_grad()
     def teacher_embedding(self, aligned: torch.Tensor) -> torch.Tensor:
         """``e_i = M^t(x_i)`` for properly aligned faces, float32, without a graph."""
-        return embed(self.teacher, aligned, self.amp_dtype)
+        return embed(self.teacher, aligned, self.amp_dtype, self.amp_regions)
 
     def forward(
         self, misaligned: torch.Tensor, quality: torch.Tensor, teacher_embedding: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Loss terms for a batch of misaligned faces, their labels and the teacher's embeddings."""
-        student_embedding, predicted_quality = quality_forward(self.student, misaligned, self.amp_dtype)
+        student_embedding, predicted_quality = quality_forward(self.student, misaligned, self.amp_dtype,
+                                                               self.amp_regions)
         terms = self.loss(predicted_quality, quality, student_embedding, teacher_embedding)
         terms["predicted_quality"] = predicted_quality.detach()
         return terms
@@ -237,8 +257,9 @@ class AIKDTask(nn.Module):
 def set_trainable(student: QualityModel, last_tensors: int | str = 100) -> tuple[list[nn.Parameter], ...]:
     """Freeze the student except the head and the last ``last_tensors`` backbone parameter tensors.
 
-    As the paper's optimiser (``list(backbone.parameters())[-100:]``); tensors the architecture itself
-    freezes (insightface's ``features.weight``) stay frozen.
+    As the paper's optimiser (``list(backbone.parameters())[-100:]``, which takes every tensor of a backbone
+    with fewer than 100); tensors the architecture itself freezes (insightface's ``features.weight``) stay
+    frozen.
 
     Returns:
         (head parameters, trainable backbone parameters), for the optimiser's two groups.
@@ -248,8 +269,8 @@ def set_trainable(student: QualityModel, last_tensors: int | str = 100) -> tuple
         if not hasattr(parameter, "_aikd_arch_frozen"):
             parameter._aikd_arch_frozen = not parameter.requires_grad
     fixed = {id(p) for p in backbone if p._aikd_arch_frozen}
-    count = len(backbone) if last_tensors == "all" else int(last_tensors)
-    chosen = {id(p) for p in backbone[len(backbone) - count:]} if count > 0 else set()
+    count = len(backbone) if last_tensors == "all" else min(int(last_tensors), len(backbone))
+    chosen = {id(p) for p in backbone[len(backbone) - count:]}  # the paper's [-K:]: all of them when K > len
     trainable = []
     for parameter in backbone:
         parameter.requires_grad_(id(parameter) in chosen and id(parameter) not in fixed)
@@ -279,6 +300,7 @@ def build_task(
     *,
     seed: int = 0,
     amp_dtype: torch.dtype | None = None,
+    amp_regions: str = "paper",
 ) -> tuple[AIKDTask, str]:
     """The AI-KD task: teacher weights loaded once, copied into a frozen teacher and a trainable student.
 
@@ -302,7 +324,7 @@ def build_task(
     model = QualityModel(copy.deepcopy(backbone), head, arch=arch, preprocessing=preprocessing)
     set_trainable(model, student.trainable_tensors)
     task = AIKDTask(model, frozen_teacher, DistillationLoss(loss.beta, loss.consistency_weight), amp_dtype,
-                    student.frozen_bn)
+                    student.frozen_bn, amp_regions)
     apply_training_layout(task, student.channels_last)
     return task, fingerprint
 

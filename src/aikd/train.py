@@ -1,13 +1,25 @@
-"""``aikd train``: the AI-KD training loop (optimiser, schedule, EMA, AMP, DDP, checkpoints, resume).
+"""The AI-KD training loop: optimiser, schedule, validation, AMP, DDP, checkpoints, resume (``aikd train``).
 
 Follows the training setup of Babnik et al., "AI-KD" (IWBF 2024) as released with the paper
 (``train_config.yaml``, ``train_main.py``, ``utils.py``): one epoch, batch 64, SGD with two parameter
 groups (quality head: lr 0.05, momentum 0.9, weight decay 5e-4; the last 100 backbone tensors: lr 0.05,
 momentum 0.1), a LambdaLR stepped during the first 30% of the epoch only ("pretrain") with a sine warm-up
-over its first half, gradient clipping at norm 5, fp16 AMP with a GradScaler (init scale 128), and an EMA
-of the student (``avg = 0.1 * avg + 0.9 * param``) updated at every validation, i.e. every 10% of the
-epoch after the pretrain part. The best checkpoint holds the EMA weights; here the EMA weights are also
-what is validated (the paper validates the student and saves the EMA).
+over its first half, gradient clipping at norm 5, fp16 AMP with a GradScaler (init scale 128, growth interval
+= the pretrain steps) and validation every 10% of the epoch after the pretrain part.
+
+Where the paper's code behaves otherwise than it reads, aikd follows what it does by default and names the
+alternative (README, "differences from the paper's code"):
+
+- ``train.ema``: the paper builds its EMA anew inside every validation, so its first update copies the
+  student and ``aikd-best.pth`` is a plain student snapshot. ``none`` (default) validates and saves the
+  student; ``running`` keeps a real EMA (``avg = 0.1 * avg + 0.9 * param`` at each validation) and
+  validates and saves that.
+- ``train.amp_regions``: ``paper`` (default) runs the trunk in fp32 and fc, features and the head under
+  autocast; ``trunk`` the reverse (arcface_torch's mixed precision, much faster).
+- a step with a non-finite loss or gradients is skipped, as the paper's GradScaler skips it (its BatchNorm
+  statistics are put back too), counted in ``metrics.jsonl``; ``train.max_nonfinite_steps`` in a row stop.
+- ``train.sync_bn``: under torchrun the student's BatchNorm (train mode) normalises over every process's
+  faces (:mod:`aikd.models.batchnorm`), so 4 x 16 faces train like the paper's 64.
 
 Launch::
 
@@ -16,7 +28,7 @@ Launch::
     aikd train --resume runs/r100            # continues exactly where the last checkpoint left off
 
 The run folder gets ``config.yaml`` (the resolved config), ``data_report.json`` (what the index skipped),
-``metrics.jsonl`` / ``metrics.csv``, ``best.pt`` (EMA weights with the best validation quality loss),
+``metrics.jsonl`` / ``metrics.csv``, ``best.pt`` (the weights with the best validation quality loss),
 ``last.pt`` (the student plus everything needed to resume) and ``teacher_cache/``.
 """
 
@@ -64,6 +76,7 @@ from aikd.distill import (
 from aikd.evaluate import quality_metrics
 from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
+from aikd.models.batchnorm import synchronise_batchnorm
 from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
 
 __all__ = [
@@ -118,8 +131,22 @@ class LoopConfig:
     init_scale: float = field(default=128.0, metadata={"help": "initial fp16 GradScaler scale (paper: 128)"})
     validate_every: float = field(default=0.1, metadata={"help": "validate every this share of an epoch, after "
                                                                   "the pretrain part (paper: 0.1)"})
-    ema_decay: float = field(default=0.1, metadata={"help": "EMA: avg = decay * avg + (1 - decay) * param at each "
-                                                             "validation (paper: 0.1)"})
+    ema: Literal["none", "running"] = field(
+        default="none", metadata={"help": "none: validate and save the student (what the paper's code does: its EMA "
+                                          "is rebuilt at each validation, a copy of the student); running: a real "
+                                          "EMA of the weights, updated at each validation"})
+    ema_decay: float = field(default=0.1, metadata={"help": "running EMA: avg = decay * avg + (1 - decay) * param "
+                                                             "at each validation (the paper's setting: 0.1)"})
+    amp_regions: Literal["paper", "trunk"] = field(
+        default="paper", metadata={"help": "what runs under autocast: paper = fc, features and the quality head, "
+                                           "the trunk in fp32 (the paper's code); trunk = the convolutional trunk, "
+                                           "fc/head in fp32 (arcface_torch's, faster)"})
+    max_nonfinite_steps: int = field(
+        default=20, metadata={"help": "a step whose loss is NaN/inf is skipped and counted (as the paper's "
+                                      "GradScaler skips it); stop after this many in a row"})
+    sync_bn: Literal["auto", True, False] = field(
+        default="auto", metadata={"help": "synchronise BatchNorm statistics across torchrun processes: auto = on "
+                                          "when several processes train BatchNorm in train mode"})
     select_on: Literal["aligned", "misaligned"] = field(
         default="aligned", metadata={"help": "best checkpoint by validation quality loss on aligned (paper) or "
                                              "misaligned faces"})
@@ -144,6 +171,8 @@ class LoopConfig:
             raise ValueError(f"validate_every: expected a share of an epoch in (0, 1], got {self.validate_every}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps: expected at least 1, got {self.max_nonfinite_steps}")
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every must be >= 0 and log_every >= 1, got "
                              f"{self.checkpoint_every} and {self.log_every}")
@@ -174,7 +203,8 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+    """The loss stayed NaN or infinite for ``train.max_nonfinite_steps`` steps in a row; the last good
+    checkpoint is left in place."""
 
 
 @dataclass
@@ -188,6 +218,7 @@ class TrainResult:
     task: AIKDTask
     run_dir: Path
     rank: int = 0
+    nonfinite_steps: int = 0
 
 
 # -------------------------------------------------------------------------------------------- schedule
@@ -323,13 +354,16 @@ class Trainer:
         seed_everything(loop.seed)
         self.amp_dtype = autocast_dtype(loop.amp, dist.device, "train.amp")
         self.task, teacher_id = build_task(config.teacher, config.student, config.loss, seed=loop.seed,
-                                           amp_dtype=self.amp_dtype)  # first: a bad weights file fails fast
+                                           amp_dtype=self.amp_dtype, amp_regions=loop.amp_regions)  # fails fast
         self.index = index if index is not None else build_index(data)
         train_positions, val_positions = split_by_label(self.index.labels, data.val_fraction)
         self.task.to(dist.device)
         self.student = self.task.student
         self.memory_format = torch.channels_last if config.student.channels_last else torch.contiguous_format
         self.model: nn.Module = self.task
+        self.synchronised_bn = loop.sync_bn is True or (loop.sync_bn == "auto" and dist.world_size > 1)
+        if self.synchronised_bn:  # each process sees 1/world_size of the batch: normalise over all of it
+            synchronise_batchnorm(self.student)
         if dist.world_size > 1:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.task, device_ids=device_ids)
@@ -341,6 +375,7 @@ class Trainer:
         self._build_optimisation()
         self.cache = self._open_cache(teacher_id) if config.teacher.cache else None
         self.step, self.best, self.last_validated = 0, None, -1
+        self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
 
     def _build_optimisation(self) -> None:
         optim, loop = self.config.optim, self.config.train
@@ -362,14 +397,17 @@ class Trainer:
         decay = loop.ema_decay
         # The paper's SWALR(swa_lr=0.05) "EMA scheduler" anneals the LR towards 0.05, which it already is: a no-op,
         # left out. Buffers (BatchNorm statistics) are copied from the student at each update (use_buffers=False).
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            self.student, avg_fn=lambda average, current, count: decay * average + (1.0 - decay) * current)
-        self.ema.requires_grad_(False)
+        self.ema = None
+        if loop.ema == "running":
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.student, avg_fn=lambda average, current, count: decay * average + (1.0 - decay) * current)
+            self.ema.requires_grad_(False)
 
     def _open_cache(self, teacher_id: str) -> TeacherCache:
         folder = Path(self.config.teacher.cache_dir or self.run_dir / "teacher_cache")
         key = cache_key(teacher_id, self.index.fingerprint(), self.student.preprocessing, amp=self.amp_dtype,
-                        device=self.dist.device.type, layout=self.memory_format)
+                        device=self.dist.device.type, layout=self.memory_format,
+                        regions=self.config.train.amp_regions)
         dim = int(self.student.preprocessing.embedding_size)
         if self.dist.is_main:
             TeacherCache(folder, len(self.index), dim, key, create=True)
@@ -378,46 +416,74 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimiser step on a batch from :func:`aikd.data.collate_pairs`; returns the loss terms."""
+        """One optimiser step on a batch from :func:`aikd.data.collate_pairs`; returns the loss terms.
+
+        A batch whose loss (on any rank) or whose gradients are not finite changes nothing: no update, and
+        the BatchNorm statistics its forward pass moved are put back. It is counted; ``train.max_nonfinite_steps``
+        of them in a row stop the run (:class:`TrainingDiverged`).
+        """
         device = self.dist.device
         teacher = teacher_embeddings(self.task, batch, device, self.cache, self.memory_format)
         misaligned = batch["misaligned"].to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
         quality = batch["quality"].to(device, non_blocking=True)
+        statistics = [buffer.clone() for buffer in self.student.buffers()]
         terms = self.model(misaligned, quality, teacher)
-        values = self._reduce_and_check(terms)
+        values = self._reduce(terms)
         self.optimizer.zero_grad(set_to_none=True)
-        clip = self.config.optim.clip_grad_norm
+        finite = all(math.isfinite(v) for v in values.values())
+        loss = terms["loss"] if finite else terms["loss"] * 0.0  # DDP still needs its backward
+        clip = self.config.optim.clip_grad_norm or math.inf
         if self.scaler is not None:
-            self.scaler.scale(terms["loss"]).backward()
+            scale = self.scaler.get_scale()
+            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            if clip > 0:
-                nn.utils.clip_grad_norm_(self.trainable, clip)
-            self.scaler.step(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, clip)
+            self.scaler.step(self.optimizer)  # as the paper's: skips the update when the gradients are not finite
             self.scaler.update()
+            finite = finite and self.scaler.get_scale() >= scale  # the scale shrinks exactly on a skipped step
         else:
-            terms["loss"].backward()
-            if clip > 0:
-                nn.utils.clip_grad_norm_(self.trainable, clip)
-            self.optimizer.step()
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(self.trainable, clip)
+            finite = finite and bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.step()
+        if not finite:
+            self._skip(values, statistics)
+        else:
+            self.nonfinite_in_a_row = 0
         self.step += 1
         if self.step < self.plan.pretrain_end:  # the paper steps its LambdaLR during the pretrain part only
             self.scheduler.step()
         return values
 
-    def _reduce_and_check(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _reduce(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         names = ("loss", "quality_loss", "consistency_loss")
         stacked = torch.stack([terms[name].detach().float() for name in names])
         if self.dist.world_size > 1:
-            torch_dist.all_reduce(stacked)  # a NaN on any rank reaches every rank, so all stop together
+            torch_dist.all_reduce(stacked)  # a NaN on any rank reaches every rank, so all skip together
             stacked /= self.dist.world_size
-        values = dict(zip(names, stacked.tolist(), strict=True))
-        if not all(math.isfinite(v) for v in values.values()):
+        return dict(zip(names, stacked.tolist(), strict=True))
+
+    @torch.no_grad()
+    def _skip(self, values: dict[str, float], statistics: list[torch.Tensor]) -> None:
+        """Undo what a non-finite step changed (gradients, BatchNorm statistics), count it, stop after too many."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for buffer, saved in zip(self.student.buffers(), statistics, strict=True):
+            buffer.copy_(saved)
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.config.train.max_nonfinite_steps
+        what = f"loss {values['loss']}" if not math.isfinite(values["loss"]) else "non-finite gradients"
+        if self.dist.is_main:
+            print(f"aikd train: warning: step {self.step + 1}: {what}; step skipped ({self.nonfinite_in_a_row} in a "
+                  f"row, {self.nonfinite_steps} in all; the run stops after {limit} in a row)", file=sys.stderr)
+        if self.nonfinite_in_a_row >= limit:
             last = self.run_dir / "last.pt"
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"the loss became {values['loss']} at step {self.step + 1} (quality loss "
-                                   f"{values['quality_loss']}, consistency loss {values['consistency_loss']}); "
-                                   f"training stopped and {kept}. Lower optim.*_lr or use train.amp=off")
-        return values
+            raise TrainingDiverged(f"{limit} steps in a row had a non-finite loss or gradients (step {self.step + 1}: "
+                                   f"quality loss {values['quality_loss']}, consistency loss "
+                                   f"{values['consistency_loss']}); training stopped and {kept}. Lower optim.*_lr "
+                                   "or use train.amp=off")
 
     def _train_loader(self, epoch: int, start_batch: int) -> Any:
         data = self.config.data
@@ -433,20 +499,22 @@ class Trainer:
         log = MetricsLog(self.run_dir, self.step, loop.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="aikd train", dynamic_ncols=True,
                    disable=not (self.dist.is_main and loop.progress), file=sys.stderr)
-        sums, started, window = np.zeros(3), time.perf_counter(), 0
+        sums, started, window, counted = np.zeros(3), time.perf_counter(), 0, 0
         try:
             self.task.train()
             while self.step < plan.total_steps:
                 epoch, start_batch = divmod(self.step, plan.steps_per_epoch)
                 for batch in self._train_loader(epoch, start_batch):
                     values = self.train_step(batch)
-                    sums += [values["loss"], values["quality_loss"], values["consistency_loss"]]
                     window += 1
+                    if all(math.isfinite(v) for v in values.values()):  # skipped steps are counted apart
+                        sums += [values["loss"], values["quality_loss"], values["consistency_loss"]]
+                        counted += 1
                     bar.update(1)
                     if self.step % loop.log_every == 0 or self.step == plan.total_steps:
                         rate = window * len(batch["index"]) * self.dist.world_size / (time.perf_counter() - started)
-                        self._log_train(log, bar, sums / window, rate, epoch)
-                        sums, started, window = np.zeros(3), time.perf_counter(), 0
+                        self._log_train(log, bar, sums / counted if counted else np.full(3, np.nan), rate, epoch)
+                        sums, started, window, counted = np.zeros(3), time.perf_counter(), 0, 0
                     paused = time.perf_counter()
                     if plan.validates_at(self.step):
                         self.validate(log)
@@ -474,7 +542,7 @@ class Trainer:
             log.write({"kind": "train", "step": self.step, "epoch": epoch, "loss": float(means[0]),
                        "quality_loss": float(means[1]), "consistency_loss": float(means[2]),
                        "lr_head": float(lrs[0]), "lr_backbone": float(lrs[-1]), "pairs_per_s": float(rate),
-                       "time": time.time()})
+                       "nonfinite_steps": self.nonfinite_steps, "time": time.time()})
 
     # ---------------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -487,7 +555,8 @@ class Trainer:
         for batch in loader:
             faces = [batch[key].to(device).contiguous(memory_format=self.memory_format)
                      for key in ("aligned", "misaligned")]
-            predicted = [quality_forward(model, view, self.amp_dtype)[1].double().cpu() for view in faces]
+            predicted = [quality_forward(model, view, self.amp_dtype, self.config.train.amp_regions)[1].double().cpu()
+                         for view in faces]
             rows.append(torch.stack([batch["index"].double(), *predicted, batch["quality"].double()], dim=1))
         table = torch.cat(rows).to(device)
         if self.dist.world_size > 1:
@@ -510,11 +579,18 @@ class Trainer:
                 torch_dist.broadcast(buffer, src=0)
 
     def validate(self, log: MetricsLog | None) -> dict[str, float]:
-        """Update the EMA, validate it, and keep it as ``best.pt`` when its quality loss improved."""
+        """Validate the student (or, with ``train.ema=running``, the updated EMA), and keep it as ``best.pt``
+        when its quality loss improved."""
         self.sync_buffers()
-        self.ema.update_parameters(self.student)
-        model = self.ema.module.eval()
-        metrics = quality_metrics(*self.predict_validation(model), beta=self.config.loss.beta)
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
+            model, weights = self.ema.module.eval(), "ema"
+        else:
+            model, weights = self.student.eval(), "student"
+        try:
+            metrics = quality_metrics(*self.predict_validation(model), beta=self.config.loss.beta)
+        finally:
+            self.task.train()  # back to the training modes (the teacher stays in eval mode)
         self.last_validated = self.step
         key = f"quality_loss_{self.config.train.select_on}"
         improved = self.best is None or metrics[key] < self.best[key]
@@ -523,7 +599,7 @@ class Trainer:
         if self.dist.is_main:
             if improved:
                 save_checkpoint(self.run_dir / "best.pt", model, self.student.arch, self.student.preprocessing,
-                                extra={"kind": "best", "weights": "ema", "step": self.step, "validation": metrics,
+                                extra={"kind": "best", "weights": weights, "step": self.step, "validation": metrics,
                                        "selected_on": key, "config": config_to_dict(self.config)})
             if log is not None:
                 log.write({"kind": "val", "step": self.step, "best": improved, **metrics, "time": time.time()})
@@ -536,7 +612,9 @@ class Trainer:
         epoch, batch = divmod(self.step, self.plan.steps_per_epoch)
         return {"kind": "training_state", "step": self.step, "epoch": epoch, "batch_in_epoch": batch,
                 "total_steps": self.plan.total_steps, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "nonfinite_steps": self.nonfinite_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rng_state(), "best": self.best, "last_validated": self.last_validated,
                 "config": config_to_dict(self.config)}
@@ -563,11 +641,16 @@ class Trainer:
         self.student.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"--resume: {path} was trained without a running EMA; resume with train.ema=none")
+            self.ema.load_state_dict(state["ema"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step, self.best, self.last_validated = int(state["step"]), state["best"], int(state["last_validated"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -615,4 +698,5 @@ def train(
               f"{trainer.plan.total_steps} steps of {config.data.batch_size} x {dist.world_size}, "
               f"device {dist.device}, amp {str(trainer.amp_dtype or 'off').replace('torch.', '')}", file=sys.stderr)
     status = trainer.fit(stop_after)
-    return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank)
+    return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank,
+                       trainer.nonfinite_steps)

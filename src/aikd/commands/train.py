@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"aikd train: stopped after step {result.step} of {result.total_steps}; continue with "
               f"aikd train --resume {run_dir}", file=sys.stderr)
     elif result.best is not None:
-        print(f"aikd train: done, {result.step} steps; best.pt from step {result.best['step']} (EMA weights), "
+        weights = "EMA" if config.train.ema == "running" else "student"
+        print(f"aikd train: done, {result.step} steps; best.pt from step {result.best['step']} ({weights} weights), "
               f"validation quality loss {result.best['quality_loss_aligned']:.4f} aligned / "
               f"{result.best['quality_loss_misaligned']:.4f} misaligned", file=sys.stderr)
+    if result.nonfinite_steps:
+        print(f"aikd train: warning: {result.nonfinite_steps} step(s) had a non-finite loss or gradients and were "
+              "skipped (metrics.jsonl: nonfinite_steps)", file=sys.stderr)
     return 0

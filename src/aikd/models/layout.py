@@ -70,16 +70,19 @@ def to_training_layout(model: nn.Module, channels_last: bool = True) -> list[str
     (:func:`needs_nchw_backward`) switched to :class:`NCHWBackwardConv2d`.
 
     The switch happens whatever ``channels_last`` says: a later ``.to(memory_format=torch.channels_last)``
-    by the caller would otherwise bring the bug back.
+    by the caller would otherwise bring the bug back (the switched forward still runs NCHW then, copying the
+    weight).
 
     Returns:
         Names of the convolutions that were switched.
     """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     switched = []
     for name, module in model.named_modules():
         if needs_nchw_backward(module) and type(module) is nn.Conv2d:
             module.__class__ = NCHWBackwardConv2d  # same attributes and parameters; only the forward differs
+            # NCHW weights, so their gradients have the strides DDP's buckets expect (no copy per step).
+            module.weight.data = _standard(module.weight.data)
             switched.append(name)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     return switched
