@@ -16,11 +16,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 COMMANDS = ("aikd.cli", "aikd.__main__", "aikd.commands")
 # What each lower layer may import from aikd (besides itself).
 LOWER_LAYERS = {
-    "aikd.models": {"aikd.io", "aikd.images", "aikd.names"},
+    "aikd.models": {"aikd.io", "aikd.images", "aikd.names", "aikd.align"},
     "aikd.detectors": set(),
     "aikd.evaluate": set(),
     "aikd.names": set(),
     "aikd.io": set(),
+    "aikd.align": set(),
 }
 
 

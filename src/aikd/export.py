@@ -94,11 +94,10 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
     import onnx
 
     from aikd import __version__
-    from aikd.align import ALIGNED_SIZE, ARCFACE_TEMPLATE
     from aikd.models import Preprocessing
 
     preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
-    template = (ARCFACE_TEMPLATE * (input_size[0] / ALIGNED_SIZE)).round(4).tolist()
+    template = preprocessing.alignment_points().round(4).tolist()
     values = {
         "aikd.preprocessing": json.dumps({**preprocessing.to_dict(), "input_size": list(input_size)}),
         "aikd.alignment": json.dumps({"template": template, "template_frame": list(input_size),

@@ -10,8 +10,9 @@ Shared by ``score``, ``embed``, ``label`` and ``align`` (:class:`CropOptions`, b
 - ``misalign P`` with ``seed S``: the landmarks are jittered by U[-P, P] px before alignment, with noise
   determined by (seed, image key) alone, so resuming or sharding a run does not change it.
 
-Crops are made at the model's input size (the ArcFace template scaled from its 112x112 frame), never at a
-fixed 112: a model whose input is 128x128 gets a 128x128 alignment, not a resampled 112x112 one.
+Crops are made for the model: at its input size and on its own five-point template
+(:meth:`aikd.models.Preprocessing.alignment_points`, the ArcFace template scaled to the input size unless the
+model says otherwise), never at a fixed 112: a 128x128 model gets a 128x128 alignment, not a resampled one.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aikd.align import align_face, as_landmarks, misalign
+from aikd.align import ALIGNED_SIZE, align_face, as_landmarks, misalign
 from aikd.images import ImageInput, match_landmarks, resize_image
 from aikd.io import read_landmarks
+
+if TYPE_CHECKING:  # no torch for aikd align
+    from aikd.models.preprocessing import Preprocessing
 
 __all__ = ["CropOptions", "Prepare", "make_prepare"]
 
@@ -83,25 +87,29 @@ def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.
     return misalign(landmarks, rng, max_shift=max_shift)
 
 
-def _crop_side(input_size: Sequence[int]) -> int:
-    height, width = (int(v) for v in input_size)
+def _aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Five-point alignment onto the model's own template (:meth:`Preprocessing.alignment_points`)."""
+    if preprocessing is None:
+        return lambda image, landmarks: align_face(image, landmarks)
+    height, width = preprocessing.input_size
     if height != width:
         raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
-    return height
+    template = preprocessing.alignment_points() * np.float32(ALIGNED_SIZE / height)  # align_face's 112 frame
+    return lambda image, landmarks: align_face(image, landmarks, size=height, template=template)
 
 
-def make_prepare(options: CropOptions, items: Sequence[ImageInput], input_size: Sequence[int] = (112, 112),
+def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessing: Preprocessing | None = None,
                  workers: int = 0) -> Prepare:
-    """The per-image preparation ``options`` ask for, at the model's ``input_size`` (runs in decode threads).
+    """The per-image preparation ``options`` ask for, for the model's input (runs in the decode threads).
 
     Args:
         options: how to crop.
         items: every input of the run (landmarks are matched to them once, up front).
-        input_size: (height, width) of the model's input.
+        preprocessing: the model's input size and alignment template (default: 112x112 ArcFace).
         workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
     """
     if options.mode == "landmarks":
-        side = _crop_side(input_size)
+        align = _aligner(preprocessing)
         table = read_landmarks(options.landmarks)
         matched, missing = match_landmarks(items, table.paths, table.landmarks)
         by_key = {item.key: matched[i] for i, item in enumerate(items)}
@@ -112,13 +120,13 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], input_size: 
             if item.key in missing_keys:
                 raise ValueError(f"no landmarks for this image in {source}")
             landmarks = as_landmarks(by_key[item.key])
-            return align_face(image, _jitter(landmarks, item.key, options.misalign, options.seed), size=side)
+            return align(image, _jitter(landmarks, item.key, options.misalign, options.seed))
 
         return prepare
     if options.mode == "detect":
         from aikd.detect import thread_local_detector
 
-        side = _crop_side(input_size)
+        align = _aligner(preprocessing)
         detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,
                                                     score_threshold=options.detect_threshold)
 
@@ -127,9 +135,10 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], input_size: 
             if not faces:
                 raise ValueError("no face found")
             landmarks = as_landmarks(faces[0].landmarks)
-            return align_face(image, _jitter(landmarks, item.key, options.misalign, options.seed), size=side)
+            return align(image, _jitter(landmarks, item.key, options.misalign, options.seed))
 
         return prepare
-    size = tuple(int(v) for v in input_size)
-    return lambda image, item: resize_image(image, size)
+    if preprocessing is None:
+        return lambda image, item: resize_image(image, ALIGNED_SIZE)
+    return lambda image, item: preprocessing.resize(image)
 

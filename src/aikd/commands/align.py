@@ -28,7 +28,6 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from aikd.align import ALIGNED_SIZE
 from aikd.commands.options import add_crop_arguments, add_input_arguments, add_job_arguments, crop_options, job_options
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = FORMATS[args.format]
     targets = _targets(items, output, suffix)
     _check_output_folder(output, job.resume, job.overwrite)
-    prepare = make_prepare(crop, items, (ALIGNED_SIZE, ALIGNED_SIZE), job.workers)
+    prepare = make_prepare(crop, items, workers=job.workers)  # 112x112 ArcFace crops
 
     def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         results = []

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_fr_model(args.weights, args.arch)
         engine = inference.engine(model.backbone, dist.device, model.preprocessing)
         size = engine.preprocessing.input_size
-        crop_prepare = make_prepare(crop, items, size, job.workers)
+        crop_prepare = make_prepare(crop, items, engine.preprocessing, job.workers)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
             if crop.mode == "as-is":

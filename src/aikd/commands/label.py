@@ -221,7 +221,7 @@ def _first_pass(labeler: Labeler, items: list[ImageInput], output: Path, job: Jo
             labels = labeler.label_batch(faces, [item.key for item in batch])
         return _batch_results(labels, labeler.columns)
 
-    prepare = make_prepare(crop, items, preprocessing.input_size, job.workers)
+    prepare = make_prepare(crop, items, preprocessing, job.workers)
     return run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers, resume=job.resume,
                    prepare=prepare, rank=dist.rank, world_size=dist.world_size,
                    load_previous=_load_previous(labeler), desc=desc)

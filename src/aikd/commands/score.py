@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed(inference.device) as dist:
         dist.from_main(lambda: _check_outputs(output, embeddings_path, job))
         engine = inference.quality_engine(args.checkpoint, args.arch, dist.device)
-        crop_prepare = make_prepare(crop, items, engine.preprocessing.input_size, job.workers)
+        crop_prepare = make_prepare(crop, items, engine.preprocessing, job.workers)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
             return engine.prepare(crop_prepare(image, item))

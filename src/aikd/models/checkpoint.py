@@ -293,6 +293,10 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     state = _strip_wrapper_prefixes(state_dict)
     state = _part(state, BACKBONE_PREFIX) or state
+    for name in list_models():  # families that recognise their own published layouts
+        spec = get_spec(name)
+        if spec.matches is not None and spec.matches(state):
+            return spec.name
     stem = state.get("conv1.weight")
     stages: list[set[int]] = [set() for _ in range(4)]
     for key in state:
@@ -307,7 +311,7 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     width = int(stem.shape[0])
     for name in list_models():
         spec = get_spec(name)
-        if spec.layers == layers and spec.width == width:
+        if spec.layers == layers and spec.width == width and spec.family == "iresnet":
             return spec.name
     raise ValueError(f"an iResNet with blocks {list(layers)} and width {width} matches no registered "
                      f"architecture (known: {', '.join(list_models())})")
@@ -392,6 +396,9 @@ def load_backbone(
 def _load_backbone(state: StateDict, meta: Mapping[str, Any], source: str, arch: str | None) -> tuple[nn.Module, str]:
     state = _part(state, BACKBONE_PREFIX) or state
     arch = _resolve_arch(arch, meta.get("arch"), state, source)
+    convert = get_spec(arch).convert
+    if convert is not None and meta.get("format") != FORMAT:  # as its authors publish it -> our module keys
+        state = convert(dict(state))
     fc = state.get("fc.weight")
     model = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
     _load_strictly(model, state, source, arch)

@@ -31,6 +31,8 @@ class Preprocessing:
         std: per-channel divisor on the 0..1 scale.
         channel_order: ``"RGB"`` or ``"BGR"``, the order the model's first convolution expects.
         embedding_size: length of the backbone embedding (the quality head's input).
+        template: where the five landmarks (left eye, right eye, nose, left and right mouth corner) go in the
+            model's input, in its pixels; ``None``: the ArcFace template scaled to ``input_size``.
     """
 
     input_size: tuple[int, int] = (112, 112)
@@ -38,6 +40,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
     embedding_size: int = 512
+    template: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON/YAML) but store tuples so instances stay hashable and comparable.
@@ -49,14 +52,28 @@ class Preprocessing:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"preprocessing.mean/std must be 3 values with std > 0, "
                              f"got mean={self.mean}, std={self.std}")
+        if self.template is not None:
+            points = tuple(tuple(float(v) for v in point) for point in self.template)
+            if len(points) != 5 or any(len(point) != 2 for point in points):
+                raise ValueError(f"preprocessing.template must be 5 (x, y) points, got {self.template}")
+            object.__setattr__(self, "template", points)
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"preprocessing.channel_order must be 'RGB' or 'BGR', "
                              f"got {self.channel_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (lists, numbers, strings) for checkpoints and JSON."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in asdict(self).items()}
+        data = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        data["template"] = [list(point) for point in self.template] if self.template is not None else None
+        return data
+
+    def alignment_points(self) -> np.ndarray:
+        """(5, 2) float32: where the five landmarks go in the model's input (:attr:`template`)."""
+        if self.template is not None:
+            return np.asarray(self.template, dtype=np.float32)
+        from aikd.align import ALIGNED_SIZE, ARCFACE_TEMPLATE
+
+        return ARCFACE_TEMPLATE * np.float32(self.input_size[0] / ALIGNED_SIZE)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:

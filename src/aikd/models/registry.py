@@ -47,8 +47,13 @@ class ModelSpec:
         builder: returns a freshly initialised backbone; keyword arguments go to :class:`IResNet`.
         preprocessing: input the model expects.
         description: one line for ``aikd models``.
-        layers: blocks per stage (used to recognise the architecture of a state dict).
-        width: stem/first-stage channels.
+        layers: blocks per stage (used to recognise an iResNet state dict).
+        width: stem/first-stage channels (likewise).
+        convert: maps a checkpoint as its authors publish it (wrapper prefixes already stripped) to this
+            module's state-dict keys; ``None``: the keys are the module's own.
+        matches: whether a (published) state dict is this architecture's, for recognising files that do not
+            name their architecture; ``None``: only the iResNet rule (``layers``/``width``) recognises it.
+        family: the model family, for ``aikd models`` (``iresnet``, ...).
     """
 
     name: str
@@ -57,6 +62,9 @@ class ModelSpec:
     description: str = ""
     layers: tuple[int, ...] = ()
     width: int = 64
+    convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    matches: Callable[[Mapping[str, Any]], bool] | None = None
+    family: str = "iresnet"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
