@@ -1,7 +1,14 @@
-"""File formats: atomic writes, CSV tables, the safe legacy-pickle reader, embedding files.
+"""File formats: atomic writes, CSV tables, quality tables, the safe legacy-pickle reader, embedding files.
 
 Every output aikd writes goes through :func:`atomic_write` (temporary file in the same folder, fsync,
 rename), so a run killed at any moment leaves either the old file or the new one, never half of one.
+
+Names round-trip byte for byte. Text files are UTF-8; a file name that is not valid UTF-8 (``bad_\xff.png``
+on Linux) is read by Python as a string with escape characters and written back as its original bytes
+(:data:`NAME_ERRORS`, Python's ``surrogateescape``), so an output names the very file on disk; JSONL writes
+such a name as ``\udcff`` escapes, which JSON readers turn back into the same string. Text inputs are read
+the same way, so a Latin-1 landmarks file still parses (its names match files whose names are Latin-1
+bytes); a binary file where text is expected is refused with a message naming it.
 
 The official AI-KD code exchanges landmarks and labels as pickles (``{name: (detection, landmarks)}``
 and ``{name: score}``). Unpickling a user's file with :mod:`pickle` can run arbitrary code, so
@@ -15,11 +22,13 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +37,15 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "NAME_ERRORS",
     "QUALITY_FORMATS",
     "LabelTable",
     "LandmarkTable",
     "UnsafePickleError",
     "atomic_write",
+    "csv_rows",
     "load_embeddings",
+    "open_text",
     "read_labels",
     "quality_format",
     "read_landmarks",
@@ -41,11 +53,37 @@ __all__ = [
     "safe_pickle_loads",
     "save_embeddings",
     "shortest_float32",
+    "warn_repeated",
     "write_csv",
     "write_qualities",
 ]
 
 LANDMARK_COLUMNS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
+log = logging.getLogger(__name__)
+NAME_ERRORS = "surrogateescape"  # file names that are not UTF-8 keep their bytes (see the module docstring)
+
+
+def open_text(path: str | os.PathLike, what: str = "file") -> IO[str]:
+    """Open a text input (CSV, list, protocol) for reading: UTF-8 (BOM skipped), names' bytes kept.
+
+    Raises:
+        ValueError: the file cannot be opened; the message names it and ``what`` it is.
+    """
+    try:
+        return open(path, newline="", encoding="utf-8-sig", errors=NAME_ERRORS)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read {what} ({err.strerror})") from None
+
+
+def csv_rows(handle: IO[str], path: str | os.PathLike, what: str = "CSV file") -> Iterator[list[str]]:
+    """The rows of an open CSV file; a binary file (NUL bytes, ...) becomes a ValueError naming it."""
+    try:
+        for row in csv.reader(handle):
+            if any("\x00" in cell for cell in row):
+                raise ValueError(f"{path}: not a text {what} (it holds binary data)")
+            yield row
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a text {what} ({err})") from None
 
 
 # --------------------------------------------------------------------------------------------- atomic writes
@@ -59,9 +97,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     path.parent.mkdir(parents=True, exist_ok=True)
     if "b" not in mode:
         open_kwargs.setdefault("encoding", "utf-8")
+        open_kwargs.setdefault("errors", NAME_ERRORS)
         if "newline" not in open_kwargs:
             open_kwargs["newline"] = ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name stays within NAME_MAX (255 bytes) whatever the length of the final one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions open() would give
         with os.fdopen(fd, mode, **open_kwargs) as handle:
@@ -96,11 +136,10 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 
 # (module, name) pairs a data pickle legitimately needs. Everything else (os.system, eval, arbitrary
 # classes) is refused before it can be called.
-_SAFE_GLOBALS = {
-    ("builtins", name)
-    for name in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "str", "int",
-                 "float", "complex", "bool", "slice", "range")
-} | {
+# Builtins that a pickle may call, each only on data the pickle itself holds (see _from_data): ``bytes(2**31)``
+# or ``list(range(10**10))`` would allocate gigabytes from a 50-byte file.
+_DATA_BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "str", "int", "float", "bool")
+_SAFE_GLOBALS = {("builtins", name) for name in _DATA_BUILTINS} | {
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
     ("_codecs", "encode"),  # protocol-2 pickles store bytes as latin-1 strings via _codecs.encode
@@ -129,7 +168,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _checked_reconstructor
         if (module, name) == ("collections", "defaultdict"):
             return _plain_defaultdict
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        return _from_data(found) if module == "builtins" or (module, name) == ("collections", "OrderedDict") \
+            else found
+
+
+_DATA_ARGUMENTS = (str, bytes, bytearray, list, tuple, dict, set, frozenset, float, bool)
+
+
+def _from_data(constructor: type) -> Any:
+    """``constructor`` restricted to arguments that are data already in the pickle, never a size or an iterator
+    to expand (an ``int`` is accepted only where it is the value itself, as for ``int`` and ``float``)."""
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        numeric = constructor in (int, float, bool)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not numeric and not isinstance(value, bool):
+                raise UnsafePickleError(f"refused {constructor.__name__}({value}): a size, not data")
+            if not isinstance(value, (*_DATA_ARGUMENTS, int)):
+                raise UnsafePickleError(f"refused {constructor.__name__} of a {type(value).__name__}")
+        return constructor(*args, **kwargs)
+
+    return build
 
 
 def _checked_reconstructor(cls: type, base: type, state: Any) -> Any:
@@ -187,7 +247,8 @@ class LandmarkTable:
         return len(self.paths)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.paths, self.landmarks, strict=True))
+        """Name -> landmarks; a name listed more than once keeps its first row."""
+        return _first_of_each(self.paths, self.landmarks)
 
 
 @dataclass
@@ -201,7 +262,32 @@ class LabelTable:
         return len(self.paths)
 
     def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.paths, self.qualities.tolist(), strict=True))
+        """Name -> quality; a name listed more than once keeps its first row."""
+        return _first_of_each(self.paths, self.qualities.tolist())
+
+
+def _first_of_each(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for name, value in zip(names, values, strict=True):
+        table.setdefault(name, value)
+    return table
+
+
+def warn_repeated(names: Sequence[str], source: str | os.PathLike) -> list[str]:
+    """Log a warning naming the names ``source`` lists more than once (aikd uses the first of each, everywhere).
+
+    Returns:
+        The repeated names, sorted.
+    """
+    if len(names) < 2:
+        return []
+    unique, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)  # vectorised: 3 M names
+    repeated = unique[counts > 1].tolist()
+    if repeated:
+        examples = ", ".join(repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+        log.warning("warning: %s: %d name(s) listed more than once; the first row of each is used (e.g. %s)",
+                    source, len(repeated), examples)
+    return repeated
 
 
 def _to_float(text: str) -> float:
@@ -213,12 +299,8 @@ def _to_float(text: str) -> float:
 
 def _read_csv_columns(path: Path, wanted: Sequence[str], what: str) -> tuple[list[str], list[list[str]]]:
     """Return the ``path`` column and the ``wanted`` columns (as text) of a headed CSV file."""
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig")
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read {what} file ({err.strerror})") from None
-    with handle:
-        reader = csv.reader(handle)
+    with open_text(path, f"{what} file") as handle:
+        reader = csv_rows(handle, path, f"{what} file")
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path}: empty {what} file (expected a header: path,{','.join(wanted)})")
@@ -253,7 +335,7 @@ def _read_csv_fast(path: Path, columns: Sequence[str], dtype: type) -> tuple[np.
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             header = [name.strip() for name in next(csv.reader(handle), [])]
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, csv.Error):
         return None
     if "path" not in header or any(name not in header for name in columns):
         return None
@@ -274,9 +356,15 @@ def read_landmarks(path: str | os.PathLike) -> LandmarkTable:
     """Read landmarks from CSV (``path,x1,y1,...,x5,y5``, extra columns ignored) or the official pickle.
 
     The pickle is ``{name: (detection, landmarks)}`` or ``{name: landmarks}`` with landmarks shaped (5, 2)
-    or (10,) as x1, y1, ..., x5, y5.
+    or (10,) as x1, y1, ..., x5, y5. Names listed more than once are warned about (:func:`warn_repeated`);
+    every consumer uses the first row of each.
     """
-    path = Path(path)
+    table = _read_landmarks(Path(path))
+    warn_repeated(table.paths, path)
+    return table
+
+
+def _read_landmarks(path: Path) -> LandmarkTable:
     if is_pickle_path(path):
         data = safe_pickle_load(path)
         if not isinstance(data, dict):
@@ -309,10 +397,15 @@ def read_labels(path: str | os.PathLike, column: str = "quality", fmt: str | Non
     Formats (``fmt``, else from the suffix; see :func:`quality_format`): CSV with a ``path`` and a ``column``
     column (what ``aikd score`` and ``aikd label`` write), the official pickle ``{name: score}``, or JSONL, one
     ``{"path": ..., "quality": ...}`` object per line (``aikd score -o scores.jsonl``). Rows are kept in file
-    order, repeated names included (the caller decides what a repeat means).
+    order, repeated names included; repeats are warned about (:func:`warn_repeated`) and every consumer uses
+    the first row of each.
     """
-    path = Path(path)
-    fmt = quality_format(path, fmt)
+    table = _read_labels(Path(path), column, quality_format(path, fmt))
+    warn_repeated(table.paths, path)
+    return table
+
+
+def _read_labels(path: Path, column: str, fmt: str) -> LabelTable:
     if fmt == "pickle":
         data = safe_pickle_load(path)
         if not isinstance(data, dict):
@@ -336,11 +429,7 @@ def read_labels(path: str | os.PathLike, column: str = "quality", fmt: str | Non
 
 def _read_jsonl_qualities(path: Path, column: str) -> LabelTable:
     names, scores = [], []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read quality file ({err.strerror})") from None
-    with handle:
+    with open_text(path, "quality file") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -406,13 +495,18 @@ def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """Read an embedding file written by :func:`save_embeddings` (no pickled objects are loaded)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = {"paths", "embeddings"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path}: embedding file lacks array(s) {', '.join(sorted(missing))}")
-            paths = [str(p) for p in data["paths"]]
-            embeddings = np.asarray(data["embeddings"], dtype=np.float32)
-    except (OSError, EOFError) as err:
+            found = set(data.files)
+            if found >= {"paths", "embeddings"}:
+                paths = [str(p) for p in data["paths"]]
+                embeddings = np.asarray(data["embeddings"], dtype=np.float32)
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: cannot read embedding file ({err})") from None
+    except ValueError as err:  # object arrays (pickled Python objects) are never loaded
+        raise ValueError(f"{path}: not an embedding file aikd reads ({err}); expected the string array paths "
+                         "and the float array embeddings") from None
+    missing = {"paths", "embeddings"} - found
+    if missing:
+        raise ValueError(f"{path}: embedding file lacks array(s) {', '.join(sorted(missing))}")
     if embeddings.ndim != 2 or len(embeddings) != len(paths):
         raise ValueError(f"{path}: embeddings {embeddings.shape} do not match {len(paths)} paths")
     return paths, embeddings

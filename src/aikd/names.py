@@ -13,8 +13,9 @@ path by the first of these rules that gives exactly one path:
    ``n001/1.jpg``), longest first.
 
 A rule that finds several paths is ambiguous and finds nothing (``id1/1.png`` never stands for
-``id2/1.png``): callers report such names as unmatched instead of guessing. Case is significant, as on the
-file systems faces are stored on.
+``id2/1.png``): callers report such names as unmatched instead of guessing. A path listed more than once is
+one entry, its first occurrence (the readers in :mod:`aikd.io` warn about such repeats). Case is
+significant, as on the file systems faces are stored on.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class NameIndex:
     def _normalised(self) -> dict[str, int]:
         if self._normal is None:
             self._normal = {}
-            for row, path in enumerate(self.paths):
+            for path, row in self._exact.items():  # a name listed twice is one entry: its first row
                 normal = normalise_name(path)
                 found = self._normal.get(normal)
                 self._normal[normal] = row if found is None or found == row else _AMBIGUOUS

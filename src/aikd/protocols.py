@@ -40,13 +40,15 @@ from __future__ import annotations
 import csv
 import logging
 import posixpath
+import re
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from aikd.io import UnsafePickleError, safe_pickle_load
+from aikd.io import UnsafePickleError, open_text, safe_pickle_load
 from aikd.names import NameIndex, normalise_name
 
 __all__ = [
@@ -216,20 +218,30 @@ class AllVsAll:
 
 # ------------------------------------------------------------------------------------------- readers
 def _text_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read protocol file ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (is it a .bin protocol? use --protocol bin)") from None
+    with open_text(path, "protocol file") as handle:
+        text = handle.read()
+    if "\x00" in text:
+        raise ValueError(f"{path}: not a text file (is it a .bin protocol? use --protocol bin)")
+    return text.splitlines()
+
+
+_PATTERN_SPECS = re.compile(r"0?[1-9]?d?")  # {n}, {n:d}, {n:4d}, {n:04d}: at most 9 digits wide
 
 
 def _check_pattern(pattern: str) -> None:
+    """Allow only the documented fields, ``{name}`` and ``{n}`` with an integer width of at most 9: a format
+    string is code (``{name.__class__}`` reads attributes, ``{n:>999999999}`` allocates gigabytes)."""
     try:
-        pattern.format(name="Name", n=1)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"bad image-name pattern {pattern!r}: use the fields {{name}} and {{n}} ({err})"
-                         ) from None
+        fields = list(string.Formatter().parse(pattern))
+    except ValueError as err:
+        raise ValueError(f"bad image-name pattern {pattern!r}: {err}") from None
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in ("name", "n") or conversion or (spec and (name != "n" or not _PATTERN_SPECS.fullmatch(spec))):
+            raise ValueError(f"bad image-name pattern {pattern!r}: use only {{name}} and {{n}} (an integer width "
+                             f"such as {{n:04d}} is allowed), not {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}}")
 
 
 def read_lfw_pairs(path: str | Path, pattern: str = LFW_PATTERN, strict: bool = True) -> PairList:
@@ -508,8 +520,39 @@ def resolve(protocol: PairList | IdentityList, embedding_paths: Sequence[str] | 
     report_issues(issues, protocol.source, strict, "pair(s) naming images without an embedding")
     if not known.any():
         raise ValueError(f"{protocol.source}: no pair left whose images both have embeddings")
-    return IndexedPairs(protocol.source, first[known], second[known], protocol.mated[known],
-                        protocol.lines[known])
+    pairs = IndexedPairs(protocol.source, first[known], second[known], protocol.mated[known], protocol.lines[known])
+    return _distinct_pairs(pairs, strict)
+
+
+def _distinct_pairs(pairs: IndexedPairs, strict: bool) -> IndexedPairs:
+    """Each comparison once: drop (and report) self-pairs and repeats of a pair (in either order, first kept);
+    a pair listed as both mated and non-mated is an error (strict) or dropped, reported."""
+    low, high = np.minimum(pairs.first, pairs.second), np.maximum(pairs.first, pairs.second)
+    keep = low != high
+    if (~keep).any():
+        lines = ", ".join(str(int(line)) for line in pairs.lines[~keep][:SHOWN_ISSUES])
+        log.warning("warning: %s: %d pair(s) compare an image with itself (lines %s); dropped", pairs.source,
+                    int((~keep).sum()), lines)
+    key = low.astype(np.int64) * (int(high.max(initial=0)) + 1) + high
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    labels = np.zeros((len(first), 2), dtype=bool)
+    labels[group, pairs.mated.astype(int)] = True
+    conflicting = labels.all(axis=1)[group] & keep
+    if conflicting.any():
+        issues = [PairIssue(pairs.source, int(line), "this pair is also listed with the other label")
+                  for line in pairs.lines[conflicting]]
+        report_issues(issues, pairs.source, strict, "pair(s) listed as both mated and non-mated")
+        keep &= ~conflicting
+    repeated = keep.copy()
+    repeated[first] = False
+    if repeated.any():
+        lines = ", ".join(str(int(line)) for line in pairs.lines[repeated][:SHOWN_ISSUES])
+        log.warning("warning: %s: %d pair(s) repeat an earlier one (lines %s); each comparison counted once",
+                    pairs.source, int(repeated.sum()), lines)
+        keep &= ~repeated
+    if not keep.any():
+        raise ValueError(f"{pairs.source}: no distinct pair of two different images left")
+    return pairs.subset(keep) if not keep.all() else pairs
 
 
 def _resolve_identities(protocol: IdentityList, index: NameIndex, strict: bool) -> AllVsAll:

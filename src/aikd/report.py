@@ -225,7 +225,8 @@ def _qualities(job: Job, index: NameIndex, n_rows: int) -> dict[str, np.ndarray]
         table = read_labels(path)
         rows = index.find_all(table.paths)
         quality = np.full(n_rows, np.nan)
-        quality[rows[rows >= 0]] = table.qualities[rows >= 0]
+        found = np.flatnonzero(rows >= 0)[::-1]  # assigned last to first: a repeated name keeps its first row
+        quality[rows[found]] = table.qualities[found]
         qualities[method] = quality
     return qualities
 
