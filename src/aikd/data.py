@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from aikd.align import Misalignment, align_face, valid_landmarks
+from aikd.align import Misalignment, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
 from aikd.models.preprocessing import Preprocessing
 from aikd.names import match_names
+from aikd.sources import aligner
 from aikd.synthetic import SyntheticFaces
 
 __all__ = [
@@ -349,11 +350,16 @@ def _one_to_one(rows: np.ndarray, report: IndexReport, names: np.ndarray, proble
 
 
 def _walk_images(root: Path) -> np.ndarray:
-    """Sorted relative POSIX paths of the image files under ``root``: one ``os.scandir`` per folder."""
+    """Sorted relative POSIX paths of the image files under ``root``: one ``os.scandir`` per real folder."""
     found: list[str] = []
     pending = [("", os.fspath(root))]
+    walked: set[str] = set()  # real folders: links are followed, each real folder once (no loops)
     while pending:
         prefix, folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in walked:
+            continue
+        walked.add(real)
         try:
             entries = list(os.scandir(folder))
         except OSError as err:
@@ -401,8 +407,12 @@ class DistillationDataset(Dataset):
         stream: :data:`TRAIN_STREAM` or :data:`VAL_STREAM` (validation draws one fixed misalignment).
 
     An item is a dict: ``misaligned`` and ``aligned`` (3, H, W) float32 tensors, ``quality`` (float32
-    scalar tensor) and ``index`` (the index position, int64). ``aligned`` is left out for positions marked
-    in :attr:`skip_aligned` (their teacher embedding is cached).
+    scalar tensor), ``index`` (the index position, int64) and ``replaced`` (int64: the position of a face
+    whose image could not be decoded and that this one stands in for, else -1). ``aligned`` is left out for
+    positions marked in :attr:`skip_aligned` (their teacher embedding is cached).
+
+    A face whose image cannot be decoded (the index checked names, not pixels) does not stop training: the
+    next face of the dataset stands in for it, and ``replaced`` tells the trainer, which reports it.
     """
 
     def __init__(
@@ -421,6 +431,7 @@ class DistillationDataset(Dataset):
         self.preprocessing, self.misalignment = preprocessing, misalignment
         self.seed, self.stream, self.epoch = int(seed), int(stream), 0
         self.skip_aligned: np.ndarray | None = None
+        self.align = aligner(preprocessing)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -436,24 +447,34 @@ class DistillationDataset(Dataset):
         return self.misalignment.sample(self.index.landmarks[position], rng)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        position = int(self.positions[item])
-        image = self.index.load_image(position)
-        size = self.preprocessing.input_size[0]
-        misaligned = align_face(image, self.misaligned_landmarks(position), size)
+        position, image, replaced = self._decodable(item)
+        misaligned = self.align(image, self.misaligned_landmarks(position))
         sample = {
             "misaligned": self.preprocessing.to_tensor(misaligned)[0],
             "quality": torch.tensor(self.index.labels[position], dtype=torch.float32),
             "index": torch.tensor(position, dtype=torch.int64),
+            "replaced": torch.tensor(replaced, dtype=torch.int64),
         }
         if self.skip_aligned is None or not self.skip_aligned[position]:
-            aligned = align_face(image, self.index.landmarks[position], size)
+            aligned = self.align(image, self.index.landmarks[position])
             sample["aligned"] = self.preprocessing.to_tensor(aligned)[0]
         return sample
+
+    def _decodable(self, item: int, attempts: int = 16) -> tuple[int, np.ndarray, int]:
+        """(position, image, replaced): face ``item``, or the next decodable one standing in for it."""
+        first = int(self.positions[item])
+        for step in range(min(attempts, len(self.positions))):
+            position = int(self.positions[(item + step) % len(self.positions)])
+            try:
+                return position, self.index.load_image(position), (first if step else -1)
+            except ValueError as err:
+                error = err
+        raise ValueError(f"{attempts} faces in a row cannot be decoded, e.g. {error}; check data.images")
 
 
 def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack items; ``aligned`` holds only the items that have it, ``aligned_rows`` says which rows they are."""
-    batch = {key: torch.stack([item[key] for item in items]) for key in ("misaligned", "quality", "index")}
+    batch = {key: torch.stack([item[key] for item in items]) for key in ("misaligned", "quality", "index", "replaced")}
     rows = [row for row, item in enumerate(items) if "aligned" in item]
     batch["aligned_rows"] = torch.tensor(rows, dtype=torch.int64)
     if rows:

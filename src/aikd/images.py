@@ -13,7 +13,6 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 
 from __future__ import annotations
 
-import csv
 import functools
 import glob
 import io
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from aikd.io import csv_rows, open_text
 from aikd.names import NameIndex
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "ImageInput",
     "collect_inputs",
     "decode_image",
+    "input_pixels",
     "load_image",
     "load_input",
     "match_landmarks",
@@ -57,12 +58,15 @@ class ImageError(ValueError):
 class ImageInput:
     """One image to process: ``path`` to read, ``key`` to write in outputs.
 
-    ``member`` is the image's index inside a container file (an insightface validation ``.bin``).
+    ``member`` is the image's index inside a container file (an insightface validation ``.bin``). ``error``
+    marks an input that cannot even be listed (an unreadable folder): it fails with that reason, so it is
+    reported in the errors file like any unusable image instead of being skipped in silence.
     """
 
     path: Path
     key: str
     member: int | None = None
+    error: str | None = None
 
 
 def _is_pattern(text: str) -> bool:
@@ -70,9 +74,24 @@ def _is_pattern(text: str) -> bool:
 
 
 def _from_folder(folder: Path) -> list[ImageInput]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
+    """The images under ``folder``: links are followed, but each real folder is walked once (a link back up
+    the tree would loop for ever, one to a sibling would list its images twice); a folder that cannot be
+    listed becomes an input that fails with the reason."""
+    found: list[ImageInput] = []
+    walked: set[str] = set()
+
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename or folder)
+        key = where.relative_to(folder).as_posix() + "/" if where != folder else f"{folder.as_posix()}/"
+        found.append(ImageInput(where, key, error=f"cannot list this folder: {err.strerror}"))
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(root)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))  # real folders before links
         for name in sorted(files):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 full = Path(root) / name
@@ -82,9 +101,9 @@ def _from_folder(folder: Path) -> list[ImageInput]:
 
 def _from_list_file(list_file: Path) -> list[ImageInput]:
     base = list_file.parent
-    with open(list_file, newline="", encoding="utf-8-sig") as handle:
+    with open_text(list_file, "list of images") as handle:
         if list_file.suffix.lower() == ".csv":
-            reader = csv.reader(handle)
+            reader = csv_rows(handle, list_file, "list of images")
             header = next(reader, [])
             column = header.index("path") if "path" in header else None
             if column is None:  # no header: the first column of every row is a path
@@ -94,6 +113,8 @@ def _from_list_file(list_file: Path) -> list[ImageInput]:
             names = [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
         else:
             names = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+            if any("\x00" in name for name in names):
+                raise ValueError(f"{list_file}: not a text list of images (it holds binary data)")
     return [ImageInput(Path(name) if os.path.isabs(name) else base / name, name) for name in names]
 
 
@@ -112,37 +133,80 @@ def _from_bin(path: Path) -> list[ImageInput]:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
-    """Expand command-line inputs into images, in a stable order, without duplicates.
+    """Expand command-line inputs into images, in a stable order, each file once.
+
+    Keys are relative to the folder given, or the path as given for files, patterns and list entries. When
+    two folders given hold the same relative names (``good/img_0.png`` and ``g3/img_0.png``), the keys of
+    every folder start with the folder as given (``good/img_0.png``), so no image hides another. A file
+    reached twice (through a link, or as ``a/x.png`` and ``a/./x.png``) is one input, its first key.
 
     Raises:
-        ValueError: an input does not exist, or nothing at all was found.
+        ValueError: an input does not exist, two different files would share a key, or nothing was found.
     """
-    found: list[ImageInput] = []
+    groups: list[tuple[Path | None, list[ImageInput]]] = []  # (folder given, its images)
     for raw in inputs:
         text = os.fspath(raw)
         path = Path(text)
         if path.is_dir():
-            found.extend(_from_folder(path))
+            groups.append((path, _from_folder(path)))
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            found.extend(_from_list_file(path))
+            groups.append((None, _from_list_file(path)))
         elif path.is_file() and path.suffix.lower() == ".bin":
-            found.extend(_from_bin(path))
+            groups.append((None, _from_bin(path)))
         elif path.is_file():
-            found.append(ImageInput(path, Path(text).as_posix()))
+            groups.append((None, [ImageInput(path, Path(text).as_posix())]))
         elif _is_pattern(text):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
                 raise ValueError(f"{text}: the pattern matches no file")
-            found.extend(ImageInput(Path(m), Path(m).as_posix()) for m in matches
-                         if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            groups.append((None, [ImageInput(Path(m), Path(m).as_posix()) for m in matches
+                                  if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES]))
         else:
             raise ValueError(f"{text}: no such file or folder")
-    unique: dict[str, ImageInput] = {}
-    for item in found:
-        unique.setdefault(item.key, item)
-    if not unique:
+    items = _unique_files([item for _, group in groups for item in group])
+    if _colliding(items) and sum(folder is not None for folder, _ in groups) > 1:
+        groups = [(folder, [_under(folder, item) for item in group] if folder is not None else group)
+                  for folder, group in groups]
+        items = _unique_files([item for _, group in groups for item in group])
+    clashes = _colliding(items)
+    if clashes:
+        examples = "; ".join(f"{key!r}: {', '.join(str(p) for p in paths[:2])}" for key, paths in clashes[:3])
+        raise ValueError(f"{len(clashes)} name(s) stand for different files ({examples}); give them in separate "
+                         "runs, or list them by unique names")
+    if not items:
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or '(no input)'}")
-    return list(unique.values())
+    return items
+
+
+def _identity(item: ImageInput) -> tuple[str, int | None]:
+    """What an input is on disk: its real path (and member of a container)."""
+    return os.path.realpath(item.path), item.member
+
+
+def _unique_files(items: list[ImageInput]) -> list[ImageInput]:
+    seen: set[tuple[str, int | None]] = set()
+    unique = []
+    for item in items:
+        if item.error is None:
+            identity = _identity(item)
+            if identity in seen:
+                continue
+            seen.add(identity)
+        unique.append(item)
+    return unique
+
+
+def _colliding(items: list[ImageInput]) -> list[tuple[str, list[Path]]]:
+    """Keys that name more than one file."""
+    paths: dict[str, list[Path]] = {}
+    for item in items:
+        paths.setdefault(item.key, []).append(item.path)
+    return [(key, found) for key, found in paths.items() if len(found) > 1]
+
+
+def _under(folder: Path, item: ImageInput) -> ImageInput:
+    prefix = folder.as_posix().rstrip("/")
+    return ImageInput(item.path, f"{prefix}/{item.key}", item.member, item.error)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -214,9 +278,23 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
 
 def load_input(item: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The image of one input: a file, or a member of a container file."""
+    if item.error is not None:
+        raise ImageError(item.error)
     if item.member is not None:
         return decode_image(_bin_images(item.path)[item.member], item.key, max_pixels)
     return load_image(item.path, max_pixels)
+
+
+def input_pixels(item: ImageInput) -> int:
+    """Width x height of an input from its header alone (0 when it cannot be read: decoding will say why)."""
+    try:
+        source = io.BytesIO(_bin_images(item.path)[item.member]) if item.member is not None else item.path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(source) as image:
+                return int(image.size[0]) * int(image.size[1])
+    except Exception:  # any unreadable input: load_input reports it
+        return 0
 
 
 def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:

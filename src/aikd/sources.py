@@ -32,7 +32,7 @@ from aikd.io import read_landmarks
 if TYPE_CHECKING:  # no torch for aikd align
     from aikd.models.preprocessing import Preprocessing
 
-__all__ = ["CropOptions", "Prepare", "make_prepare"]
+__all__ = ["CropOptions", "Prepare", "aligner", "make_prepare"]
 
 Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
 
@@ -87,7 +87,7 @@ def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.
     return misalign(landmarks, rng, max_shift=max_shift)
 
 
-def _aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Five-point alignment onto the model's own template (:meth:`Preprocessing.alignment_points`)."""
     if preprocessing is None:
         return lambda image, landmarks: align_face(image, landmarks)
@@ -109,7 +109,7 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessin
         workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
     """
     if options.mode == "landmarks":
-        align = _aligner(preprocessing)
+        align = aligner(preprocessing)
         table = read_landmarks(options.landmarks)
         matched, missing = match_landmarks(items, table.paths, table.landmarks)
         by_key = {item.key: matched[i] for i, item in enumerate(items)}
@@ -126,7 +126,7 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessin
     if options.mode == "detect":
         from aikd.detect import thread_local_detector
 
-        align = _aligner(preprocessing)
+        align = aligner(preprocessing)
         detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,
                                                     score_threshold=options.detect_threshold)
 
