@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,8 +34,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_CODES = """exit status:
   0  everything done
   1  finished, but some inputs failed (see the .errors.csv file next to the output);
-     for train: the loss became NaN/inf (the last good checkpoint is kept)
-  2  usage error or unreadable configuration/input list; nothing was done"""
+     for train: the loss stayed NaN/inf (the last good checkpoint is kept)
+  2  usage error or unreadable configuration/input; nothing was done
+  3  stopped on an error while working (disk full, an unwritable folder, an unexpected failure);
+     what was done is kept: fix the cause and run again with --resume
+  130  interrupted (Ctrl-C); what was done is kept: --resume continues"""
+
+EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -56,6 +63,25 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """The library's warnings as plain lines on the standard error stream of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(self.format(record))
+
+
+def _say(text: str) -> None:
+    """Print to stderr; names that are not UTF-8 (surrogate escapes) are shown as backslash escapes."""
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    library = logging.getLogger("aikd")
+    if not any(isinstance(handler, _StderrHandler) for handler in library.handlers):
+        library.addHandler(_StderrHandler(logging.WARNING))
+        library.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aikd`` and ``python -m aikd``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,12 +95,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    _show_warnings()
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"aikd {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _say(f"aikd {args.command}: interrupted")
+        return EXIT_INTERRUPTED
     except (ValueError, ImportError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
         # Bad input reaches the user as one clear line naming the file or field, not a traceback.
-        print(f"aikd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        _say(f"aikd {args.command}: error: {err}")
+        return EXIT_USAGE
+    except OSError as err:  # disk full, I/O error, ... while working: say what and where, keep the rest
+        where = f" ({err.filename})" if err.filename else ""
+        _say(f"aikd {args.command}: error: {err.strerror or err}{where}; what was done is kept: fix the cause "
+             "and run the same command again with --resume")
+        return EXIT_STOPPED
+    except Exception as err:
+        if os.environ.get("AIKD_DEBUG"):
+            raise
+        _say(f"aikd {args.command}: error: unexpected failure: {type(err).__name__}: {err} (set AIKD_DEBUG=1 "
+             "to see where; what was done is kept: --resume continues)")
+        return EXIT_STOPPED
+    finally:
+        if "aikd.jobs" in sys.modules:  # the outputs this command locked (jobs is imported only by those)
+            sys.modules["aikd.jobs"].release_claims()

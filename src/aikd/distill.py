@@ -45,6 +45,7 @@ from aikd.models import (
     QualityModel,
     get_spec,
     load_fr_model,
+    weights_fingerprint,
 )
 from aikd.models.layout import to_training_layout
 from aikd.runtime import autocast
@@ -63,7 +64,6 @@ __all__ = [
     "quality_forward",
     "set_trainable",
     "teacher_embeddings",
-    "teacher_fingerprint",
 ]
 
 NO_WEIGHTS = "none"
@@ -283,16 +283,6 @@ def set_trainable(student: QualityModel, last_tensors: int | str = 100) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------- build
-def teacher_fingerprint(backbone: nn.Module) -> str:
-    """SHA-256 of a model's state (names, shapes, values): identifies the teacher a cache was made with."""
-    digest = hashlib.sha256(b"aikd-teacher-v1")
-    for name, tensor in backbone.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def build_task(
     teacher: TeacherConfig,
     student: StudentConfig,
@@ -317,7 +307,7 @@ def build_task(
         raise ValueError(f"teacher.weights: {err}") from None
     backbone, arch, preprocessing = loaded.backbone, loaded.arch, loaded.preprocessing
     embedding_size = preprocessing.embedding_size
-    fingerprint = teacher_fingerprint(backbone)
+    fingerprint = weights_fingerprint(backbone)
     frozen_teacher = copy.deepcopy(backbone).eval()
     torch.manual_seed(seed + 1)
     head = QualityHead(embedding_size, student.head_hidden)

@@ -65,6 +65,9 @@ def export_onnx(
         fold: export the BatchNorm-folded model (same outputs up to float rounding, fewer operators).
         opset: ONNX opset version.
     """
+    highest = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    if not 7 <= int(opset) <= highest:
+        raise ValueError(f"--opset {opset}: this torch exports ONNX opsets 7 to {highest}")
     if input_size is None:
         preprocessing = getattr(model, "preprocessing", None)
         input_size = tuple(preprocessing.input_size) if preprocessing is not None else (112, 112)
@@ -190,6 +193,9 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
         with torch.no_grad():
             expected = reference(faces)
         expected = expected if isinstance(expected, tuple) else (expected,)
+        if not all(torch.isfinite(value).all() for value in expected):
+            raise ValueError("the model's outputs are not finite (NaN or infinite) on test faces: its weights are "
+                             "broken; nothing to export")
         got = session.run(names, {INPUT_NAME: faces.numpy()})
         for name, want, have in zip(names, expected, got, strict=True):
             if have.shape != tuple(want.shape):

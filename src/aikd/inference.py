@@ -15,6 +15,7 @@ arithmetic the Python API uses too.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import warnings
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from aikd.evaluate import l2_normalise
+from aikd.models.checkpoint import weights_fingerprint
 from aikd.models.folding import fold_batchnorm
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -82,6 +84,7 @@ class Engine:
         backbone = model.feature_extractor if self.has_quality else model
         self.embedding_size = int(getattr(backbone, "num_features", 0) or Preprocessing().embedding_size)
         self.preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
+        self.fingerprint = weights_fingerprint(model)  # which weights: recorded with every output
         prepared = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
         prepared.requires_grad_(False)
         self.session = None
@@ -113,8 +116,14 @@ class Engine:
         engine.has_quality = "quality" in metadata["outputs"]
         engine.preprocessing = metadata["preprocessing"]
         engine.embedding_size = engine.preprocessing.embedding_size
-        engine.session = _session(Path(path).read_bytes(), engine.device)
+        graph = Path(path).read_bytes()
+        engine.fingerprint = "onnx:" + hashlib.sha256(graph).hexdigest()
+        engine.session = _session(graph, engine.device)
         return engine
+
+    def record(self) -> dict[str, Any]:
+        """What defines this engine's outputs (model, precision, backend), as plain data."""
+        return {"model": self.fingerprint, "precision": self.precision, "backend": self.backend}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB face -> float32 (H, W, C) input (:meth:`Preprocessing.normalise`); thread-safe, meant for

@@ -16,10 +16,12 @@ unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from aikd.images import ImageError, ImageInput, load_input
-from aikd.io import write_csv
+from aikd.images import MAX_PIXELS, ImageError, ImageInput, input_pixels, load_input
+from aikd.io import atomic_write, write_csv
 
 if TYPE_CHECKING:  # jobs stay torch-free: detect and align never load torch
     from aikd.runtime import Distributed
 
-__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOptions", "JobSummary", "check_output",
-           "errors_path", "finish_job", "finish_sharded", "run_job"]
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOptions", "JobSummary", "OutputLock",
+           "check_output", "check_output_path", "check_same_job", "claim_output", "errors_path", "finish_job",
+           "finish_sharded", "record_path", "release_claims", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -187,42 +190,86 @@ def read_journal(output: Path) -> dict[str, ItemResult]:
 Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
 
 
-def _load(item: ImageInput, prepare: Prepare | None) -> tuple[np.ndarray | None, str | None]:
+class PixelBudget:
+    """Decoded pixels held at once by the decode threads, bounded: memory stays near ``limit`` x 3 bytes (plus
+    the decoder's working copies) however many large photos the workers meet together. An image larger than
+    the whole budget is decoded alone."""
+
+    def __init__(self, limit: int = MAX_PIXELS) -> None:
+        self.limit, self.used = int(limit), 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(max(int(pixels), 0), self.limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+def _large_image_blocks() -> None:
+    """Let PIL allocate large images in 64 MB blocks. With its 16 MB default, glibc serves each decode thread
+    from the thread's own heap arena and keeps the freed blocks there: two threads that decode 88 Mpixel
+    photos one after the other still held 2.8 GB here, instead of the 1.8 GB of one thread. 64 MB blocks are
+    mapped and unmapped directly, so memory returns to the system after each photo."""
+    from PIL import Image
+
+    if Image.core.get_block_size() < 64 << 20:
+        Image.core.set_block_size(64 << 20)
+
+
+def _load(item: ImageInput, prepare: Prepare | None, budget: PixelBudget | None = None
+          ) -> tuple[np.ndarray | None, str | None]:
     try:
-        image = load_input(item)
-        return (prepare(image, item) if prepare else image), None
+        with budget.hold(input_pixels(item)) if budget is not None else contextlib.nullcontext():
+            image = load_input(item)
+            return (prepare(image, item) if prepare else image), None  # prepared faces are small
     except (ImageError, ValueError) as err:
         return None, str(err)
 
 
 def _decoded(items: Iterable[ImageInput], prepare: Prepare | None, workers: int, window: int
              ) -> Iterator[tuple[ImageInput, np.ndarray | None, str | None]]:
-    """Decode in ``workers`` threads (PIL and OpenCV release the GIL), at most ``window`` ahead, in order."""
+    """Decode in ``workers`` threads (PIL and OpenCV release the GIL), at most ``window`` ahead, in order,
+    within one :class:`PixelBudget`."""
     if workers <= 0:
         for item in items:
             yield (item, *_load(item, prepare))
         return
+    budget = PixelBudget()
+    _large_image_blocks()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aikd-decode") as pool:
         pending: deque[tuple[ImageInput, Future]] = deque()
         source = iter(items)
         for item in source:
-            pending.append((item, pool.submit(_load, item, prepare)))
+            pending.append((item, pool.submit(_load, item, prepare, budget)))
             if len(pending) >= window:
                 break
         while pending:
             item, future = pending.popleft()
             following = next(source, None)
             if following is not None:
-                pending.append((following, pool.submit(_load, following, prepare)))
+                pending.append((following, pool.submit(_load, following, prepare, budget)))
             yield (item, *future.result())
 
 
 # -------------------------------------------------------------------------------------------- the runner
 def check_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to silently replace a finished output or an interrupted run's journal."""
+    """Refuse to silently replace a finished output or an interrupted run's journal, or a path that is not a
+    plain output (a device, a link)."""
     partial = journal_dir(output)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
+    if partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl")):
+        shutil.rmtree(partial, ignore_errors=True)  # a run that stopped before its first result: nothing to keep
+    if output.is_symlink() or (output.exists() and not (output.is_file() or output.is_dir())):
+        raise ValueError(f"{output} is a link or a special file, not an output aikd writes; choose another -o")
     if overwrite:
         shutil.rmtree(partial, ignore_errors=True)
     elif not resume and partial.exists():
@@ -230,6 +277,136 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
                          "it or --overwrite to start over")
     elif not resume and output.exists():
         raise ValueError(f"{output} exists; pass --resume to continue or --overwrite to start over")
+
+
+def record_path(output: Path) -> Path:
+    """``scores.csv`` -> ``scores.run.json``: what defines a finished output (command, model, settings)."""
+    return output.with_name(f"{output.stem}.run.json")
+
+
+def _settings_path(output: Path) -> Path:
+    return journal_dir(output) / "settings.json"
+
+
+def _recorded_settings(output: Path) -> dict[str, Any] | None:
+    for path in (_settings_path(output), record_path(output)):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: unreadable run record ({err}); pass --overwrite to start over") from None
+    return None
+
+
+def check_same_job(output: Path, settings: dict[str, Any]) -> None:
+    """On ``--resume``: refuse to add to an output made by another model or with other settings."""
+    if not (output.exists() or journal_dir(output).exists()):
+        return
+    recorded = _recorded_settings(output)
+    if recorded is None:
+        raise ValueError(f"--resume: {output} has no record of the model and settings that made it (written by "
+                         "another program or an older aikd), so it cannot be continued safely; pass --overwrite")
+    changed = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if changed:
+        key = changed[0]
+        raise ValueError(f"--resume: {output} was made with {key} = {recorded.get(key)!r}, this run has "
+                         f"{key} = {settings.get(key)!r}; resume with the same model and options, or pass "
+                         "--overwrite to start over, or choose another -o")
+
+
+class OutputLock:
+    """An exclusive lock on an output (``.NAME.lock`` beside it, ``flock``): one run writes it at a time.
+
+    The lock file is left in place (removing it would race with a run waiting for it); the lock itself ends
+    with the process, however it ends.
+    """
+
+    def __init__(self, output: Path) -> None:
+        import fcntl
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.path = output.with_name(f".{output.name}.lock")
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise ValueError(f"{output} is being written by another aikd run ({owner}); wait for it to finish, "
+                             "or choose another -o") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.handle.close()
+
+
+MAX_OUTPUT_NAME = 240  # bytes: room for the side files' suffixes (.partial, .lock, .errors.csv) within NAME_MAX
+
+
+def check_output_path(output: Path, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse an output path aikd cannot or must not write: a name too long for its side files, a parent that
+    is a file, or one of the run's own inputs."""
+    if len(os.fsencode(output.name)) > MAX_OUTPUT_NAME:
+        raise ValueError(f"-o: the name {output.name[:40]}... is {len(os.fsencode(output.name))} bytes; aikd needs "
+                         f"at most {MAX_OUTPUT_NAME} (its side files add a suffix within the 255-byte limit)")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"-o: {parent} is a file, not a folder, so {output} cannot be written")
+            break
+    target = output.resolve()
+    clash = next((Path(p) for p in inputs if Path(p).resolve() == target), None)
+    if clash is not None:
+        raise ValueError(f"-o {output} is one of this run's inputs ({clash}); write the output somewhere else")
+
+
+def claim_output(output: Path, job: JobOptions, settings: dict[str, Any], dist: Distributed | None = None,
+                 inputs: Sequence[Path | str] = ()) -> OutputLock | None:
+    """Everything a per-image command checks before it writes ``output``: a sound path that is none of the
+    ``inputs`` (images, landmarks, labels...), an exclusive lock, no result replaced or mixed
+    (:func:`check_output`, :func:`check_same_job`), and ``settings`` recorded in a new journal.
+
+    Under torchrun rank 0 does it and every rank gets its refusal. Returns the lock (rank 0; ``None`` on the
+    others). It is held until :func:`release_claims` (``aikd``'s entry point calls it after every command) or
+    the end of the process, whatever the caller keeps.
+    """
+    claimed: list[OutputLock] = []
+
+    def claim() -> None:
+        check_output_path(output, inputs)
+        lock = OutputLock(output)
+        try:
+            check_output(output, job.resume, job.overwrite)
+            if job.resume:
+                check_same_job(output, settings)
+            journal = journal_dir(output)
+            journal.mkdir(parents=True, exist_ok=True)
+            if not _settings_path(output).exists():
+                _settings_path(output).write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
+        except BaseException:
+            lock.release()
+            raise
+        claimed.append(lock)
+        _CLAIMS.append(lock)
+
+    if dist is None:
+        claim()
+    else:
+        dist.from_main(claim)
+    return claimed[0] if claimed else None
+
+
+_CLAIMS: list[OutputLock] = []  # locks of this process's outputs, held until release_claims()
+
+
+def release_claims() -> None:
+    """Release every output lock this process holds (a command is over)."""
+    while _CLAIMS:
+        _CLAIMS.pop().release()
 
 
 def run_job(
@@ -302,7 +479,11 @@ def finish_job(
     write_output: Callable[[list[tuple[ImageInput, ItemResult]]], None],
     verb: str = "processed",
 ) -> JobSummary:
-    """Write the output in input order, the errors file, remove the journal, print one summary line."""
+    """Write the output in input order, the errors file and the run record; remove the journal; print a line.
+
+    Results of an earlier run (``--resume``) for images not among ``items`` are kept, after this run's:
+    resuming never drops what is already done.
+    """
     good, bad = [], []
     for item in items:
         result = results.get(item.key)
@@ -312,15 +493,24 @@ def finish_job(
             bad.append((item.key, result.error))
         else:
             good.append((item, result))
-    write_output(good)
+    given = {item.key for item in items}
+    kept = [(ImageInput(Path(key), key), result) for key, result in results.items()
+            if key not in given and result.error is None and (result.rows or result.vector is not None)]
+    write_output(good + kept)
     errors_file = errors_path(output)
     if bad:
         write_csv(errors_file, ("path", "reason"), bad)
     elif errors_file.exists():
         errors_file.unlink()  # from an earlier run whose failures are now fixed
+    settings = _settings_path(output)
+    if settings.exists():
+        with atomic_write(record_path(output)) as handle:
+            handle.write(settings.read_text(encoding="utf-8"))
     shutil.rmtree(journal_dir(output), ignore_errors=True)
     summary = JobSummary(done=len(good), failed=len(bad), errors_file=errors_file if bad else None)
     line = f"{verb} {summary.done} of {len(items)} images -> {output}"
+    if kept:
+        line += f" (kept {len(kept)} done earlier for images not given this time)"
     if bad:
         line += f"; {len(bad)} failed, reasons in {errors_file}"
     print(line, file=sys.stderr)

@@ -23,15 +23,23 @@ options of the first run).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 
-from aikd.commands.options import add_crop_arguments, add_input_arguments, add_job_arguments, crop_options, job_options
+from aikd.commands.options import (
+    add_crop_arguments,
+    add_input_arguments,
+    add_job_arguments,
+    crop_options,
+    job_options,
+    protected_inputs,
+)
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
-from aikd.jobs import ItemResult, check_output, finish_job, journal_dir, run_job
+from aikd.jobs import ItemResult, JobOptions, claim_output, finish_job, journal_dir, run_job
 from aikd.sources import make_prepare
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
@@ -89,12 +97,13 @@ def _encode(crop: np.ndarray, suffix: str) -> bytes:
     return encoded.tobytes()
 
 
-def _check_output_folder(output: Path, resume: bool, overwrite: bool) -> None:
+def _claim_output_folder(output: Path, job: JobOptions, settings: dict, inputs: list[Path]) -> None:
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output} is a file; -o names the folder to write the crops to")
     fresh = output.is_dir() and not any(output.iterdir()) and not journal_dir(output).exists()
-    if not fresh:  # an empty folder (e.g. made by mkdir) is no output to protect
-        check_output(output, resume, overwrite)
+    if fresh:  # an empty folder (e.g. made by mkdir) is no output to protect
+        job = replace(job, resume=False, overwrite=True)
+    claim_output(output, job, settings, inputs=inputs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     output: Path = args.output
     suffix = FORMATS[args.format]
     targets = _targets(items, output, suffix)
-    _check_output_folder(output, job.resume, job.overwrite)
+    _claim_output_folder(output, job, {"command": "align", "crop": crop.record(), "format": args.format},
+                         protected_inputs(args, items))
     prepare = make_prepare(crop, items, workers=job.workers)  # 112x112 ArcFace crops
 
     def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:

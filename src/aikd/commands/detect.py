@@ -27,17 +27,16 @@ in parallel too.
 from __future__ import annotations
 
 import argparse
-import csv
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aikd.commands.options import add_input_arguments, add_job_arguments, job_options
+from aikd.commands.options import add_input_arguments, add_job_arguments, job_options, protected_inputs
 from aikd.images import ImageInput, collect_inputs
-from aikd.io import LANDMARK_COLUMNS, write_csv
-from aikd.jobs import ItemResult, check_output, finish_job, run_job
+from aikd.io import LANDMARK_COLUMNS, csv_rows, open_text, write_csv
+from aikd.jobs import ItemResult, claim_output, finish_job, run_job
 
 __all__ = ["BOX_COLUMNS", "add_arguments", "detection_columns", "run"]
 
@@ -103,8 +102,8 @@ def _load_previous(all_faces: bool) -> Callable[[Path], dict[str, ItemResult]]:
     """Reader of a finished landmarks file, for ``--resume`` (its rows count as done)."""
 
     def load(path: Path) -> dict[str, ItemResult]:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
+        with open_text(path, "landmarks file") as handle:
+            reader = csv_rows(handle, path, "landmarks file")
             header = next(reader, [])
             if header != detection_columns(all_faces):
                 had = "with" if "face" in header else "without"
@@ -130,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
     job = job_options(args)
     items = collect_inputs(args.inputs)
     output: Path = args.output
-    check_output(output, job.resume, job.overwrite)
+    claim_output(output, job, {"command": "detect", "detector": args.detector, "threshold": args.threshold,
+                               "max_size": args.max_size, "all_faces": args.all_faces},
+                 inputs=protected_inputs(args, items))
     prepare = _detect_prepare(args.detector, args.threshold, args.max_size or None, args.all_faces, job.workers)
 
     def process_batch(detections: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:

@@ -32,11 +32,12 @@ from aikd.commands.options import (
     crop_options,
     inference_options,
     job_options,
+    protected_inputs,
 )
 from aikd.evaluate import l2_normalise
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import load_embeddings, save_embeddings
-from aikd.jobs import ItemResult, check_output, finish_sharded, run_job
+from aikd.jobs import ItemResult, claim_output, finish_sharded, run_job
 from aikd.sources import make_prepare
 
 __all__ = ["add_arguments", "run"]
@@ -77,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs)
     resized = _ResizeCounter()
     with distributed(inference.device) as dist:
-        dist.from_main(lambda: check_output(output, job.resume, job.overwrite))
         model = load_fr_model(args.weights, args.arch)
         engine = inference.engine(model.backbone, dist.device, model.preprocessing)
+        claim_output(output, job, {"command": "embed", **engine.record(), "fold": inference.fold,
+                                   "crop": crop.record()}, dist, protected_inputs(args, items))
         size = engine.preprocessing.input_size
         crop_prepare = make_prepare(crop, items, engine.preprocessing, job.workers)
 
@@ -90,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
         def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
             embeddings, _ = engine(batch)
-            return [ItemResult(vector=vector) for vector in l2_normalise(embeddings)]
+            return [ItemResult(vector=vector) if np.isfinite(vector).all() else
+                    ItemResult(error="the model gave a non-finite embedding (NaN or infinite values)")
+                    for vector in l2_normalise(embeddings)]
 
         results = run_job(items, process, output, batch_size=inference.batch_size_on(dist.device),
                           workers=job.workers, resume=job.resume, prepare=prepare, rank=dist.rank,

@@ -30,7 +30,6 @@ per-image command; under ``torchrun`` each rank labels a share of the images::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,10 +43,11 @@ from aikd.commands.options import (
     add_job_arguments,
     crop_options,
     job_options,
+    protected_inputs,
 )
 from aikd.images import ImageInput, collect_inputs
-from aikd.io import load_embeddings, save_embeddings, write_csv
-from aikd.jobs import ItemResult, JobOptions, check_output, finish_sharded, run_job
+from aikd.io import csv_rows, load_embeddings, open_text, save_embeddings, write_csv
+from aikd.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
 from aikd.labelers import LABELERS, BatchLabels, Labeler, SetLabels, labeler_class
 from aikd.sources import CropOptions, make_prepare
 
@@ -116,8 +116,8 @@ def _identities_from_lists(inputs: Sequence[str], column: str) -> dict[str, str]
     if not lists:
         raise ValueError("--identity-column reads identities from CSV lists: give a .csv list as INPUT")
     for list_file in lists:
-        with open(list_file, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+        with open_text(list_file, "list of images") as handle:
+            reader = csv_rows(handle, list_file, "list of images")
             header = [name.strip() for name in next(reader, [])]
             if "path" not in header or column not in header:
                 raise ValueError(f"{list_file}: needs columns path and {column}; header is {','.join(header)}")
@@ -197,8 +197,8 @@ def _load_previous(labeler: Labeler) -> Callable[[Path], dict[str, ItemResult]]:
                 return {}
             keys, embeddings = load_embeddings(sidecar)
             return {key: ItemResult(vector=vector) for key, vector in zip(keys, embeddings, strict=True)}
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
+        with open_text(path, "labels file") as handle:
+            reader = csv_rows(handle, path, "labels file")
             found = next(reader, [])
             if found != header:
                 raise ValueError(f"{path}: header {','.join(found)} is not this method's ({','.join(header)}); "
@@ -206,6 +206,18 @@ def _load_previous(labeler: Labeler) -> Callable[[Path], dict[str, ItemResult]]:
             return {row[0]: ItemResult(rows=[[float(value) for value in row[1:]]]) for row in reader if row}
 
     return load
+
+
+def _settings(args: argparse.Namespace, crop: CropOptions, model: FRModel | None) -> dict[str, Any]:
+    """What defines what a resumed run keeps: the method, the FR model's weights, the crops, and the options of
+    methods whose rows come from the first pass. Set methods (certainty, import) recompute every row from the
+    kept embeddings (or the labels file) at each run, so their own options may change on ``--resume``."""
+    from aikd.models import weights_fingerprint
+
+    options = {"serfiq": ("passes", "dropout", "rescale", "rescale_alpha", "rescale_r")}.get(args.method, ())
+    return {"command": "label", "method": args.method, **{name: str(getattr(args, name)) for name in options},
+            "model": weights_fingerprint(model.backbone) if model is not None else None,
+            "crop": crop.record() if model is not None else None, "seed": args.seed}
 
 
 def _first_pass(labeler: Labeler, items: list[ImageInput], output: Path, job: JobOptions, crop: CropOptions,
@@ -266,17 +278,16 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs)
     output: Path = args.output
     with distributed(args.device if method.needs_model else "cpu") as dist:
-        dist.from_main(lambda: check_output(output, job.resume, job.overwrite))
         results: dict[str, ItemResult] = {}
         model = None
         if method.needs_model:
             model = load_fr_model(args.weights, args.arch, seed=args.seed, map_location=dist.device)
+        labeler = _labeler_from_args(args, model.backbone if model is not None else None)
+        claim_output(output, job, _settings(args, crop, model), dist, protected_inputs(args, items))
+        if model is not None:
             if model.random and dist.is_main:
                 print(RANDOM_WEIGHTS_WARNING.format(arch=model.arch, seed=args.seed), file=sys.stderr)
-            labeler = _labeler_from_args(args, model.backbone)
             results = _first_pass(labeler, items, output, job, crop, model, dist, args.method)
-        else:
-            labeler = _labeler_from_args(args)
         header = ["path", "quality", *labeler.columns]
 
         def write_output(good: list[tuple[ImageInput, ItemResult]]) -> None:

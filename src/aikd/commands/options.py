@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from aikd.images import ImageInput
 from aikd.jobs import JobOptions
 from aikd.sources import CropOptions
 
@@ -25,6 +27,7 @@ __all__ = [
     "crop_options",
     "inference_options",
     "job_options",
+    "protected_inputs",
 ]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -112,6 +115,13 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                             "CPUs, at the cost of an export of some seconds at start) (default: %(default)s)")
     group.add_argument("--no-fold", dest="fold", action="store_false",
                        help="run the model as stored instead of with BatchNorm folded into convolutions")
+
+
+def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput]) -> list[Path]:
+    """Every file a command reads (images, list files, landmarks, labels, model weights): -o must be none."""
+    named = [*getattr(args, "inputs", [])]
+    named += [getattr(args, name, None) for name in ("landmarks", "labels", "checkpoint", "weights")]
+    return [item.path for item in items] + [Path(p) for p in named if p and str(p).lower() != "none"]
 
 
 def inference_options(args: argparse.Namespace):  # -> aikd.inference.InferenceOptions (imports torch)

@@ -29,6 +29,7 @@ from aikd.commands.options import (
     crop_options,
     inference_options,
     job_options,
+    protected_inputs,
 )
 from aikd.evaluate import l2_normalise
 from aikd.images import ImageInput, collect_inputs
@@ -41,7 +42,7 @@ from aikd.io import (
     shortest_float32,
     write_qualities,
 )
-from aikd.jobs import ItemResult, JobOptions, check_output, finish_sharded, run_job
+from aikd.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
 from aikd.sources import make_prepare
 
 __all__ = ["add_arguments", "run"]
@@ -76,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--embeddings must name a different file than -o/--output")
     items = collect_inputs(args.inputs)
     with distributed(inference.device) as dist:
-        dist.from_main(lambda: _check_outputs(output, embeddings_path, job))
         engine = inference.quality_engine(args.checkpoint, args.arch, dist.device)
+        settings = {"command": "score", **engine.record(), "fold": inference.fold, "crop": crop.record(),
+                    "embeddings": embeddings_path is not None}
+        dist.from_main(lambda: _check_embeddings(embeddings_path, job))
+        claim_output(output, job, settings, dist, protected_inputs(args, items))
         crop_prepare = make_prepare(crop, items, engine.preprocessing, job.workers)
 
         def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
@@ -86,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
             embeddings, qualities = engine(batch)
             vectors = l2_normalise(embeddings) if embeddings_path is not None else [None] * len(batch)
-            return [ItemResult(rows=[[shortest_float32(q)]], vector=v)
-                    for q, v in zip(qualities, vectors, strict=True)]
+            finite = np.isfinite(qualities) & np.isfinite(embeddings).all(axis=1)
+            return [ItemResult(rows=[[shortest_float32(q)]], vector=v) if ok else
+                    ItemResult(error=f"the model gave a non-finite quality ({q}) or embedding")
+                    for q, v, ok in zip(qualities, vectors, finite, strict=True)]
 
         results = run_job(items, process, output, batch_size=inference.batch_size_on(dist.device),
                           workers=job.workers, resume=job.resume, prepare=prepare, rank=dist.rank,
@@ -97,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return finish_sharded(dist, items, results, output, write, verb="scored")
 
 
-def _check_outputs(output: Path, embeddings_path: Path | None, job: JobOptions) -> None:
-    check_output(output, job.resume, job.overwrite)
+def _check_embeddings(embeddings_path: Path | None, job: JobOptions) -> None:
     if embeddings_path is not None and embeddings_path.exists() and not (job.resume or job.overwrite):
         raise ValueError(f"{embeddings_path} exists; pass --resume to continue or --overwrite to start over")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aikd.config import describe_config, load_config
 from aikd.runtime import distributed
-from aikd.train import TrainConfig, TrainingDiverged, train
+from aikd.train import TrainConfig, TrainingDiverged, clear_run, train
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                             "(its config.yaml, updated by any key=value)")
     parser.add_argument("--stop-after", type=int, metavar="STEPS",
                         help="stop with a checkpoint after this many steps in all (continue with --resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run in --out over: its checkpoints, metrics and config are replaced (the "
+                             "teacher cache, keyed by teacher and faces, is kept)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.head_lr=0.01")
 
@@ -53,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after: expected a positive number of steps, got {args.stop_after}")
     config.check_ready()  # before joining a torchrun job: a bad key fails at once on every rank
+    if args.overwrite:
+        if args.resume:
+            raise ValueError("--resume and --overwrite contradict each other; pass one")
+        clear_run(run_dir)
     try:
         with distributed(config.train.device, "train.device") as dist:
             result = train(config, run_dir, resume=bool(args.resume), stop_after=args.stop_after, dist=dist)

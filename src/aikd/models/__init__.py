@@ -15,6 +15,7 @@ from aikd.models.checkpoint import (
     load_quality_model,
     read_checkpoint,
     save_checkpoint,
+    weights_fingerprint,
 )
 from aikd.models.head import QualityHead
 from aikd.models.iresnet import (
@@ -71,4 +72,5 @@ __all__ = [
     "register_model",
     "save_checkpoint",
     "to_training_layout",
+    "weights_fingerprint",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "load_quality_model",
     "read_checkpoint",
     "save_checkpoint",
+    "weights_fingerprint",
 ]
 
 FORMAT = "aikd"
@@ -282,6 +283,19 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def weights_fingerprint(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state (names, shapes, dtypes, values): which weights made a cache or an output."""
+    import hashlib
+
+    digest = hashlib.sha256(b"aikd-teacher-v1")  # the prefix keeps existing teacher caches valid
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, tensor in state.items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------- recognising architecture
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Registered architecture whose block counts and width match an iResNet state dict.
@@ -364,6 +378,10 @@ def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str) 
         raise ValueError(
             f"{source}: weights do not fit arch {arch}: {'; '.join(problems)}; {_looks_like(state)}"
         )
+    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise ValueError(f"{source}: {len(broken)} weight tensor(s) hold NaN or infinite values (e.g. {broken[0]}): "
+                         "the file is damaged, or the run that wrote it diverged")
     module.load_state_dict(state, strict=True)
 
 
