@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
+    "clear_run",
     "lr_factor",
     "train",
 ]
@@ -173,6 +175,8 @@ class LoopConfig:
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps: expected at least 1, got {self.max_nonfinite_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: expected a value in [0, 2**32), got {self.seed}")
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every must be >= 0 and log_every >= 1, got "
                              f"{self.checkpoint_every} and {self.log_every}")
@@ -376,6 +380,7 @@ class Trainer:
         self.cache = self._open_cache(teacher_id) if config.teacher.cache else None
         self.step, self.best, self.last_validated = 0, None, -1
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
+        self.undecodable: set[int] = set()
 
     def _build_optimisation(self) -> None:
         optim, loop = self.config.optim, self.config.train
@@ -423,6 +428,7 @@ class Trainer:
         of them in a row stop the run (:class:`TrainingDiverged`).
         """
         device = self.dist.device
+        self._note_replaced(batch)
         teacher = teacher_embeddings(self.task, batch, device, self.cache, self.memory_format)
         misaligned = batch["misaligned"].to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
         quality = batch["quality"].to(device, non_blocking=True)
@@ -455,6 +461,19 @@ class Trainer:
         if self.step < self.plan.pretrain_end:  # the paper steps its LambdaLR during the pretrain part only
             self.scheduler.step()
         return values
+
+    def _note_replaced(self, batch: dict[str, torch.Tensor]) -> None:
+        """Faces whose image could not be decoded (another face stood in): warn once each, list them in the run
+        folder (``undecodable_images.csv``)."""
+        found = [int(p) for p in batch.get("replaced", torch.zeros(0)).tolist() if p >= 0 and p not in self.undecodable]
+        for position in found:
+            self.undecodable.add(position)
+            name = str(self.index.names[position])
+            print(f"aikd train: warning: {name}: the image cannot be decoded; another face stood in for it "
+                  f"(listed in {self.run_dir / 'undecodable_images.csv'})", file=sys.stderr)
+        if found and self.dist.is_main:
+            write_csv(self.run_dir / "undecodable_images.csv", ["path"],
+                      [[str(self.index.names[p])] for p in sorted(self.undecodable)])
 
     def _reduce(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
         names = ("loss", "quality_loss", "consistency_loss")
@@ -654,6 +673,29 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- entry
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "data_report.json",
+             "undecodable_images.csv")
+
+
+def clear_run(run_dir: str | os.PathLike) -> None:
+    """Remove what a run wrote in ``run_dir`` (never other files; the teacher cache stays: it is keyed).
+
+    Raises:
+        ValueError: ``run_dir`` holds files that no aikd run writes: it is not a run folder.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    foreign = [p.name for p in run_dir.iterdir() if p.name not in (*RUN_FILES, "tensorboard", "teacher_cache")
+               and not p.name.startswith(".")]
+    if foreign:
+        raise ValueError(f"--overwrite: {run_dir} holds files no aikd run writes ({', '.join(sorted(foreign)[:3])}); "
+                         "not clearing it: choose another --out")
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
 def train(
     config: TrainConfig,
     run_dir: str | os.PathLike,
@@ -680,9 +722,16 @@ def train(
     config.check_ready()
     run_dir = Path(run_dir)
     dist = dist or join_torchrun(config.train.device, "train.device")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out: {run_dir} is a file, not a run folder")
     if not resume and (run_dir / "config.yaml").exists():
-        raise ValueError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
-                         "another folder")
+        raise ValueError(f"--out: {run_dir} already holds a run; continue it with --resume {run_dir}, start it "
+                         "over with --overwrite, or choose another folder")
+    if resume and not (run_dir / "last.pt").exists():
+        if dist.is_main:  # killed before its first checkpoint: nothing to continue from, nothing lost by restarting
+            print(f"aikd train: {run_dir} has no checkpoint yet; starting the run from step 0 with its config",
+                  file=sys.stderr)
+        resume = False
     dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
