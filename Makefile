@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench reliability clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -18,6 +18,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+reliability: install  # docs/reliability.md from the runs of tests/test_reliability.py
+	AIKD_WRITE_RELIABILITY=1 $(PY) -m pytest -q tests/test_reliability.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -19,9 +19,8 @@ from aikd.distill import (
     quality_forward,
     set_trainable,
     teacher_embeddings,
-    teacher_fingerprint,
 )
-from aikd.models import build_backbone, build_model
+from aikd.models import build_backbone, build_model, weights_fingerprint
 from aikd.train import Trainer
 
 
@@ -65,9 +64,9 @@ def test_teacher_weights_are_loaded_from_an_arcface_backbone_file(tmp_path):
     for name, value in backbone.state_dict().items():
         assert torch.equal(task.teacher.state_dict()[name], value), name
         assert torch.equal(task.student.feature_extractor.state_dict()[name], value), name
-    assert fingerprint == teacher_fingerprint(backbone)
+    assert fingerprint == weights_fingerprint(backbone)
     other = build_backbone("tiny")
-    assert teacher_fingerprint(other) != fingerprint
+    assert weights_fingerprint(other) != fingerprint
 
 
 def test_refuses_to_start_without_teacher_weights(tmp_path):

@@ -251,6 +251,9 @@ def test_sigkill_then_resume_scores_every_image_once(tmp_path, tiny_checkpoint, 
     assert not out.exists()
     done_before = set(read_journal(out))
     assert 10 <= len(done_before) < len(keys)
+    # resumed with a changed setting: refused, naming it, and the journal is untouched
+    assert main([*command[3:], "--resume", "--precision", "bf16"]) == 2
+    assert set(read_journal(out)) == done_before
 
     from aikd.inference import Engine
 
