@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from aikd.align import Misalignment, align_face, valid_landmarks
+from aikd.align import Misalignment, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
 from aikd.models.preprocessing import Preprocessing
@@ -438,15 +438,14 @@ class DistillationDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         position = int(self.positions[item])
         image = self.index.load_image(position)
-        size = self.preprocessing.input_size[0]
-        misaligned = align_face(image, self.misaligned_landmarks(position), size)
+        misaligned = self.preprocessing.align(image, self.misaligned_landmarks(position))
         sample = {
             "misaligned": self.preprocessing.to_tensor(misaligned)[0],
             "quality": torch.tensor(self.index.labels[position], dtype=torch.float32),
             "index": torch.tensor(position, dtype=torch.int64),
         }
         if self.skip_aligned is None or not self.skip_aligned[position]:
-            aligned = align_face(image, self.index.landmarks[position], size)
+            aligned = self.preprocessing.align(image, self.index.landmarks[position])
             sample["aligned"] = self.preprocessing.to_tensor(aligned)[0]
         return sample
 

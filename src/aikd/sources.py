@@ -88,14 +88,13 @@ def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.
 
 
 def _aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Five-point alignment onto the model's own template (:meth:`Preprocessing.alignment_points`)."""
+    """Five-point alignment onto the model's own template (:meth:`Preprocessing.align`)."""
     if preprocessing is None:
         return lambda image, landmarks: align_face(image, landmarks)
     height, width = preprocessing.input_size
-    if height != width:
+    if height != width:  # said before the first image rather than for each one
         raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
-    template = preprocessing.alignment_points() * np.float32(ALIGNED_SIZE / height)  # align_face's 112 frame
-    return lambda image, landmarks: align_face(image, landmarks, size=height, template=template)
+    return preprocessing.align
 
 
 def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessing: Preprocessing | None = None,
