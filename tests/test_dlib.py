@@ -276,6 +276,20 @@ def test_saved_checkpoints_and_module_state_dicts_load_back(tmp_path, written_r2
     torch.testing.assert_close(again.backbone.fc.weight, model.backbone.fc.weight)
 
 
+def test_affine_layers_fold_into_the_convolutions_for_inference(written_r29):
+    from aikd.models.dlib_resnet import Affine
+    from aikd.models.folding import fold_batchnorm
+
+    backbone = load_fr_model(written_r29[0]).backbone
+    folded = fold_batchnorm(backbone)
+    assert not any(isinstance(m, Affine) for m in folded.modules())
+    assert any(isinstance(m, Affine) for m in backbone.modules())  # the original is untouched
+    chips = torch.rand(3, 3, 150, 150, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        ours, plain = folded(chips), backbone(chips)
+    assert float((ours - plain).abs().max() / plain.abs().max()) < 1e-5  # float32 rounding only
+
+
 def test_serfiq_dropout_lands_on_the_pooled_features(written_r29):
     from aikd.labelers.serfiq import SerFiq, SerFiqOptions
 

@@ -36,6 +36,7 @@ features, :meth:`DlibResNet.forward_embedding_from_trunk` applies dropout (SER-F
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,7 @@ __all__ = [
     "DlibResNet",
     "convert_dlib_state",
     "dlib_resnet29",
+    "fold_affine",
     "matches_dlib_r29",
     "shipped_weights",
 ]
@@ -196,6 +198,25 @@ class DlibResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Chips scaled as :data:`DLIB_PREPROCESSING` says -> descriptors (N, num_features), not normalised."""
         return self.forward_embedding_from_trunk(self.forward_trunk(x))
+
+
+@torch.no_grad()
+def fold_affine(model: DlibResNet) -> DlibResNet:
+    """Inference copy of ``model`` with every affine layer folded into the convolution before it (exact up to
+    float rounding: ``gamma * (W x + b) + beta = (gamma W) x + (gamma b + beta)``); ``model`` is untouched."""
+    folded = copy.deepcopy(model).eval()
+    pairs = [(folded, "conv1", "affine1")]
+    pairs += [(block, conv, affine) for module in folded.modules() if isinstance(module, DlibBlock)
+              for block, conv, affine in ((module, "conv1", "affine1"), (module, "conv2", "affine2"))]
+    for owner, conv_name, affine_name in pairs:
+        conv, affine = getattr(owner, conv_name), getattr(owner, affine_name)
+        if isinstance(affine, nn.Identity):
+            continue
+        gamma, beta = affine.weight.double(), affine.bias.double()
+        conv.weight.copy_(conv.weight.double() * gamma[:, None, None, None])
+        conv.bias.copy_(conv.bias.double() * gamma + beta)
+        setattr(owner, affine_name, nn.Identity())
+    return folded
 
 
 def dlib_resnet29(**kwargs: Any) -> DlibResNet:
