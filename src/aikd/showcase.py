@@ -328,10 +328,16 @@ def _short(parsed: tuple[str, str, int]) -> str:
 
 
 def _markdown(summary: Mapping[str, Any], methods: Sequence[Method], erc_plot: str) -> str:
-    student, technique = methods[0].name, methods[1].name
-    facts = summary
+    """The report: what the model is, then one section per picture."""
+    names = [method.name for method in methods]
+    sections = (_intro(summary, names[1]), _pictures(summary, names), _erc(summary, erc_plot),
+                _alignment(summary, names[0], names[1]), _run(summary))
+    return "\n".join(line for section in sections for line in section)
+
+
+def _intro(facts: Mapping[str, Any], technique: str) -> list[str]:
     train_seconds = next((v for k, v in facts.get("step_seconds", {}).items() if k.startswith("train")), math.nan)
-    lines = [
+    return [
         "# aikd demo: face image quality on real faces",
         "",
         f"**What this model is.** An AI-KD student distilled on this CPU in {train_seconds:.0f} s: dlib's ResNet "
@@ -355,6 +361,11 @@ def _markdown(summary: Mapping[str, Any], methods: Sequence[Method], erc_plot: s
         "(25x25 crops of scikit-image's `lfw_subset`, enlarged). Matplotlib's Grace Hopper, the other sharp photo, "
         "is among the training faces.",
         "",
+    ]
+
+
+def _pictures(summary: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    lines = [
         "## Faces sorted by the student's quality (highest first)",
         "",
         "Each face with all its degraded copies, one face per row:",
@@ -376,11 +387,16 @@ def _markdown(summary: Mapping[str, Any], methods: Sequence[Method], erc_plot: s
         "| method | all | " + " | ".join(KINDS) + " |",
         "|---|---|" + "---|" * len(KINDS),
     ]
-    for method in methods:
-        per_kind = summary["spearman_per_kind"][method.name]
-        lines.append(f"| {method.name} | {summary['spearman'][method.name]:.3f} | "
+    for name in names:
+        per_kind = summary["spearman_per_kind"][name]
+        lines.append(f"| {name} | {summary['spearman'][name]:.3f} | "
                      + " | ".join(f"{per_kind[k]:.2f}" for k in KINDS) + " |")
-    lines += [
+    return lines
+
+
+def _erc(facts: Mapping[str, Any], erc_plot: str) -> list[str]:
+    pauc = facts["pauc_normalised"]
+    return [
         "",
         "## Error versus discard (ERC)",
         "",
@@ -394,13 +410,17 @@ def _markdown(summary: Mapping[str, Any], methods: Sequence[Method], erc_plot: s
         "| method | normalised pAUC up to 30 % discarded (1 = no better than not discarding) | share of the "
         "oracle's gain |",
         "|---|---|---|",
-        *(f"| {name} | {value:.3f} | {_gain(value, summary['pauc_normalised']['oracle'])} |"
-          for name, value in summary["pauc_normalised"].items()),
+        *(f"| {name} | {value:.3f} | {_gain(value, pauc['oracle'])} |" for name, value in pauc.items()),
         "",
         f"FNMR without discarding: {facts['fnmr0']:.3f}. The oracle discards exactly the false non-matches first; "
         "with many copies degraded beyond recognition it cannot reach 0, and the share of its gain "
         "(1 - pAUC) / (1 - pAUC of the oracle) says how much of the possible improvement a method achieves.",
         "",
+    ]
+
+
+def _alignment(facts: Mapping[str, Any], student: str, technique: str) -> list[str]:
+    return [
         "## Alignment sensitivity",
         "",
         f"The same held-out faces aligned properly and misaligned (landmarks jittered by U[-{facts['misalign']:g}, "
@@ -412,13 +432,16 @@ def _markdown(summary: Mapping[str, Any], methods: Sequence[Method], erc_plot: s
         "| method | mean abs. change of percentile | Spearman aligned vs misaligned | mean abs. change / std |",
         "|---|---|---|---|",
         *(f"| {name} | {v['mean_abs_percentile_change']:.3f} | {v['spearman_aligned_misaligned']:.3f} | "
-          f"{v['mean_abs_change_over_std']:.3f} |" for name, v in summary["alignment"].items()),
-        "",
-        f"Run: {facts['seconds']:.0f} s on {facts['cpu']} (load average {facts['load_average']:.1f} at the end: "
-        f"other processes shared the CPU when it exceeds the cores); seed {facts['seed']}. Files: `photos/`, "
-        "`landmarks.csv`, "
-        "`labels/`, `run/` (the student: `run/best.pt`), `heldout/` (scores, embeddings, pairs), `erc/`, "
-        "`model.onnx`.",
+          f"{v['mean_abs_change_over_std']:.3f} |" for name, v in facts["alignment"].items()),
         "",
     ]
-    return "\n".join(lines)
+
+
+def _run(facts: Mapping[str, Any]) -> list[str]:
+    return [
+        f"Run: {facts['seconds']:.0f} s on {facts['cpu']} (load average {facts['load_average']:.1f} at the end: "
+        f"other processes shared the CPU when it exceeds the cores); seed {facts['seed']}. Files: `photos/`, "
+        "`landmarks.csv`, `labels/`, `run/` (the student: `run/best.pt`), `heldout/` (scores, embeddings, pairs), "
+        "`erc/`, `model.onnx`.",
+        "",
+    ]
