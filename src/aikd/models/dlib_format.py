@@ -283,9 +283,10 @@ def _fc(reader: _Reader, version: str, at: int) -> DlibLayer:
     fields["use_bias"] = reader.boolean("use_bias") if version == "fc_3" else True
     has_bias = fields["bias_mode"] == _FC_HAS_BIAS and fields["use_bias"]
     shapes = {"weights": (fields["num_inputs"], fields["num_outputs"])}
+    if weights[:2] != shapes["weights"]:
+        raise reader.fail(f"fc weights shaped {weights[:2]}, not (num_inputs, num_outputs) {shapes['weights']}", at)
     if has_bias:
-        shapes["biases"] = (fields["num_outputs"],)
-    del weights, biases  # the shapes follow from num_inputs/num_outputs (biases share the params' row layout)
+        shapes["biases"] = (biases[1],)
     return DlibLayer("fc", version, fields, _split(params, shapes, reader, at), at)
 
 

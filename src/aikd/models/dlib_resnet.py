@@ -304,12 +304,12 @@ def shipped_weights() -> Path:
     spec = importlib.util.find_spec(DLIB_WEIGHTS_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     if not folders:
-        raise ValueError("--weights dlib: dlib's face-recognition model ships in the face-recognition-models "
+        raise ValueError("weights 'dlib': dlib's face-recognition model ships in the face-recognition-models "
                          "package, which is not installed (pip install face-recognition-models==0.3.0, or "
                          "bash scripts/install.sh)")
     for folder in folders:
         path = Path(folder) / DLIB_WEIGHTS_FILE
         if path.is_file():
             return path
-    raise ValueError(f"--weights dlib: {Path(folders[0]) / DLIB_WEIGHTS_FILE} is missing from the installed "
+    raise ValueError(f"weights 'dlib': {Path(folders[0]) / DLIB_WEIGHTS_FILE} is missing from the installed "
                      "face-recognition-models package; reinstall it")
