@@ -1,6 +1,6 @@
 """``aikd demo``: AI-KD on a real face-recognition model and real faces, end to end, with pictures.
 
-    aikd demo --out demo_out            # about 3 minutes on a 2-core CPU; writes demo_out/report.md
+    aikd demo --out demo_out            # under 3 minutes of CPU on 2 cores; writes demo_out/report.md
 
 Every step is a real ``aikd`` command (run in-process), so the demo exercises what users run:
 
