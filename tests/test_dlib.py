@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,3 +409,45 @@ def test_aikds_chip_gives_nearly_dlibs_descriptor(dlib_tools):
 
 def test_struct_of_integers():
     assert integer(0) == b"\x01\x00" and integer(-300) == bytes([0x82]) + struct.pack("<H", 300)
+
+
+def test_embed_label_and_train_on_a_dat_file_through_the_command_line(tmp_path, written_r29):
+    """aikd embed / label (serfiq, magnitude) / train with dlib-r29 weights given as a .dat file."""
+    import csv
+
+    from aikd.cli import main
+    from aikd.degradations import degrade
+    from aikd.io import load_embeddings, read_labels
+    from aikd.models import load_quality_model
+    from aikd.samples import sample_photos
+    from aikd.showcase import write_png
+
+    points = [220, 230, 290, 230, 255, 270, 228, 310, 282, 310]  # a face near the middle of each photo
+    photos, rng = tmp_path / "photos", np.random.default_rng(0)
+    for name, photo in sample_photos().items():
+        for kind, level in (("original", 0), ("blur", 2), ("noise", 2), ("dark", 1)):
+            image = degrade(photo, kind, level, np.reshape(points, (5, 2)), rng) if level else photo
+            write_png(photos / f"{name}_{kind}.png", image)
+    weights, embeddings = str(written_r29[0]), tmp_path / "emb.npz"
+    assert main(["embed", str(photos), "--weights", weights, "--aligned", "-o", str(embeddings)]) == 0
+    keys, vectors = load_embeddings(embeddings)
+    assert vectors.shape == (8, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    for method in ("serfiq", "magnitude"):
+        labels = tmp_path / f"{method}.csv"
+        assert main(["label", str(photos), "--method", method, "--weights", weights, "--aligned",
+                     "--passes", "4", "-o", str(labels)]) == 0
+        table = read_labels(labels)
+        assert np.isfinite(table.qualities).all() and len(table) == 8
+    landmarks = tmp_path / "landmarks.csv"
+    with open(landmarks, "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", *(f"{a}{i}" for i in range(1, 6) for a in "xy")],
+                                      *([key, *points] for key in keys)])
+    run = tmp_path / "run"
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo_dlib.yaml")
+    assert main(["train", "--config", config, "--out", str(run), f"data.images={photos}",
+                 f"data.landmarks={landmarks}", f"data.labels={tmp_path / 'serfiq.csv'}", f"teacher.weights={weights}",
+                 "data.batch_size=2", "data.val_fraction=0.25", "train.epochs=1", "train.progress=false",
+                 "optim.pretrain_fraction=0"]) == 0
+    student = load_quality_model(run / "best.pt")
+    assert student.arch == "dlib-r29" and student.quality_head.in_features == 128
+    assert len(list(student.feature_extractor.parameters())) == 117  # 29 convolutions, 29 affine layers, fc
