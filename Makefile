@@ -30,6 +30,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/detect.py
 	$(PY) bench/evaluate.py
+	$(PY) bench/dlib_template.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

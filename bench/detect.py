@@ -24,19 +24,14 @@ import numpy as np
 
 from aikd.detect import DETECTORS, Detector, get_detector
 from aikd.runtime import describe_cpu
+from aikd.samples import sample_photos
 
 SIZES = (112, 640)
 
 
 def load_photos() -> list[np.ndarray]:
-    """The astronaut (512x512) and Grace Hopper (600x512) photos, RGB uint8."""
-    import matplotlib.cbook
-    import skimage.data
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
-        encoded = np.frombuffer(handle.read(), dtype=np.uint8)
-    hopper = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
-    return [skimage.data.astronaut(), hopper]
+    """The astronaut (512x512) and Grace Hopper (600x512) photos, RGB uint8 (:mod:`aikd.samples`)."""
+    return list(sample_photos().values())
 
 
 def resize_longer_side(image: np.ndarray, size: int) -> np.ndarray:

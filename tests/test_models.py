@@ -154,9 +154,10 @@ def test_every_model_forward(arch):
     torch.manual_seed(0)
     model = build_model(arch)
     calibrate_batchnorm(model, batches=1, batch_size=2)
+    preprocessing = get_spec(arch).preprocessing
     with torch.no_grad():
-        embedding, quality = model.eval()(torch.rand(1, 3, 112, 112) * 2 - 1)
-    assert embedding.shape == (1, 512) and quality.shape == (1,)
+        embedding, quality = model.eval()(torch.rand(1, 3, *preprocessing.input_size) * 2 - 1)
+    assert embedding.shape == (1, preprocessing.embedding_size) and quality.shape == (1,)
     assert quality.dtype == torch.float32
     assert torch.isfinite(embedding).all() and torch.isfinite(quality).all()
     assert embedding.abs().max() < 1e4  # calibrated: nothing like the 1e10 of uncalibrated eval mode

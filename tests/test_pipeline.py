@@ -39,17 +39,32 @@ def test_bin_set_scored_embedded_and_evaluated(tmp_path, tiny_checkpoint):
     assert all(np.isfinite(float(row["pauc"])) for row in rows)
 
 
+def _degraded_sample_photos(folder: Path) -> list[str]:
+    """The sample photos, each also blurred, noisy, downscaled and dark (aikd.degradations), as PNG files."""
+    from aikd.degradations import degrade
+    from aikd.detect import get_detector
+    from aikd.samples import sample_photos
+    from aikd.showcase import write_png
+
+    detector, rng, names = get_detector("retinaface"), np.random.default_rng(0), []
+    for name, photo in sample_photos().items():
+        landmarks = detector.detect(photo)[0].landmarks
+        for kind, level in (("original", 0), ("blur", 3), ("noise", 2), ("downscale", 3), ("dark", 2)):
+            names.append(f"{name}_{kind}.png")
+            write_png(folder / names[-1], degrade(photo, kind, level, landmarks, rng) if level else photo)
+    return names
+
+
 def test_photos_to_trained_model_to_evaluation(tmp_path, tiny_backbone):
     """detect -> label -> train on files -> score -> embed -> evaluate -> export, keys matching throughout."""
     import itertools
 
     import torch
 
-    from aikd.commands.demo import make_sample_photos
     from aikd.io import read_labels
 
     photos = tmp_path / "photos"
-    names = [p.name for p in make_sample_photos(photos)]
+    names = _degraded_sample_photos(photos)
     weights = tmp_path / "backbone.pth"
     torch.save(tiny_backbone.state_dict(), weights)
     landmarks, labels = tmp_path / "landmarks.csv", tmp_path / "labels.csv"

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("aikd.commands.embed", "face-recognition embeddings of images -> emb.npz"),
     "evaluate": ("aikd.commands.evaluate", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
     "export": ("aikd.commands.export", "export a quality model to ONNX and check parity"),
-    "demo": ("aikd.commands.demo", "run the whole pipeline on bundled sample faces"),
+    "demo": ("aikd.commands.demo", "AI-KD on dlib's real face recogniser and sample photos, with a report"),
     "models": ("aikd.commands.models", "list the registered model architectures"),
 }
 

@@ -36,7 +36,6 @@ from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
 from aikd.models.preprocessing import Preprocessing
 from aikd.names import match_names
-from aikd.sources import aligner
 from aikd.synthetic import SyntheticFaces
 
 __all__ = [
@@ -431,7 +430,6 @@ class DistillationDataset(Dataset):
         self.preprocessing, self.misalignment = preprocessing, misalignment
         self.seed, self.stream, self.epoch = int(seed), int(stream), 0
         self.skip_aligned: np.ndarray | None = None
-        self.align = aligner(preprocessing)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -448,7 +446,7 @@ class DistillationDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         position, image, replaced = self._decodable(item)
-        misaligned = self.align(image, self.misaligned_landmarks(position))
+        misaligned = self.preprocessing.align(image, self.misaligned_landmarks(position))
         sample = {
             "misaligned": self.preprocessing.to_tensor(misaligned)[0],
             "quality": torch.tensor(self.index.labels[position], dtype=torch.float32),
@@ -456,7 +454,7 @@ class DistillationDataset(Dataset):
             "replaced": torch.tensor(replaced, dtype=torch.int64),
         }
         if self.skip_aligned is None or not self.skip_aligned[position]:
-            aligned = self.align(image, self.index.landmarks[position])
+            aligned = self.preprocessing.align(image, self.index.landmarks[position])
             sample["aligned"] = self.preprocessing.to_tensor(aligned)[0]
         return sample
 

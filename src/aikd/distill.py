@@ -47,6 +47,7 @@ from aikd.models import (
     load_fr_model,
     weights_fingerprint,
 )
+from aikd.models.checkpoint import NAMED_WEIGHTS
 from aikd.models.layout import to_training_layout
 from aikd.runtime import autocast
 
@@ -75,7 +76,8 @@ class TeacherConfig:
     """The frozen face-recognition model whose embeddings the student keeps."""
 
     weights: str | None = field(default=None, metadata={"help": "FR model weights: arcface_torch backbone.pth, "
-                                                                "an aikd checkpoint, or `none` (random, tests only)"})
+                                                                "an aikd checkpoint, dlib's .dat, `dlib` (dlib's "
+                                                                "model as installed), or `none` (random, tests only)"})
     cache: bool = field(default=True, metadata={"help": "cache teacher embeddings per face (memory-mapped file)"})
     cache_dir: str | None = field(default=None, metadata={"help": "folder of the teacher cache (default: "
                                                                   "RUN_DIR/teacher_cache); safe to share"})
@@ -86,8 +88,9 @@ class TeacherConfig:
             raise ValueError("teacher.weights: required: the face-recognition model to distil from (an "
                              "arcface_torch backbone.pth or an aikd checkpoint); `teacher.weights=none` starts "
                              "teacher and student from the same random weights (tests and demos only)")
-        if self.weights != NO_WEIGHTS and not Path(self.weights).is_file():
-            raise ValueError(f"teacher.weights: {self.weights} is not a file")
+        if self.weights != NO_WEIGHTS and self.weights not in NAMED_WEIGHTS and not Path(self.weights).is_file():
+            raise ValueError(f"teacher.weights: {self.weights} is not a file (nor one of the named weights: "
+                             f"{', '.join(NAMED_WEIGHTS)})")
 
 
 @dataclass

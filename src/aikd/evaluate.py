@@ -67,6 +67,7 @@ __all__ = [
     "STANDARD_FMRS",
     "THRESHOLD_MODES",
     "NonMatedTail",
+    "average_ranks",
     "cosine_similarity",
     "discard_order",
     "evaluate_all_vs_all",
@@ -86,6 +87,7 @@ __all__ = [
     "pair_quality",
     "pauc",
     "recomputed_edc",
+    "spearman",
     "threshold_at_fmr",
 ]
 
@@ -618,17 +620,25 @@ def evaluate_all_vs_all(embeddings: np.ndarray, identity: np.ndarray, qualities:
 
 
 # ---------------------------------------------------------------------------- quality regression metrics
-def _average_ranks(values: np.ndarray) -> np.ndarray:
+def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks from 1, ties sharing their average rank (as Spearman's rho needs)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(np.asarray(values), return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse]
+    return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
     return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson's of the tie-averaged ranks); NaN when either is constant."""
+    x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"spearman: {x.size} values against {y.size}")
+    return _pearson(average_ranks(x), average_ranks(y))
 
 
 def _smooth_l1(predicted: np.ndarray, target: np.ndarray, beta: float) -> float:
@@ -642,7 +652,7 @@ def quality_metrics(aligned: np.ndarray, misaligned: np.ndarray, labels: np.ndar
     out: dict[str, float] = {}
     for view, predicted in (("aligned", aligned), ("misaligned", misaligned)):
         out[f"quality_loss_{view}"] = _smooth_l1(predicted, labels, beta)
-        out[f"spearman_{view}"] = _pearson(_average_ranks(predicted), _average_ranks(labels))
+        out[f"spearman_{view}"] = spearman(predicted, labels)
         out[f"pearson_{view}"] = _pearson(predicted, labels)
     out["alignment_sensitivity"] = float(np.abs(aligned - misaligned).mean())
     return out

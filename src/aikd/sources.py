@@ -32,7 +32,7 @@ from aikd.io import read_landmarks
 if TYPE_CHECKING:  # no torch for aikd align
     from aikd.models.preprocessing import Preprocessing
 
-__all__ = ["CropOptions", "Prepare", "aligner", "make_prepare"]
+__all__ = ["CropOptions", "Prepare", "make_prepare"]
 
 Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
 
@@ -87,15 +87,14 @@ def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.
     return misalign(landmarks, rng, max_shift=max_shift)
 
 
-def aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Five-point alignment onto the model's own template (:meth:`Preprocessing.alignment_points`)."""
+def _aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Five-point alignment onto the model's own template (:meth:`Preprocessing.align`)."""
     if preprocessing is None:
         return lambda image, landmarks: align_face(image, landmarks)
     height, width = preprocessing.input_size
-    if height != width:
+    if height != width:  # said before the first image rather than for each one
         raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
-    template = preprocessing.alignment_points() * np.float32(ALIGNED_SIZE / height)  # align_face's 112 frame
-    return lambda image, landmarks: align_face(image, landmarks, size=height, template=template)
+    return preprocessing.align
 
 
 def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessing: Preprocessing | None = None,
@@ -109,7 +108,7 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessin
         workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
     """
     if options.mode == "landmarks":
-        align = aligner(preprocessing)
+        align = _aligner(preprocessing)
         table = read_landmarks(options.landmarks)
         matched, missing = match_landmarks(items, table.paths, table.landmarks)
         by_key = {item.key: matched[i] for i, item in enumerate(items)}
@@ -126,7 +125,7 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessin
     if options.mode == "detect":
         from aikd.detect import thread_local_detector
 
-        align = aligner(preprocessing)
+        align = _aligner(preprocessing)
         detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,
                                                     score_threshold=options.detect_threshold)
 

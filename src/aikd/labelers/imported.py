@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aikd.evaluate import average_ranks
 from aikd.io import read_labels
 from aikd.labelers import Labeler, SetLabels
 from aikd.names import NameIndex
@@ -54,15 +55,6 @@ class ImportOptions:
             raise ValueError(f"--normalise must be one of {', '.join(NORMALISATIONS)}, got {self.normalise!r}")
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ascending ranks; ties share the mean of the ranks they span."""
-    order = np.argsort(values, kind="stable")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)
-    return ranks
-
-
 def normalise_labels(values: np.ndarray, method: str) -> np.ndarray:
     """Map finite labels with ``none``, ``minmax`` or ``rank`` (module docstring); float64 copy."""
     values = np.asarray(values, dtype=np.float64)
@@ -77,7 +69,7 @@ def normalise_labels(values: np.ndarray, method: str) -> np.ndarray:
         return (values - low) / (high - low) if high > low else np.full(len(values), 0.5)
     if len(values) < 2:
         return np.full(len(values), 0.5)
-    return _average_ranks(values) / (len(values) - 1)
+    return (average_ranks(values) - 1.0) / (len(values) - 1)  # 0 .. 1, ties sharing their mean rank
 
 
 class ImportedLabels(Labeler):

@@ -9,6 +9,12 @@ Reading accepts
     ``{"state_dict": ...}`` or ``{"model": ...}``, with DDP ``module.`` / ``torch.compile`` ``_orig_mod.``
     prefixes stripped.
 
+  * dlib network files (``dlib_face_recognition_resnet_model_v1.dat``), read by :mod:`aikd.models.dlib_format`
+    into the file's own layout (``dlib.NNN.KIND.NAME``), which the ``dlib-r29`` spec converts.
+
+Named weights: ``"dlib"`` is the dlib face-recognition model the ``face-recognition-models`` package installs
+(:func:`resolve_weights`); ``"none"`` asks :func:`load_fr_model` for random weights.
+
 Pickled files are opened with ``torch.load(weights_only=True)``, which admits tensors and plain containers
 only: a file that asks for anything else (a class, ``os.system``) is refused before it can run.
 """
@@ -31,6 +37,8 @@ from torch import nn
 
 from aikd.io import atomic_write
 from aikd.models.calibration import calibrate_batchnorm
+from aikd.models.dlib_format import is_dlib_network, network_state, read_dlib_network
+from aikd.models.dlib_resnet import shipped_weights
 from aikd.models.head import QualityHead
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -44,7 +52,9 @@ __all__ = [
     "load_backbone",
     "load_fr_model",
     "load_quality_model",
+    "NAMED_WEIGHTS",
     "read_checkpoint",
+    "resolve_weights",
     "save_checkpoint",
     "weights_fingerprint",
 ]
@@ -162,7 +172,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
 
     Returns:
         ``(state_dict, meta)``: tensors with wrapper prefixes stripped; ``meta`` has ``source``,
-        ``format`` (``"aikd"``, ``"state_dict"`` or ``"safetensors"``), ``format_version``, ``arch`` and
+        ``format`` (``"aikd"``, ``"state_dict"``, ``"safetensors"`` or ``"dlib"``), ``format_version``, ``arch`` and
         ``preprocessing`` (``None`` when the file does not say) and ``extra`` (a dict).
 
     Raises:
@@ -174,6 +184,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    if is_dlib_network(path):
+        network = read_dlib_network(path)
+        return network_state(network), {"source": str(path), **_meta("dlib", extra={"sha256": network.sha256})}
     if _is_safetensors(path):
         state, meta = _read_safetensors(path)
     else:
@@ -385,6 +398,20 @@ def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str) 
     module.load_state_dict(state, strict=True)
 
 
+NAMED_WEIGHTS = {"dlib": shipped_weights}
+"""Weights that installed packages ship, by the name ``--weights`` takes: name -> where the file is."""
+
+
+def resolve_weights(weights: str | os.PathLike) -> Path:
+    """The file ``weights`` names: a path as it is, or a name from :data:`NAMED_WEIGHTS` (``dlib``).
+
+    Raises:
+        ValueError: a named model whose package is not installed.
+    """
+    name = str(weights).strip()
+    return NAMED_WEIGHTS[name]() if name in NAMED_WEIGHTS else Path(weights)
+
+
 def _read_any(
     weights: str | os.PathLike | Mapping[str, torch.Tensor],
 ) -> tuple[StateDict, dict[str, Any], str]:
@@ -392,8 +419,9 @@ def _read_any(
         if not _is_state_dict(weights):
             raise ValueError("expected a state dict mapping parameter names to tensors")
         return _strip_wrapper_prefixes(weights), _meta("state_dict"), "<state dict>"
-    state, meta = read_checkpoint(weights)
-    return state, meta, str(weights)
+    path = resolve_weights(weights)
+    state, meta = read_checkpoint(path)
+    return state, meta, str(path)
 
 
 def load_backbone(
@@ -451,8 +479,10 @@ def load_fr_model(
 
     Args:
         weights: an insightface ``backbone.pth``, an aikd or AI-KD quality checkpoint (its backbone is taken),
-            a ``.safetensors`` file, a state dict; or ``"none"``: random weights seeded by ``seed``, with
-            BatchNorm calibrated on noise (tests and demos only: its embeddings mean nothing).
+            a ``.safetensors`` file, dlib's ``dlib_face_recognition_resnet_model_v1.dat``, a state dict;
+            ``"dlib"``: that dlib file as the ``face-recognition-models`` package installs it; or ``"none"``:
+            random weights seeded by ``seed``, with BatchNorm calibrated on noise (tests and demos only: its
+            embeddings mean nothing).
         arch: architecture; by default the file's record, else inferred from the keys; required for ``none``.
         seed: seed of random weights.
         map_location: device to put the model on.

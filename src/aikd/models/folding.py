@@ -6,7 +6,9 @@ BatchNorm *before* its first convolution (``bn1 -> conv1``) scales the convoluti
 shift ``b`` becomes a bias too, except on the one-pixel border, where ``conv1`` reads zero padding rather
 than ``b`` — that border difference is precomputed per input size and added back, so the folded block
 equals the original exactly. The trunk's final ``bn2``, ``fc`` and the ``features`` BatchNorm1d (dropout
-is the identity in eval mode) become one Linear layer. PReLU is kept.
+is the identity in eval mode) become one Linear layer. PReLU is kept. dlib's ResNet (``dlib-r29``) has per-channel
+affine layers in place of BatchNorm, each after a convolution: they fold into it
+(:func:`aikd.models.dlib_resnet.fold_affine`).
 
 Used by the inference engine (:mod:`aikd.inference`) and the ONNX export (:mod:`aikd.export`).
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aikd.models.dlib_resnet import DlibResNet, fold_affine
 from aikd.models.iresnet import IBasicBlock, IResNet
 from aikd.models.quality import QualityModel
 
@@ -175,8 +178,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Inference copy of ``model`` with BatchNorm folded (see the module docstring); ``model`` is untouched.
 
     Args:
-        model: an :class:`IResNet`, a :class:`QualityModel` with an iResNet backbone, or anything else (then
-            returned as an eval-mode copy, unfolded).
+        model: an :class:`IResNet` or a :class:`DlibResNet`, a :class:`QualityModel` with either as its backbone,
+            or anything else (then returned as an eval-mode copy, unfolded).
 
     Returns:
         A new module in eval mode giving the same outputs as ``model.eval()`` up to float rounding.
@@ -186,4 +189,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return QualityModel(backbone, copy.deepcopy(model.quality_head), model.arch, model.preprocessing).eval()
     if isinstance(model, IResNet):
         return FoldedIResNet(model.eval()).eval()
+    if isinstance(model, DlibResNet):
+        return fold_affine(model)
     return copy.deepcopy(model).eval()

@@ -75,6 +75,23 @@ class Preprocessing:
 
         return ARCFACE_TEMPLATE * np.float32(self.input_size[0] / ALIGNED_SIZE)
 
+    def align(self, image: np.ndarray, landmarks: object) -> np.ndarray:
+        """``image`` warped so that its five ``landmarks`` land on :meth:`alignment_points`, at ``input_size``.
+
+        The one home of "a crop for this model": ``aikd score``/``embed``/``label``/``align`` and training all
+        align through it (:func:`aikd.align.align_face`: least-squares similarity, bilinear, black border).
+
+        Raises:
+            ValueError: a non-square input size, or bad landmarks (:func:`aikd.align.align_face` says which).
+        """
+        from aikd.align import ALIGNED_SIZE, align_face
+
+        height, width = self.input_size
+        if height != width:
+            raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
+        template = self.alignment_points() * np.float32(ALIGNED_SIZE / height)  # align_face's 112 frame
+        return align_face(image, landmarks, size=height, template=template)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""

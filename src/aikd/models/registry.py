@@ -2,7 +2,8 @@
 
 Names follow insightface's ``arcface_torch`` configs (``r18`` ... ``r200``); ``iresnet100``-style names are
 accepted as aliases. ``tiny`` and ``r18_w0.25`` are narrow variants for tests and demos: same 112x112
-input, same 512-D embedding, same module names.
+input, same 512-D embedding, same module names. ``dlib-r29`` is dlib's face-recognition ResNet (150x150 chips,
+128-D descriptors; :mod:`aikd.models.dlib_resnet`), whose pretrained weights ship in an installable package.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aikd.models import iresnet
+from aikd.models import dlib_resnet, iresnet
 from aikd.models.head import QualityHead
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -88,6 +89,14 @@ for _name, _builder, _layers, _width, _description in (
     ("tiny", iresnet.iresnet_tiny, (1, 1, 1, 1), 8, "1 block per stage at 1/8 width, for tests"),
 ):
     register_model(ModelSpec(_name, _builder, ARCFACE_PREPROCESSING, _description, tuple(_layers), _width))
+
+
+register_model(ModelSpec(
+    "dlib-r29", dlib_resnet.dlib_resnet29, dlib_resnet.DLIB_PREPROCESSING,
+    "dlib's ResNet face descriptor (128-D, 150x150 chip); weights: --weights dlib",
+    layers=tuple(blocks for _, blocks, _ in dlib_resnet.STAGES), width=32,
+    convert=dlib_resnet.convert_dlib_state, matches=dlib_resnet.matches_dlib_r29, family="dlib",
+))
 
 
 def list_models() -> list[str]:
