@@ -1,4 +1,9 @@
-"""Models of AI-KD: insightface-compatible iResNet backbones, the quality head, the registry, checkpoints.
+"""Models of AI-KD: face-recognition backbones as their authors publish them, the quality head, the registry,
+checkpoints.
+
+Families (each module registers its architectures): insightface iResNet (:mod:`~aikd.models.iresnet`, in the
+registry), MagFace (:mod:`~aikd.models.magface`), AdaFace and CurricularFace IR nets (:mod:`~aikd.models.irnet`),
+arcface_torch ViTs and TransFace (:mod:`~aikd.models.vit`), SwinFace (:mod:`~aikd.models.swin`).
 
     from aikd.models import build_model, load_fr_model, load_quality_model
     model = load_quality_model("aikd-best.pth")          # the paper's release, or an aikd checkpoint
@@ -6,9 +11,11 @@
     teacher = load_fr_model("backbone.pth")              # backbone + preprocessing + arch
 """
 
+from aikd.models import irnet, magface, swin, vit  # noqa: F401  (each registers its architectures)
 from aikd.models.calibration import calibrate_batchnorm
 from aikd.models.checkpoint import (
     FRModel,
+    fitting_architectures,
     infer_arch,
     load_backbone,
     load_fr_model,
@@ -52,6 +59,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "calibrate_batchnorm",
+    "fitting_architectures",
     "get_spec",
     "infer_arch",
     "iresnet18",
