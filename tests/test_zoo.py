@@ -337,3 +337,33 @@ def test_preprocessing_twin_is_a_different_model_input():
     """Sanity of the twin construction used above: only the channel order differs."""
     bgr = get_spec("adaface-ir18").preprocessing
     assert dataclasses.replace(bgr, channel_order="RGB") == Preprocessing()
+
+
+@pytest.mark.parametrize("family", ["transface", "swinface"])
+def test_transformer_students_train_from_a_published_teacher(family, tmp_path, monkeypatch):
+    """``aikd train`` with a published file as the teacher: the quality head on the family's embedding, the
+    paper's last K tensors trainable (the rest keep the teacher's values), the run's checkpoint reloads.
+
+    The transformer families, which differ most from the iResNet students test_train.py trains; every family's
+    training step is checked against float64 in test_layout.py."""
+    from pathlib import Path
+
+    from aikd.models import load_quality_model
+
+    arch = reduced_spec(family, monkeypatch)
+    torch.manual_seed(0)
+    teacher = calibrate_batchnorm(build_backbone(arch), batches=1, batch_size=4).eval()
+    weights = tmp_path / "teacher.pth"
+    torch.save(publish(family, teacher.state_dict()), weights)
+    run = tmp_path / "run"
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert main(["train", "--config", tiny, "--out", str(run), "data.synthetic.count=24", "data.batch_size=8",
+                 "data.val_batch_size=8", "train.epochs=1", f"teacher.weights={weights}", f"student.arch={arch}",
+                 "student.trainable_tensors=6", "train.validate_every=1.0"]) == 0
+    student = load_quality_model(run / "best.pt")
+    assert student.arch == arch and student.preprocessing == get_spec(arch).preprocessing
+    names = [name for name, _ in teacher.named_parameters()]
+    trained = dict(student.feature_extractor.named_parameters())
+    original = dict(teacher.named_parameters())
+    assert all(torch.equal(trained[n], original[n]) for n in names[:-6])  # frozen: the teacher's values
+    assert any(not torch.equal(trained[n], original[n]) for n in names[-6:] if original[n].requires_grad)

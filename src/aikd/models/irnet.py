@@ -186,7 +186,8 @@ def _fits(units: Sequence[int], mid_norm: bool) -> Any:
     def matches(state: Mapping[str, Any]) -> bool:
         state = convert_adaface(dict(state))
         blocks = {int(key.split(".")[1]) for key in state if key.startswith("body.")}
-        if "input_layer.0.weight" not in state or blocks != set(range(sum(units))):
+        stem = state.get("input_layer.0.weight")
+        if stem is None or tuple(stem.shape) != (STAGE_CHANNELS[0], 3, 3, 3) or blocks != set(range(sum(units))):
             return False
         # res_layer.5 (the last BatchNorm) exists only in AdaFace's six-module block.
         return ("body.0.res_layer.5.weight" in state) == mid_norm

@@ -259,9 +259,12 @@ def swinface_t(**kwargs: Any) -> SwinFace:
 
 
 def _matches(state: Mapping[str, Any]) -> bool:
-    """A SwinFace backbone state dict (Swin block keys and the ``feature`` head)."""
-    return ("layers.0.blocks.0.attn.relative_position_bias_table" in state and "feature.0.weight" in state
-            and "patch_embed.norm.weight" in state)
+    """SwinFace's Swin-T backbone state dict: 96 channels in 2x2 patches, blocks 2, 2, 6, 2, the ``feature`` head."""
+    embed = state.get("patch_embed.proj.weight")
+    if embed is None or tuple(embed.shape) != (96, 3, 2, 2) or "feature.0.weight" not in state:
+        return False
+    blocks = [len({key.split(".")[3] for key in state if key.startswith(f"layers.{i}.blocks.")}) for i in range(4)]
+    return blocks == [2, 2, 6, 2]
 
 
 register_model(ModelSpec(
