@@ -27,6 +27,7 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/detect.py
 	$(PY) bench/evaluate.py
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

@@ -367,3 +367,25 @@ def test_transformer_students_train_from_a_published_teacher(family, tmp_path, m
     original = dict(teacher.named_parameters())
     assert all(torch.equal(trained[n], original[n]) for n in names[:-6])  # frozen: the teacher's values
     assert any(not torch.equal(trained[n], original[n]) for n in names[-6:] if original[n].requires_grad)
+
+
+@pytest.mark.slow  # 10-20 s each here: tracing the transformers' many small operations
+@pytest.mark.parametrize("family", ["transface", "swinface"])
+def test_transformer_quality_models_export_to_onnx_with_parity(family):
+    """``aikd export`` of a quality model on a transformer backbone: the graph gives the torch model's outputs."""
+    import io
+
+    from aikd.export import check_onnx, export_onnx, read_metadata
+    from aikd.models import QualityHead, QualityModel
+
+    torch.manual_seed(0)
+    preprocessing = get_spec(FAMILY_EXAMPLE[family]).preprocessing
+    model = QualityModel(REDUCED[family][1](), QualityHead(512), arch=FAMILY_EXAMPLE[family],
+                         preprocessing=preprocessing)
+    calibrate_batchnorm(model, batches=1, batch_size=4).eval()
+    buffer = io.BytesIO()
+    export_onnx(model, buffer)
+    worst = check_onnx(model, buffer.getvalue())
+    assert worst["embedding"] < 1e-4 * worst["embedding_scale"]
+    assert worst["quality"] < 1e-4 * max(1.0, worst["quality_scale"])
+    assert read_metadata(buffer.getvalue())["preprocessing"] == preprocessing

@@ -3,8 +3,9 @@
     aikd embed lfw/ --arch r100 --weights backbone.pth --aligned -o lfw_emb.npz
     aikd embed photos/ --weights backbone.pth --landmarks lm.csv --misalign 3 --seed 1 -o misaligned.npz
 
-Any face-recognition model :func:`aikd.models.load_fr_model` reads works: an insightface ``arcface_torch``
-``backbone.pth``, or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are aligned
+Any face-recognition model :func:`aikd.models.load_fr_model` reads works: every registered architecture's file as
+its authors publish it (``aikd models``; insightface ``backbone.pth``, AdaFace, MagFace, SwinFace, TransFace, ...),
+or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are aligned
 with ``--landmarks FILE`` or ``--detect``, or taken as already aligned crops of the model's input size
 (``--aligned``, the default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
 misaligned-test variant of a set (AI-KD, Babnik et al., IWBF 2024): every landmark coordinate is jittered by
@@ -59,8 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd embed``."""
     add_input_arguments(parser)
     parser.add_argument("--weights", type=Path, required=True,
-                        help="FR backbone: arcface_torch backbone.pth, or an aikd/AI-KD quality checkpoint")
-    parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")
+                        help="FR model as its authors publish it (arcface_torch backbone.pth, AdaFace .ckpt, MagFace, "
+                             "SwinFace, TransFace, ... files), or an aikd/AI-KD quality checkpoint")
+    parser.add_argument("--arch", help="architecture (aikd models lists them; e.g. r100, adaface-ir101, swinface); "
+                                       "default: recognised from the file")
     parser.add_argument("-o", "--output", type=Path, default=Path("embeddings.npz"),
                         help="embedding file, .npz with paths and embeddings (default: %(default)s)")
     add_crop_arguments(parser)

@@ -9,6 +9,7 @@ arcface_torch ViTs and TransFace (:mod:`~aikd.models.vit`), SwinFace (:mod:`~aik
     model = load_quality_model("aikd-best.pth")          # the paper's release, or an aikd checkpoint
     embedding, quality = model(model.preprocessing(images))
     teacher = load_fr_model("backbone.pth")              # backbone + preprocessing + arch
+    adaface = load_fr_model("adaface_ir50_ms1mv2.ckpt")  # any registered family's file, as published
 """
 
 from aikd.models import irnet, magface, swin, vit  # noqa: F401  (each registers its architectures)
@@ -35,6 +36,7 @@ from aikd.models.iresnet import (
     iresnet200,
     iresnet_tiny,
 )
+from aikd.models.irnet import IRNet
 from aikd.models.layout import needs_nchw_backward, to_training_layout
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -47,15 +49,20 @@ from aikd.models.registry import (
     preprocessing_for,
     register_model,
 )
+from aikd.models.swin import SwinFace
+from aikd.models.vit import FaceViT
 
 __all__ = [
     "FRModel",
+    "FaceViT",
     "IBasicBlock",
+    "IRNet",
     "IResNet",
     "ModelSpec",
     "Preprocessing",
     "QualityHead",
     "QualityModel",
+    "SwinFace",
     "build_backbone",
     "build_model",
     "calibrate_batchnorm",

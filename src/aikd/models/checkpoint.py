@@ -540,9 +540,10 @@ def load_fr_model(
     """The face-recognition model every command that needs one loads (``label``, ``train``'s teacher, ``embed``).
 
     Args:
-        weights: an insightface ``backbone.pth``, an aikd or AI-KD quality checkpoint (its backbone is taken),
-            a ``.safetensors`` file, a state dict; or ``"none"``: random weights seeded by ``seed``, with
-            BatchNorm calibrated on noise (tests and demos only: its embeddings mean nothing).
+        weights: a registered architecture's file as its authors publish it (insightface ``backbone.pth``,
+            AdaFace ``.ckpt``, MagFace, SwinFace, TransFace, ... files), an aikd or AI-KD quality checkpoint (its
+            backbone is taken), a ``.safetensors`` file, a state dict; or ``"none"``: random weights seeded by
+            ``seed``, with BatchNorm calibrated on noise (tests and demos only: its embeddings mean nothing).
         arch: architecture; by default the file's record, else inferred from the keys; required for ``none``.
         seed: seed of random weights.
         map_location: device to put the model on.

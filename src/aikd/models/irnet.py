@@ -160,7 +160,7 @@ def adaface_ir50(**kwargs: Any) -> IRNet:
 
 
 def adaface_ir101(**kwargs: Any) -> IRNet:
-    """AdaFace IR-101 (blocks 3, 13, 30, 3): the AdaFace model of the AI-KD paper's tables."""
+    """AdaFace IR-101 (blocks 3, 13, 30, 3), AdaFace's largest published IR net."""
     return IRNet(UNITS["ir101"], mid_norm=True, **kwargs)
 
 
@@ -201,7 +201,7 @@ RGB_HALF = Preprocessing()
 for _name, _builder, _units, _text in (
     ("adaface-ir18", adaface_ir18, UNITS["ir18"], "AdaFace IR-18 (mk-minchul/AdaFace net.py)"),
     ("adaface-ir50", adaface_ir50, UNITS["ir50"], "AdaFace IR-50 (mk-minchul/AdaFace net.py)"),
-    ("adaface-ir101", adaface_ir101, UNITS["ir101"], "AdaFace IR-101: the paper's AdaFace (mk-minchul/AdaFace)"),
+    ("adaface-ir101", adaface_ir101, UNITS["ir101"], "AdaFace IR-101 (mk-minchul/AdaFace net.py)"),
 ):
     register_model(ModelSpec(_name, _builder, BGR_HALF, _text, layers=_units, convert=convert_adaface,
                              matches=_fits(_units, True), family="irnet"))

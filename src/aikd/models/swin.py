@@ -270,5 +270,5 @@ def _matches(state: Mapping[str, Any]) -> bool:
 
 register_model(ModelSpec(
     "swinface", swinface_t, Preprocessing(),
-    "SwinFace Swin-T, recognition branch (lxq1000/SwinFace backbones/swin.py): the paper's SwinFace",
+    "SwinFace Swin-T, recognition branch (lxq1000/SwinFace backbones/swin.py)",
     layers=(2, 2, 6, 2), width=96, matches=_matches, family="swin"))

@@ -211,7 +211,7 @@ def transface_b(**kwargs: Any) -> FaceViT:
 
 
 def transface_l(**kwargs: Any) -> FaceViT:
-    """TransFace-L: ViT-L with TransFace's token re-weighting: the TransFace model of the AI-KD paper's tables."""
+    """TransFace-L: ViT-L with TransFace's token re-weighting."""
     return FaceViT(*SIZES["l"], senet=True, **kwargs)
 
 
@@ -237,7 +237,7 @@ for _name, _builder, _size, _senet, _text in (
     ("vit-l", vit_l, "l", False, "ViT-L (insightface arcface_torch backbones/vit.py)"),
     ("transface-s", transface_s, "s", True, "TransFace-S (DanJun6737/TransFace backbones/vit.py)"),
     ("transface-b", transface_b, "b", True, "TransFace-B (DanJun6737/TransFace backbones/vit.py)"),
-    ("transface-l", transface_l, "l", True, "TransFace-L: the paper's TransFace (DanJun6737/TransFace)"),
+    ("transface-l", transface_l, "l", True, "TransFace-L (DanJun6737/TransFace backbones/vit.py)"),
 ):
     register_model(ModelSpec(_name, _builder, VIT_PREPROCESSING, _text, layers=(SIZES[_size][1],),
                              width=SIZES[_size][0], matches=_matches(*SIZES[_size], _senet),
