@@ -389,3 +389,21 @@ def test_transformer_quality_models_export_to_onnx_with_parity(family):
     assert worst["embedding"] < 1e-4 * worst["embedding_scale"]
     assert worst["quality"] < 1e-4 * max(1.0, worst["quality_scale"])
     assert read_metadata(buffer.getvalue())["preprocessing"] == preprocessing
+
+
+def test_a_model_saves_under_its_own_name_when_another_has_the_same_keys(tmp_path, monkeypatch):
+    """A MagFace student has insightface's keys (the file alone says iResNet); saving it as MagFace is right,
+    saving it as an architecture with other keys is refused."""
+    from aikd.models import read_checkpoint, registry, save_checkpoint
+
+    spec = dataclasses.replace(get_spec("magface-r50"), name="test-magface-tiny", layers=(1, 1, 1, 1), width=8,
+                               builder=lambda **kw: IResNet((1, 1, 1, 1), width=8, bn_eps=2e-5,
+                                                            frozen_feature_scale=False, **kw))
+    monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+    backbone = build_backbone(spec.name)
+    assert infer_arch(backbone.state_dict()) == "tiny"  # same keys and shapes as the arcface_torch tiny
+    path = save_checkpoint(tmp_path / "magface.pt", backbone, spec.name)
+    assert read_checkpoint(path)[1]["preprocessing"]["channel_order"] == "BGR"
+    assert load_fr_model(path).arch == spec.name  # the file's record wins over the keys
+    with pytest.raises(ValueError, match="look like arch tiny, but arch 'r18' was given"):
+        save_checkpoint(tmp_path / "wrong.pt", backbone, "r18")
