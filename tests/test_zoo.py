@@ -151,6 +151,9 @@ def test_full_size_layout_is_the_published_one_and_is_recognised(arch):
     with torch.device("meta"):
         module = build_backbone(arch)
     assert layout_of(module) == layout  # every key and shape, in the published order
+    # The registry's contract (students, SER-FIQ, autocast regions): the embedding split into trunk and head.
+    assert module.num_features == 512
+    assert callable(module.forward_trunk) and callable(module.forward_embedding_from_trunk)
     published = publish(family, meta_state(layout), variant=1)
     state = published.get("state_dict") or published.get("state_dict_backbone") or published
     assert arch in fitting_architectures(state)
