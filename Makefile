@@ -31,6 +31,7 @@ bench: install
 	$(PY) bench/detect.py
 	$(PY) bench/evaluate.py
 	$(PY) bench/dlib_template.py
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

@@ -27,8 +27,11 @@ from aikd.distill import (
     build_task,
     set_trainable,
 )
-from aikd.models import build_model, list_models, needs_nchw_backward, to_training_layout
+from aikd.models import IResNet, build_model, list_models, needs_nchw_backward, to_training_layout
+from aikd.models.irnet import IRNet
 from aikd.models.layout import NCHWBackwardConv2d
+from aikd.models.swin import SwinFace
+from aikd.models.vit import FaceViT
 from aikd.runtime import describe_cpu
 
 # Relative gradient error allowed for one convolution against float64 (float32 gives ~1e-7, the bug 0.3-1.0).
@@ -90,12 +93,24 @@ def test_reproducer_shapes_train_correctly_in_a_subprocess():
         assert error < REPRODUCER_TOLERANCE, f"{shape}: gradient off by {error:.2g} relative on {describe_cpu()}"
 
 
-# Every registered architecture, plus user-defined narrow widths (the shapes oneDNN gets wrong on every CPU).
-CUSTOM = {"custom-w4": ((1, 1, 1, 1), 4), "custom-w12": ((2, 1, 1, 1), 12)}
+# Every registered architecture, plus user-defined narrow widths (the shapes oneDNN gets wrong on every CPU) and
+# the other families at reduced width: the IR block of AdaFace and CurricularFace (narrow strided 1x1 shortcuts
+# next to MaxPool2d(1, 2) ones), TransFace's ViT (9x9 stride-9 patches, token re-weighting), SwinFace's Swin
+# (2x2 stride-2 patches, shifted windows).
+CUSTOM = {
+    "custom-w4": lambda: IResNet((1, 1, 1, 1), width=4),
+    "custom-w12": lambda: IResNet((2, 1, 1, 1), width=12),
+    "custom-irnet": lambda: IRNet((1, 2, 1, 1), True, channels=(8, 12, 12, 32)),
+    "custom-transface": lambda: FaceViT(32, 2, heads=4, senet=True),
+    "custom-swin": lambda: SwinFace(8, (2, 2, 1, 1), (1, 2, 2, 4)),
+}
 
 
-# r100 and r200 repeat r50's block shapes at greater depth and take 25-45 s each here: `make test-all` runs them.
-DEEP = {"r100", "r200"}
+# Architectures whose layer shapes repeat a cheaper one's (a registered one at smaller depth or width, other
+# constants only, or a custom family variant above at full width) take 25-90 s each here: `make test-all` runs them.
+DEEP = {"r100", "r200", "elasticface-r100", "magface-r50", "magface-r100", "adaface-ir18", "adaface-ir50",
+        "adaface-ir101", "curricularface-ir101", "swinface", "vit-t", "vit-s", "vit-b", "vit-l", "transface-s",
+        "transface-b", "transface-l"}
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in DEEP else a
@@ -125,12 +140,11 @@ def test_training_gradients_equal_a_float64_nchw_reference(arch):
 
 def training_step_gradient_errors(arch: str) -> dict:
     """Gradient error of each trainable tensor over its tolerance (see the test above); child-process side."""
-    from aikd.models import IResNet, QualityHead, QualityModel, calibrate_batchnorm
+    from aikd.models import QualityHead, QualityModel, calibrate_batchnorm
 
     torch.manual_seed(0)
     if arch in CUSTOM:
-        layers, width = CUSTOM[arch]
-        student = QualityModel(IResNet(layers, width=width), QualityHead(512))
+        student = QualityModel(CUSTOM[arch](), QualityHead(512))
     else:
         student = build_model(arch)
     calibrate_batchnorm(student, batches=1, batch_size=4, seed=0)  # the teacher runs in eval mode: keep it sane
@@ -173,6 +187,16 @@ def test_narrow_students_switch_only_their_unsafe_convolutions_and_real_ones_non
     with torch.device("meta"):
         r50 = build_model("r50")
     assert apply_training_layout(AIKDTask(r50, copy.deepcopy(r50.feature_extractor), DistillationLoss())) == []
+
+
+def test_other_families_switch_only_their_narrow_strided_pointwise_convolutions():
+    """Published AdaFace/CurricularFace/MagFace/ViT/Swin nets keep channels_last everywhere; a narrow IR net
+    switches exactly its strided 1x1 shortcut projections (its MaxPool2d(1, 2) shortcuts have no weights)."""
+    for arch in ("adaface-ir18", "curricularface-ir101", "magface-r50", "swinface", "transface-s"):
+        with torch.device("meta"):
+            model = build_model(arch)
+        assert to_training_layout(model) == [], arch
+    assert to_training_layout(CUSTOM["custom-irnet"]()) == ["body.1.shortcut_layer.0", "body.4.shortcut_layer.0"]
 
 
 def test_switched_convolution_keeps_keys_outputs_and_the_channels_last_inference_path():

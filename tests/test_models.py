@@ -147,8 +147,16 @@ def test_paper_checkpoint_keys_load(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- forward
+# Architectures that repeat a cheaper registered one's modules at greater depth or width or with other constants
+# only, and SwinFace (many small window operations), take 5-12 s each here and run with -m slow; test_zoo.py
+# checks every family's forward at reduced size on every run.
+SLOW_FORWARD = {"r200", "elasticface-r100", "magface-r50", "magface-r100", "adaface-ir50", "adaface-ir101",
+                "curricularface-ir101", "swinface", "vit-s", "vit-b", "vit-l", "transface-s", "transface-b",
+                "transface-l"}
+
+
 @pytest.mark.parametrize(
-    "arch", [pytest.param(a, marks=pytest.mark.slow) if a == "r200" else a for a in list_models()]
+    "arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_FORWARD else a for a in list_models()]
 )
 def test_every_model_forward(arch):
     torch.manual_seed(0)

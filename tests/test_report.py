@@ -133,6 +133,53 @@ def test_suite_writes_paper_layout_tables(tmp_path):
     assert (out / "edc_CPLFW_AdaFace_fmr0.01_fixed.png").exists()
 
 
+def test_suite_table_puts_every_fr_model_side_by_side_and_marks_same_and_cross_model(tmp_path):
+    """The AI-KD tables: a column block (datasets + mean) per FR model; a method is same-model under its source."""
+    for seed, name in enumerate(["lfw", "cplfw"]):
+        make_dataset(tmp_path / name, seed=seed)
+    lines = ["fmr: [0.01]", "discard_limit: 0.3", "threshold: fixed",
+             "source: {AI-KD: CosFace, Inverted: AdaFace}", "models:"]
+    for model, names in (("AdaFace", ["lfw", "cplfw"]), ("CosFace", ["cplfw"])):
+        lines.append(f"  {model}:")
+        for name in names:
+            lines += [f"    {name.upper()}:", f"      embeddings: {name}/emb.npz", f"      pairs: {name}/pairs.txt",
+                      f"      scores: {{AI-KD: {name}/good.csv, Inverted: {name}/inverted.csv}}"]
+    (tmp_path / "suite.yaml").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--suite", str(tmp_path / "suite.yaml"), "--no-plots", "-o", str(out)]) == 0
+    table = read_rows(out / "table_suite_fmr0.01_fixed_limit0.3.csv")
+    assert list(table[0]) == ["method", "source", "AdaFace/LFW", "AdaFace/CPLFW", "AdaFace/mean", "CosFace/CPLFW",
+                              "CosFace/mean"]
+    assert [(r["method"], r["source"]) for r in table] == [("AI-KD", "CosFace"), ("Inverted", "AdaFace")]
+    for model in ("AdaFace", "CosFace"):  # each block is that FR model's own table
+        own = {r["method"]: r for r in read_rows(out / f"table_{model}_fmr0.01_fixed_limit0.3.csv")}
+        for row in table:
+            for column in own[row["method"]]:
+                if column != "method":
+                    assert float(row[f"{model}/{column}"]) == pytest.approx(float(own[row["method"]][column]))
+    markdown = (out / "tables.md").read_text()
+    section = markdown[markdown.index("## All FR models: FMR 0.01"):]
+    assert "Column blocks: AdaFace (same- and cross-model), CosFace (same- and cross-model)." in section
+    assert "| method | AdaFace: LFW | AdaFace: CPLFW | AdaFace: mean | CosFace: CPLFW | CosFace: mean |" in section
+    ai_kd = next(line for line in section.splitlines() if line.startswith("| AI-KD [CosFace] |")).split(" | ")
+    inverted = next(line for line in section.splitlines() if line.startswith("| Inverted [AdaFace] |")).split(" | ")
+    def italic(text: str) -> bool:  # *x* or ***x*** (bold too); **x** is bold only
+        return (len(text) - len(text.lstrip("*"))) % 2 == 1
+
+    assert not italic(ai_kd[1]) and italic(ai_kd[4])  # cross-model under AdaFace, same-model under CosFace
+    assert italic(inverted[1]) and not italic(inverted[4])
+
+
+def test_suite_source_names_a_known_fr_model_and_method(tmp_path, capsys):
+    make_dataset(tmp_path / "lfw")
+    suite = ("source: {AI-KD: ArcFace}\nmodels:\n  CosFace:\n    LFW:\n      embeddings: lfw/emb.npz\n"
+             "      pairs: lfw/pairs.txt\n      scores: {AI-KD: lfw/good.csv}\n")
+    (tmp_path / "suite.yaml").write_text(suite)
+    assert main(["evaluate", "--suite", str(tmp_path / "suite.yaml"), "-o", str(tmp_path / "o")]) == 2
+    assert "source: 'ArcFace' (for AI-KD) is not an FR model of the suite; the suite has CosFace" in \
+        capsys.readouterr().err
+
+
 def test_suite_errors_name_the_key(tmp_path, capsys):
     (tmp_path / "suite.yaml").write_text("models:\n  ArcFace:\n    LFW:\n      embedings: x.npz\n")
     assert main(["evaluate", "--suite", str(tmp_path / "suite.yaml"), "-o", str(tmp_path / "o")]) == 2

@@ -29,7 +29,10 @@ Outputs in ``-o`` (each written atomically):
 * ``edc_<dataset>_<fr_model>_fmr<fmr>_<mode>.png`` and ``.svg``: FNMR against discard fraction, one line
   per method, the no-discard line and the oracle line.
 * ``tables.md`` and ``table_<fr_model>_fmr<fmr>_<mode>_limit<limit>.csv``: normalised pAUC in the paper's
-  layout (rows = methods, columns = datasets, last column = mean over datasets; best value in bold).
+  layout (rows = methods, columns = datasets, last column = mean over datasets; best value in bold);
+* with several FR models, ``table_suite_fmr<fmr>_<mode>_limit<limit>.csv`` and a section of ``tables.md``: the
+  paper's cross-model table, one column block (datasets + mean) per FR model, same-model cells in italics
+  (:mod:`aikd.tables`).
 
 Suite file (YAML; relative paths are relative to the suite file; command-line options win over the
 optional top-level settings)::
@@ -38,6 +41,9 @@ optional top-level settings)::
     fmr: [0.001]            # optional: target FMRs
     discard_limit: [0.3]    # optional: pAUC limits
     threshold: both         # optional: fixed | recomputed | both
+    source: CosFace         # optional: the FR model the methods were distilled from / derived from
+                            #   (or per method: {AI-KD: CosFace, MagFace: MagFace}); marks same-model and
+                            #   cross-model results in the suite table
     models:                 # FR model -> dataset -> files; one table per FR model
       ArcFace:
         LFW:
@@ -63,14 +69,14 @@ import itertools
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from aikd import evaluate as ev
-from aikd import protocols
+from aikd import protocols, tables
 from aikd.io import atomic_write, load_embeddings, read_labels, write_csv
 from aikd.names import NameIndex
 
@@ -90,7 +96,7 @@ ERC_HEADER = ("fr_model", "dataset", "method", "fmr", "threshold_mode", "discard
 PAUC_HEADER = ("fr_model", "dataset", "method", "fmr", "threshold_mode", "discard_limit", "pauc",
                "pauc_normalised", "pauc_oracle", "pauc_minus_oracle", "fnmr0", "threshold", "mated",
                "comparisons")
-SUITE_KEYS = {"fmr", "discard_limit", "threshold", "models"}
+SUITE_KEYS = {"fmr", "discard_limit", "threshold", "source", "models"}
 DATASET_KEYS = {"embeddings", "pairs", "protocol", "scores", "lfw_pattern", "identity_column"}
 
 
@@ -204,7 +210,13 @@ def load_suite(path: Path) -> tuple[list[Job], dict]:
         if not isinstance(datasets, dict) or not datasets:
             raise ValueError(f"{path}: models.{model}: expected a mapping dataset -> files")
         jobs.extend(_suite_entry(model, dataset, entry, path.parent) for dataset, entry in datasets.items())
-    return jobs, {key: data[key] for key in SUITE_KEYS - {"models"} if key in data}
+    settings = {key: data[key] for key in SUITE_KEYS - {"models", "source"} if key in data}
+    methods = list(dict.fromkeys(method for job in jobs for method in job.scores))
+    try:
+        settings["source"] = tables.parse_sources(data.get("source"), [str(m) for m in data["models"]], methods)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return jobs, settings
 
 
 def _as_list(value: object, what: str) -> list[float]:
@@ -409,57 +421,62 @@ def plot_edc(outcome: Outcome, settings: Settings, fmr: float, mode: str, stem: 
             fig.savefig(handle, format=suffix, dpi=150)
 
 
-def _cell(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.3f}"
-
-
-def _table(rows: Sequence[tuple], key: tuple) -> tuple[list[str], list[str], np.ndarray]:
-    """Methods, datasets and normalised pAUC (with a mean column) of the rows matching
-    ``key = (fr_model, fmr, threshold_mode, discard_limit)``."""
-    col = {name: i for i, name in enumerate(PAUC_HEADER)}
-    picked = [r for r in rows if (r[col["fr_model"]], r[col["fmr"]], r[col["threshold_mode"]],
-                                  r[col["discard_limit"]]) == key]
-    datasets = list(dict.fromkeys(r[col["dataset"]] for r in picked))
-    methods = list(dict.fromkeys(r[col["method"]] for r in picked))
-    value = {(r[col["method"]], r[col["dataset"]]): r[col["pauc_normalised"]] for r in picked}
-    table = np.array([[value.get((m, d), math.nan) for d in datasets] for m in methods], dtype=np.float64)
-    return methods, datasets, np.column_stack([table, table.mean(axis=1)])
-
-
-def write_tables(rows: Sequence[tuple], settings: Settings, output: Path) -> list[Path]:
-    """Paper-layout tables of normalised pAUC: one per FR model (and FMR, convention, discard limit)."""
+def write_tables(rows: Sequence[tuple], settings: Settings, output: Path,
+                 sources: Mapping[str, str] | None = None) -> list[Path]:
+    """Paper-layout tables of normalised pAUC: one per FR model (and FMR, convention, discard limit), and with
+    several FR models (or ``sources``) the suite table of every FR model side by side (:mod:`aikd.tables`)."""
+    records = [dict(zip(PAUC_HEADER, row, strict=True)) for row in rows]
     written = []
-    markdown = ["# Normalised pAUC", "", "Lower is better; 1.0 is no better than not discarding. "
-                "Mean over datasets in the last column; the best value of each column in bold.", ""]
-    models = dict.fromkeys(r[0] for r in rows)
+    text = ["# Normalised pAUC", "", "Lower is better; 1.0 is no better than not discarding. "
+            "Mean over datasets in the last column; the best value of each column in bold.", ""]
+    models = list(dict.fromkeys(r[0] for r in rows))
     for model, fmr, mode, limit in itertools.product(models, settings.fmrs, settings.modes, settings.limits):
-        methods, datasets, table = _table(rows, (model, fmr, mode, limit))
+        methods, datasets, table = tables.model_table(records, model, fmr, mode, limit)
         path = output / f"table_{_file_part(model)}_fmr{fmr:g}_{mode}_limit{limit:g}.csv"
         write_csv(path, ["method", *datasets, "mean"],
                   [[m, *row] for m, row in zip(methods, table.tolist(), strict=True)])
         written.append(path)
-        markdown += [f"## {model}: FMR {fmr:g}, {MODE_TITLES[mode]}, discard limit {limit:g}", "",
-                     *_markdown_table(methods, datasets, table), ""]
+        text += [f"## {model}: FMR {fmr:g}, {MODE_TITLES[mode]}, discard limit {limit:g}", "",
+                 *tables.markdown(methods, [*datasets, "mean"], table), ""]
+    if len(models) > 1 or sources:
+        for fmr, mode, limit in itertools.product(settings.fmrs, settings.modes, settings.limits):
+            path = output / f"table_suite_fmr{fmr:g}_{mode}_limit{limit:g}.csv"
+            text += _write_suite_table(records, (fmr, mode, limit), dict(sources or {}), path)
+            written.append(path)
     with atomic_write(output / "tables.md") as handle:
-        handle.write("\n".join(markdown).rstrip() + "\n")
+        handle.write("\n".join(text).rstrip() + "\n")
     return [*written, output / "tables.md"]
 
 
-def _markdown_table(methods: list[str], datasets: list[str], table: np.ndarray) -> list[str]:
-    """Rows of a Markdown table, the lowest value of each column in bold."""
-    best = np.nanmin(np.where(np.isnan(table), np.inf, table), axis=0)
-    lines = ["| method | " + " | ".join([*datasets, "mean"]) + " |", "|---|" + "---:|" * (len(datasets) + 1)]
-    for method, row in zip(methods, table, strict=True):
-        cells = [f"**{_cell(v)}**" if v == b and len(methods) > 1 else _cell(v)
-                 for v, b in zip(row, best, strict=True)]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+def _write_suite_table(records: Sequence[dict], setting: tuple[float, str, float], sources: dict[str, str],
+                       path: Path) -> list[str]:
+    """Write the suite table's CSV (columns ``FR model/dataset``, a ``source`` column); its Markdown section."""
+    fmr, mode, limit = setting
+    table = tables.suite_table(records, fmr, mode, limit, sources)
+    columns = table.columns()
+    write_csv(path, ["method", "source", *(f"{model}/{name}" for model, name in columns)],
+              [[m, sources.get(m, ""), *row] for m, row in zip(table.methods, table.values.tolist(), strict=True)])
+    blocks = []
+    for model, _ in table.blocks:
+        kind = tables.relation(model, table.methods, sources)
+        blocks.append(f"{model} ({kind})" if kind else model)
+    legend = ("Italic: same-model (the FR model the method was distilled from or derived from: `source` in the "
+              "suite file); upright: cross-model." if sources else
+              "Give `source` in the suite file to mark same-model and cross-model results.")
+    labels = [m + (f" [{sources[m]}]" if m in sources else "") for m in table.methods]
+    return [f"## All FR models: FMR {fmr:g}, {MODE_TITLES[mode]}, discard limit {limit:g}", "",
+            f"Column blocks: {', '.join(blocks)}. {legend}", "",
+            *tables.markdown(labels, [f"{model}: {name}" for model, name in columns], table.values,
+                             table.same), ""]
 
 
 # ------------------------------------------------------------------------------------------------ run
 def write_report(jobs: Sequence[Job], settings: Settings, output: Path, max_points: int = 2000,
-                 plots: bool = True) -> tuple[list[tuple], list[Path]]:
+                 plots: bool = True, sources: Mapping[str, str] | None = None) -> tuple[list[tuple], list[Path]]:
     """Evaluate every job, then write ``erc.csv``, ``pauc.csv``, the tables and (if ``plots``) the EDC plots.
+
+    ``sources`` (method -> the FR model it was distilled from or derived from; a suite file's ``source``) marks
+    same-model and cross-model results in the suite table.
 
     Returns:
         The ``pauc.csv`` rows and the files written.
@@ -470,7 +487,7 @@ def write_report(jobs: Sequence[Job], settings: Settings, output: Path, max_poin
     write_csv(output / "erc.csv", ERC_HEADER, erc_rows(outcomes, settings, max_points))
     rows = pauc_rows(outcomes, settings)
     write_csv(output / "pauc.csv", PAUC_HEADER, rows)
-    written = [output / "erc.csv", output / "pauc.csv", *write_tables(rows, settings, output)]
+    written = [output / "erc.csv", output / "pauc.csv", *write_tables(rows, settings, output, sources)]
     if plots:
         for outcome in outcomes:
             for fmr in settings.fmrs:
@@ -489,5 +506,5 @@ def summary(rows: Sequence[tuple]) -> str:
         where = f"{r[col['fr_model']]}/{r[col['dataset']]}"
         lines.append(f"{where}  {r[col['method']]:<16} FMR {r[col['fmr']]:<7g} "
                      f"{r[col['threshold_mode']]:<10} limit {r[col['discard_limit']]:<4g} "
-                     f"pAUC {r[col['pauc']]:.4g}  normalised {_cell(r[col['pauc_normalised']])}")
+                     f"pAUC {r[col['pauc']]:.4g}  normalised {tables.cell(r[col['pauc_normalised']])}")
     return "\n".join(lines)

