@@ -393,12 +393,14 @@ def _floats(values: np.ndarray) -> list[float]:
     return [float(v) for v in np.asarray(values, dtype=np.float64)]
 
 
-def load_calibration(source: str | os.PathLike | Mapping[str, Any] | Calibration) -> Calibration:
-    """A calibration from a calib.json file, its plain data (a checkpoint's, an ONNX file's) or itself."""
+def load_calibration(source: str | os.PathLike | Mapping[str, Any] | Calibration,
+                     name: str = "calibration") -> Calibration:
+    """A calibration from a calib.json file, its plain data (a checkpoint's, an ONNX file's; ``name`` says whose
+    in errors) or itself."""
     if isinstance(source, Calibration):
         return source
     if isinstance(source, Mapping):
-        return _parse(dict(source), "calibration")
+        return _parse(dict(source), name)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
