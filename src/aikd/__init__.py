@@ -18,6 +18,7 @@ _LAZY = {
     "load_backbone": "aikd.models",
     "load_fr_model": "aikd.models",
     "score_images": "aikd.score",
+    "load_calibration": "aikd.calibration",
     "align_face": "aikd.align",
     "ARCFACE_TEMPLATE": "aikd.align",
 }

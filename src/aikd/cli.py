@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("aikd.commands.score", "score face images of any alignment -> scores.csv"),
     "embed": ("aikd.commands.embed", "face-recognition embeddings of images -> emb.npz"),
     "evaluate": ("aikd.commands.evaluate", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
+    "calibrate": ("aikd.commands.calibrate", "map quality scores to expected FNMR at an FMR -> calib.json"),
     "export": ("aikd.commands.export", "export a quality model to ONNX and check parity"),
     "demo": ("aikd.commands.demo", "AI-KD on dlib's real face recogniser and sample photos, with a report"),
     "models": ("aikd.commands.models", "list the registered model architectures"),

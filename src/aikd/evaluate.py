@@ -129,16 +129,42 @@ def false_matches_allowed(n_nonmated: int | np.ndarray, fmr: float) -> int | np.
     return int(value) if value.ndim == 0 else value
 
 
-def threshold_at_fmr(nonmated_scores: np.ndarray, fmr: float) -> float:
+def threshold_at_fmr(nonmated_scores: np.ndarray, fmr: float, weights: np.ndarray | None = None,
+                     total: float | None = None) -> float:
     """The ``(k+1)``-th highest non-mated similarity, ``k = floor(fmr * n)`` (see the module docstring).
 
     Comparisons scoring strictly above the returned threshold are matches, so the achieved FMR is <= fmr.
+
+    Args:
+        nonmated_scores: non-mated similarities (all of them, or the highest ones with ``total``).
+        fmr: target false match rate.
+        weights: how many comparisons each similarity stands for (e.g. a bootstrap's multiplicities; 0 leaves
+            it out); default one each. The result equals the unweighted threshold of the repeated scores.
+        total: how many (weighted) non-mated comparisons there are in all, when ``nonmated_scores`` holds only
+            the highest of them; default: all are given.
+
+    Raises:
+        ValueError: no non-mated comparison, or fewer highest scores given than the threshold needs.
     """
     scores = np.asarray(nonmated_scores).ravel()
-    if scores.size == 0:
+    if weights is None and total is None:
+        if scores.size == 0:
+            raise ValueError("cannot set a threshold: there are no non-mated comparisons")
+        rank = scores.size - 1 - false_matches_allowed(scores.size, fmr)  # ascending index of (k+1)-th highest
+        return float(np.partition(scores, rank)[rank])
+    weights = np.ones(scores.size) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    scores, weights = scores[weights > 0], weights[weights > 0]
+    n = float(weights.sum()) if total is None else float(total)
+    if scores.size == 0 or n <= 0:
         raise ValueError("cannot set a threshold: there are no non-mated comparisons")
-    rank = scores.size - 1 - false_matches_allowed(scores.size, fmr)  # ascending index of (k+1)-th highest
-    return float(np.partition(scores, rank)[rank])
+    allowed = false_matches_allowed(n, fmr)
+    order = np.argsort(-scores, kind="stable")
+    held = np.cumsum(weights[order])
+    position = int(np.searchsorted(held, allowed, side="right"))  # first score with more than k above or at it
+    if position >= scores.size:
+        raise ValueError(f"cannot set a threshold: the {scores.size} highest non-mated scores given stand for "
+                         f"{held[-1]:g} comparisons; FMR {fmr:g} of {n:g} needs more than {allowed}")
+    return float(scores[order[position]])
 
 
 def fnmr_at_threshold(mated_scores: np.ndarray, threshold: float) -> float:
@@ -201,7 +227,7 @@ class EDC:
 
 
 def fnm_edc(mated_scores: np.ndarray, mated_pair_quality: np.ndarray, threshold: float,
-            fmr: float = math.nan) -> EDC:
+            fmr: float = math.nan, weights: np.ndarray | None = None) -> EDC:
     """FNM-EDC with a fixed threshold (ISO/IEC 29794-1; Schlett et al.).
 
     Mated comparisons are discarded lowest pair quality first, a whole tie group at a time; the point after
@@ -213,21 +239,29 @@ def fnm_edc(mated_scores: np.ndarray, mated_pair_quality: np.ndarray, threshold:
         mated_pair_quality: pair quality of each mated comparison (no NaN).
         threshold: decision threshold from all non-mated comparisons (:func:`threshold_at_fmr`).
         fmr: the FMR the threshold was set at (recorded in the result).
+        weights: how many comparisons each one stands for (a bootstrap's multiplicities; 0 leaves it out);
+            default one each. Counts ``c``, ``m`` and FNM are then sums of weights.
     """
     scores, quality = np.asarray(mated_scores), np.asarray(mated_pair_quality)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        scores, quality, weights = scores[weights > 0], quality[weights > 0], weights[weights > 0]
     if scores.size == 0:
         raise ValueError("cannot draw an EDC: there are no mated comparisons")
     if np.isnan(quality).any():
         raise ValueError("pair qualities must not be NaN (drop comparisons without a score first)")
     order = np.argsort(quality, kind="stable")
     quality = quality[order]
-    false_non_match = scores[order] <= threshold
+    weight = np.ones(scores.size) if weights is None else weights[order]
+    false_non_match = (scores[order] <= threshold) * weight
     discarded = np.concatenate([[0], np.flatnonzero(quality[1:] != quality[:-1]) + 1])  # tie-group starts
     fnm_before = np.concatenate([[0], np.cumsum(false_non_match)])[discarded]
-    remaining = scores.size - discarded
-    fnmr = (np.count_nonzero(false_non_match) - fnm_before) / remaining
-    return EDC(discarded / scores.size, fnmr.astype(np.float64), np.full(discarded.size, float(threshold)),
-               fmr, "fixed", int(scores.size))
+    weight_before = np.concatenate([[0], np.cumsum(weight)])[discarded]
+    total = float(weight.sum())
+    fnmr = (false_non_match.sum() - fnm_before) / (total - weight_before)
+    n_mated = int(scores.size) if weights is None else int(round(total))
+    return EDC(weight_before / total, fnmr.astype(np.float64), np.full(discarded.size, float(threshold)),
+               fmr, "fixed", n_mated)
 
 
 def oracle_fnmr(fnmr0: float, discard_fraction: np.ndarray) -> np.ndarray:

@@ -9,8 +9,11 @@ The graph takes ``image`` (N, 3, 112, 112) float32 faces preprocessed as the mod
 The file carries its preprocessing, so a consumer needs nothing else: the model's ``metadata_props`` hold
 ``aikd.preprocessing`` (JSON: input size, colour order, mean, std, embedding size), ``aikd.alignment``
 (JSON: the five-point template in input pixels, left eye, right eye, nose, left and right mouth corner,
-for photos that are not yet aligned), ``aikd.arch``, ``aikd.outputs`` and ``aikd.version``. :func:`read_metadata`
-reads them back; the onnxruntime engine (``aikd score --checkpoint model.onnx``) preprocesses by them.
+for photos that are not yet aligned), ``aikd.arch``, ``aikd.outputs``, ``aikd.version``, ``aikd.fingerprint``
+(the exported torch weights' fingerprint) and, for a calibrated model (``aikd calibrate --checkpoint``),
+``aikd.calibration`` (the calib.json content), so ``aikd score --checkpoint model.onnx`` adds its columns.
+:func:`read_metadata` reads them back; the onnxruntime engine (``aikd score --checkpoint model.onnx``)
+preprocesses by them.
 
 By default the exported graph is the BatchNorm-folded model (:func:`aikd.models.folding.fold_batchnorm`):
 the same function with fewer operators. Parity is always measured against the plain, unfolded torch model.
@@ -97,7 +100,7 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
     import onnx
 
     from aikd import __version__
-    from aikd.models import Preprocessing
+    from aikd.models import Preprocessing, weights_fingerprint
 
     preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
     template = preprocessing.alignment_points().round(4).tolist()
@@ -108,7 +111,10 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
         "aikd.arch": str(getattr(model, "arch", None) or ""),
         "aikd.outputs": json.dumps(names),
         "aikd.version": __version__,
+        "aikd.fingerprint": weights_fingerprint(model),
     }
+    if getattr(model, "calibration", None):
+        values["aikd.calibration"] = json.dumps(model.calibration)
     proto = onnx.load_model_from_string(graph)
     del proto.metadata_props[:]
     for key, value in values.items():
@@ -119,7 +125,8 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
 
 def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
     """aikd's metadata of an exported graph: ``preprocessing`` (a :class:`~aikd.models.Preprocessing`),
-    ``alignment``, ``arch``, ``outputs`` and ``version``.
+    ``alignment``, ``arch``, ``outputs``, ``version``, ``fingerprint`` (of the torch weights exported) and
+    ``calibration`` (plain data of the model's calibration, :mod:`aikd.calibration`, or ``None``).
 
     Raises:
         ValueError: not an ONNX file, or one without aikd's metadata (exported elsewhere).
@@ -145,7 +152,9 @@ def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
                 "alignment": json.loads(props.get("aikd.alignment", "null")),
                 "arch": props.get("aikd.arch") or None,
                 "outputs": json.loads(props.get("aikd.outputs", '["embedding", "quality"]')),
-                "version": props.get("aikd.version")}
+                "version": props.get("aikd.version"),
+                "fingerprint": props.get("aikd.fingerprint"),
+                "calibration": json.loads(props.get("aikd.calibration", "null"))}
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: malformed aikd metadata ({err})") from None
 

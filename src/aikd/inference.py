@@ -85,6 +85,8 @@ class Engine:
         self.embedding_size = int(getattr(backbone, "num_features", 0) or Preprocessing().embedding_size)
         self.preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         self.fingerprint = weights_fingerprint(model)  # which weights: recorded with every output
+        self.weights_fingerprint = self.fingerprint
+        self.calibration = getattr(model, "calibration", None)  # a calibrated checkpoint's (aikd.calibration)
         prepared = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
         prepared.requires_grad_(False)
         self.session = None
@@ -118,6 +120,8 @@ class Engine:
         engine.embedding_size = engine.preprocessing.embedding_size
         graph = Path(path).read_bytes()
         engine.fingerprint = "onnx:" + hashlib.sha256(graph).hexdigest()
+        engine.weights_fingerprint = metadata.get("fingerprint")  # of the torch weights it was exported from
+        engine.calibration = metadata.get("calibration")
         engine.session = _session(graph, engine.device)
         return engine
 

@@ -29,7 +29,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -462,14 +462,25 @@ def shortest_float32(value: float) -> float:
 
 
 def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Sequence[float],
-                    fmt: str | None = None) -> None:
+                    fmt: str | None = None, columns: Mapping[str, Sequence[Any]] | None = None) -> None:
     """Write a quality table atomically, in the given order: ``csv`` (path,quality), ``pickle`` (the official
     ``{path: score}`` dict) or ``jsonl``; each value as the shortest decimal of its float32, so every format
-    reads back exactly (:func:`read_labels`)."""
+    reads back exactly (:func:`read_labels`).
+
+    ``columns`` (name -> one value per key) adds columns after ``quality`` (CSV) or keys (JSONL), e.g. a
+    calibration's ``expected_fnmr`` and ``quality_100``; the official pickle has no room for them.
+    """
     fmt = quality_format(path, fmt)
     values = [shortest_float32(q) for q in qualities]
+    columns = {name: list(column) for name, column in (columns or {}).items()}
+    if columns and fmt == "pickle":
+        raise ValueError(f"{path}: the official pickle holds one score per image; write CSV or JSONL for the "
+                         f"columns {', '.join(columns)}")
+    extra = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)] if columns else None
     if fmt == "csv":
-        write_csv(path, ("path", "quality"), ([key, repr(q)] for key, q in zip(keys, values, strict=True)))
+        rows = ([key, repr(q), *(extra[i].values() if extra else ())]
+                for i, (key, q) in enumerate(zip(keys, values, strict=True)))
+        write_csv(path, ("path", "quality", *columns), rows)
     elif fmt == "pickle":
         # A plain dict of str -> float: nothing a restricted unpickler would refuse.
         data = {str(key): float(q) for key, q in zip(keys, values, strict=True)}
@@ -477,8 +488,8 @@ def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Seq
             handle.write(pickle.dumps(data, protocol=4))
     else:
         with atomic_write(path) as handle:
-            for key, q in zip(keys, values, strict=True):
-                handle.write(json.dumps({"path": key, "quality": q}) + "\n")
+            for i, (key, q) in enumerate(zip(keys, values, strict=True)):
+                handle.write(json.dumps({"path": key, "quality": q, **(extra[i] if extra else {})}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- embedding files

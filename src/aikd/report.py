@@ -292,33 +292,50 @@ def _compute(resolved: Resolved, embeddings: np.ndarray, qualities: dict[str, np
                              {m: q[used] for m, q in qualities.items()}, settings.fmrs, settings.modes)
 
 
-def evaluate_job(job: Job, settings: Settings) -> Outcome:
-    """Read one job's files, evaluate every method and derive the oracle curves."""
+@dataclass
+class Loaded:
+    """One job's files, read and matched: the embedding file's names and vectors, the protocol resolved to its
+    rows (comparisons with an image some score file lacks left out), and each method's quality per row."""
+
+    paths: list[str]
+    embeddings: np.ndarray
+    resolved: Resolved
+    qualities: dict[str, np.ndarray]
+
+
+def read_job(job: Job, strict: bool = True) -> Loaded:
+    """Read a job's embeddings, protocol and score files as ``aikd evaluate`` does (also ``aikd calibrate``)."""
     if not job.embeddings.is_file():
         raise FileNotFoundError(f"embeddings file not found: {job.embeddings}")
-    if not job.scores and not settings.oracle:
-        raise ValueError(f"{job.dataset}: no score files: give --scores (or --oracle for the oracle only)")
     paths, embeddings = load_embeddings(job.embeddings)
     if not np.all(np.isfinite(embeddings)):
         raise ValueError(f"{job.embeddings}: embeddings contain NaN or infinite values")
     index = NameIndex(paths)
     if job.pairs is None:
-        protocol = protocols.identity_list_from_names(paths, str(job.embeddings), settings.strict)
+        protocol = protocols.identity_list_from_names(paths, str(job.embeddings), strict)
     else:
         protocol = protocols.read_protocol(job.pairs, job.protocol, pattern=job.lfw_pattern,
-                                           identity_column=job.identity_column, strict=settings.strict)
-    resolved = protocols.resolve(protocol, index, settings.strict)
+                                           identity_column=job.identity_column, strict=strict)
+    resolved = protocols.resolve(protocol, index, strict)
     qualities = _qualities(job, index, len(paths))
-    resolved = _drop_unscored(resolved, qualities, job, paths)
+    return Loaded(paths, embeddings, _drop_unscored(resolved, qualities, job, paths), qualities)
+
+
+def evaluate_job(job: Job, settings: Settings) -> Outcome:
+    """Read one job's files, evaluate every method and derive the oracle curves."""
+    if not job.scores and not settings.oracle:
+        raise ValueError(f"{job.dataset}: no score files: give --scores (or --oracle for the oracle only)")
+    loaded = read_job(job, settings.strict)
+    qualities = loaded.qualities
     methods = list(qualities)
     if not qualities:  # oracle only: a constant quality gives FNMR(0) and the thresholds
-        qualities = {"": np.zeros(len(paths))}
-    curves = _compute(resolved, embeddings, qualities, settings)
+        qualities = {"": np.zeros(len(loaded.paths))}
+    curves = _compute(loaded.resolved, loaded.embeddings, qualities, settings)
     first = next(iter(qualities))
     oracles = {(fmr, mode): ev.oracle_for(curves[first, fmr, mode]) for fmr in settings.fmrs
                for mode in settings.modes}
     curves = {key: edc for key, edc in curves.items() if key[0] in methods}
-    return Outcome(job, curves, methods, len(resolved), oracles)
+    return Outcome(job, curves, methods, len(loaded.resolved), oracles)
 
 
 # -------------------------------------------------------------------------------------------- outputs

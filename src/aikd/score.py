@@ -3,6 +3,7 @@
     from aikd import load_quality_model, score_images
     model = load_quality_model("runs/r100/best.pt")
     qualities = score_images(model, ["a.jpg", "b.png"])     # paths, RGB uint8 arrays or PIL images
+    scored = score_images(model, ["a.jpg"], calibration="calib.json")  # + expected_fnmr, quality_100
 
 The same preprocessing and inference engine as ``aikd score`` (:mod:`aikd.commands.score`), so the same
 image gets the same score either way. AI-KD (Babnik et al., IWBF 2024) is trained to be alignment invariant,
@@ -41,7 +42,8 @@ def score_images(
     fold: bool = True,
     workers: int = 2,
     return_embeddings: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    calibration: Any = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray] | dict[str, np.ndarray]:
     """Quality scores of face images, as ``aikd score`` computes them (same preprocessing, same engine).
 
     Args:
@@ -55,9 +57,13 @@ def score_images(
         fold: fold BatchNorm into the convolutions (exact).
         workers: threads decoding and preparing images.
         return_embeddings: also return the L2-normalised embeddings.
+        calibration: a calib.json path, its data or a :class:`~aikd.calibration.Calibration` (``aikd calibrate``);
+            ``True``: the calibration the model's checkpoint carries. ``None`` (default): raw qualities only.
 
     Returns:
-        float32 qualities (N,), and (N, D) float32 embeddings when ``return_embeddings``.
+        float32 qualities (N,), and (N, D) float32 embeddings when ``return_embeddings``. With a calibration, a
+        dict instead: ``quality`` (the raw score), ``expected_fnmr``, ``quality_100`` (0-100, specific to the
+        calibration set) and, when ``return_embeddings``, ``embedding``.
 
     Raises:
         ValueError: an image cannot be read or is not an RGB uint8 image; the message names it.
@@ -69,6 +75,7 @@ def score_images(
         device = parameter.device if parameter is not None else "cpu"
     if not isinstance(model, QualityModel):
         raise ValueError(f"score_images needs a QualityModel (backbone + quality head), got {type(model).__name__}")
+    calibrated = _calibration(model, calibration)
     engine = cached_engine(model, device, precision, backend, fold)
     images = _as_list(images)
 
@@ -84,9 +91,25 @@ def score_images(
             embeddings.append(embedding)
     dim = engine.embedding_size
     quality = np.concatenate(qualities).astype(np.float32) if qualities else np.zeros(0, np.float32)
-    if not return_embeddings:
-        return quality
-    return quality, (l2_normalise(np.concatenate(embeddings)) if embeddings else np.zeros((0, dim), np.float32))
+    embedding = l2_normalise(np.concatenate(embeddings)) if embeddings else np.zeros((0, dim), np.float32)
+    if calibrated is not None:
+        return {**calibrated.apply(quality), "quality": quality, **({"embedding": embedding} if return_embeddings
+                                                                   else {})}
+    return (quality, embedding) if return_embeddings else quality
+
+
+def _calibration(model: nn.Module, calibration: Any) -> Any:
+    """The :class:`~aikd.calibration.Calibration` asked for (``True``: the model's own), or ``None``."""
+    if calibration is None or calibration is False:
+        return None
+    from aikd.calibration import load_calibration
+
+    if calibration is True:
+        if not getattr(model, "calibration", None):
+            raise ValueError("calibration=True: this model carries no calibration (aikd calibrate --checkpoint "
+                             "writes one into a checkpoint); pass a calib.json path instead")
+        return load_calibration(model.calibration, "the model's calibration")
+    return load_calibration(calibration)
 
 
 def _as_list(images: Any) -> list[Any]:

@@ -120,7 +120,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput]) -> list[Path]:
     """Every file a command reads (images, list files, landmarks, labels, model weights): -o must be none."""
     named = [*getattr(args, "inputs", [])]
-    named += [getattr(args, name, None) for name in ("landmarks", "labels", "checkpoint", "weights")]
+    named += [getattr(args, name, None) for name in ("landmarks", "labels", "checkpoint", "weights", "calibration")]
     return [item.path for item in items] + [Path(p) for p in named if p and str(p).lower() != "none"]
 
 

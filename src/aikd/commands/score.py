@@ -12,13 +12,21 @@ Outputs, in input order: CSV ``path,quality``; ``--format pickle``, the official
 dict; or ``--format jsonl``, one ``{"path": ..., "quality": ...}`` object per line (:func:`aikd.io.write_qualities`:
 every format round-trips exactly, and ``aikd train``/``evaluate`` read them all). Images that cannot be used
 are listed with a reason in ``OUT_STEM.errors.csv``; the run goes on (exit status 1).
+
+Calibrated quality (:mod:`aikd.calibration`): with ``--calibration calib.json`` (from ``aikd calibrate``), or a
+checkpoint or ONNX file that carries its calibration, the CSV and JSONL outputs get two more columns after the
+raw ``quality``: ``expected_fnmr``, the FNMR the calibration's FR model is expected to have at its FMR on
+mated comparisons with this image, and ``quality_100``, 0-100 with 100 the lowest expected FNMR of the
+calibration set (specific to that set).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: from the output suffix (.pkl, .jsonl), else csv")
     parser.add_argument("--embeddings", type=Path, metavar="FILE.npz",
                         help="also save the L2-normalised embedding of every scored image (aikd embed format)")
+    parser.add_argument("--calibration", type=Path, metavar="JSON",
+                        help="add expected_fnmr and quality_100 columns (calib.json from aikd calibrate; a "
+                             "calibrated checkpoint adds them without it). quality_100 is specific to the "
+                             "calibration set")
+    parser.add_argument("--fr-model", metavar="NAME|NPZ",
+                        help="the FR model the expected FNMR is wanted for (a name, or its embeddings from aikd "
+                             "embed): warns when the calibration was made with another")
     add_crop_arguments(parser)
     add_inference_arguments(parser)
 
@@ -78,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs)
     with distributed(inference.device) as dist:
         engine = inference.quality_engine(args.checkpoint, args.arch, dist.device)
+        calibration = _calibration(args, engine)
+        if calibration is not None and fmt == "pickle":
+            raise ValueError("--calibration adds columns the official pickle cannot hold: write CSV or JSONL")
         settings = {"command": "score", **engine.record(), "fold": inference.fold, "crop": crop.record(),
                     "embeddings": embeddings_path is not None}
         dist.from_main(lambda: _check_embeddings(embeddings_path, job))
@@ -99,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                           workers=job.workers, resume=job.resume, prepare=prepare, rank=dist.rank,
                           world_size=dist.world_size, desc="scoring",
                           load_previous=lambda path: _load_previous(path, fmt, embeddings_path))
-        write = _writer(output, fmt, embeddings_path, engine.embedding_size)
+        write = _writer(output, fmt, embeddings_path, engine.embedding_size, calibration)
         return finish_sharded(dist, items, results, output, write, verb="scored")
 
 
@@ -121,11 +139,37 @@ def _load_previous(path: Path, fmt: str, embeddings_path: Path | None) -> dict[s
     return {key: ItemResult(rows=[[q]], vector=vectors[key]) for key, q in scores.items() if key in vectors}
 
 
-def _writer(output: Path, fmt: str, embeddings_path: Path | None, dim: int
+def _calibration(args: argparse.Namespace, engine: Any) -> Any:
+    """The calibration to apply: ``--calibration``, else the one the model file carries, else ``None``."""
+    from aikd.calibration import check_fr_model, check_quality_model, load_calibration
+
+    calibration = None
+    if args.calibration is not None:
+        calibration = load_calibration(args.calibration)
+        if engine.calibration:
+            print(f"note: --calibration {args.calibration} replaces the calibration {args.checkpoint} carries",
+                  file=sys.stderr)
+        check_quality_model(calibration, [engine.fingerprint, engine.weights_fingerprint], str(args.checkpoint))
+    elif engine.calibration:
+        calibration = load_calibration(engine.calibration, f"{args.checkpoint}: calibration")
+    if args.fr_model is not None:
+        if calibration is None:
+            raise ValueError("--fr-model checks a calibration: give --calibration or a calibrated checkpoint")
+        check_fr_model(calibration, args.fr_model)
+    return calibration
+
+
+def _writer(output: Path, fmt: str, embeddings_path: Path | None, dim: int, calibration: Any = None
             ) -> Callable[[list[tuple[ImageInput, ItemResult]]], None]:
     def write(good: list[tuple[ImageInput, ItemResult]]) -> None:
         keys = [item.key for item, _ in good]
-        write_qualities(output, keys, [result.rows[0][0] for _, result in good], fmt)
+        qualities = [result.rows[0][0] for _, result in good]
+        columns = None
+        if calibration is not None:  # from the quality as written, so a reader of the file gets the same values
+            applied = calibration.apply(np.asarray(qualities, dtype=np.float64))
+            columns = {"expected_fnmr": [shortest_float32(v) for v in applied["expected_fnmr"]],
+                       "quality_100": applied["quality_100"].tolist()}
+        write_qualities(output, keys, qualities, fmt, columns)
         if embeddings_path is not None:
             vectors = [result.vector for _, result in good]
             save_embeddings(embeddings_path, keys, np.stack(vectors) if vectors else np.zeros((0, dim), np.float32))

@@ -657,4 +657,6 @@ def load_quality_model(
         raise ValueError(f"{source}: {err}") from None
     model = QualityModel(backbone, head, arch=arch, preprocessing=preprocessing)
     _load_strictly(model, state, source, arch)
+    calibration = meta.get("extra", {}).get("calibration")
+    model.calibration = dict(calibration) if isinstance(calibration, Mapping) else None  # aikd calibrate --checkpoint
     return model.to(map_location).eval()

@@ -24,6 +24,9 @@ class QualityModel(nn.Module):
         head: maps (N, D) embeddings to (N, 1) qualities.
         arch: registry name of the backbone (e.g. ``"r100"``) when known; saved with checkpoints.
         preprocessing: the input preprocessing the model expects, when known.
+
+    Attributes:
+        calibration: the calibration a checkpoint carries (plain data, :mod:`aikd.calibration`), else ``None``.
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class QualityModel(nn.Module):
         self.quality_head = head
         self.arch = arch
         self.preprocessing = preprocessing
+        self.calibration: dict | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Faces (N, 3, H, W) -> (embedding (N, D) unnormalised, quality (N,) float32)."""
