@@ -6,8 +6,9 @@ and demos (same 112x112 input, 512-D embedding and module names); ``elasticface-
 published iResNet-100 (``fdbtrs/ElasticFace`` ``backbones/iresnet.py``: arcface_torch's layout, BatchNorm and
 input); ``dlib-r29`` is dlib's face-recognition ResNet (150x150 chips, 128-D descriptors), whose pretrained
 weights ship in an installable package. Other families register themselves in their own module, imported by
-:mod:`aikd.models`: :mod:`~aikd.models.magface`, :mod:`~aikd.models.irnet` (AdaFace, CurricularFace), :mod:`~aikd.models.vit`
-(arcface_torch ViTs, TransFace), :mod:`~aikd.models.swin` (SwinFace), :mod:`~aikd.models.dlib_resnet` (dlib).
+:mod:`aikd.models`: :mod:`~aikd.models.magface`, :mod:`~aikd.models.irnet` (AdaFace, CurricularFace),
+:mod:`~aikd.models.vit` (arcface_torch ViTs, TransFace), :mod:`~aikd.models.swin` (SwinFace),
+:mod:`~aikd.models.dlib_resnet` (dlib).
 
 What every registered backbone provides (the contract the commands rely on, checked by the tests for each):
 ``forward(faces) -> unnormalised embeddings (N, num_features)``, ``num_features``, and the split
