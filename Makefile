@@ -32,6 +32,7 @@ bench: install
 	$(PY) bench/evaluate.py
 	$(PY) bench/dlib_template.py
 	$(PY) bench/models.py
+	$(PY) bench/int8.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

@@ -40,7 +40,7 @@ from torch import nn
 from aikd.io import atomic_write
 from aikd.models.folding import fold_batchnorm
 
-__all__ = ["OPSET", "check_onnx", "export_onnx", "read_metadata", "relative_difference"]
+__all__ = ["INPUT_NAME", "OPSET", "check_onnx", "export_onnx", "read_metadata", "relative_difference"]
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -123,10 +123,16 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
     return proto.SerializeToString()
 
 
-def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
+def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = None) -> dict[str, Any]:
     """aikd's metadata of an exported graph: ``preprocessing`` (a :class:`~aikd.models.Preprocessing`),
-    ``alignment``, ``arch``, ``outputs``, ``version``, ``fingerprint`` (of the torch weights exported) and
-    ``calibration`` (plain data of the model's calibration, :mod:`aikd.calibration`, or ``None``).
+    ``alignment``, ``arch``, ``outputs``, ``version``, ``fingerprint`` (of the torch weights exported),
+    ``calibration`` (plain data of the model's calibration, :mod:`aikd.calibration`, or ``None``), ``precision``
+    (``fp32``, or ``int8`` for a graph from :mod:`aikd.quantize`) and ``int8`` (that graph's calibration and
+    measured agreement, else ``None``).
+
+    Args:
+        onnx_model: the file or its bytes.
+        source: the name errors give (default: the file's path, or ``<bytes>``).
 
     Raises:
         ValueError: not an ONNX file, or one without aikd's metadata (exported elsewhere).
@@ -135,7 +141,7 @@ def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
 
     from aikd.models import Preprocessing
 
-    source = "<bytes>" if isinstance(onnx_model, bytes) else str(onnx_model)
+    source = source or ("<bytes>" if isinstance(onnx_model, bytes) else str(onnx_model))
     try:
         data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
         proto = onnx.load_model_from_string(data)
@@ -154,7 +160,9 @@ def read_metadata(onnx_model: str | os.PathLike | bytes) -> dict[str, Any]:
                 "outputs": json.loads(props.get("aikd.outputs", '["embedding", "quality"]')),
                 "version": props.get("aikd.version"),
                 "fingerprint": props.get("aikd.fingerprint"),
-                "calibration": json.loads(props.get("aikd.calibration", "null"))}
+                "calibration": json.loads(props.get("aikd.calibration", "null")),
+                "precision": props.get("aikd.precision", "fp32"),
+                "int8": json.loads(props["aikd.int8"]) if "aikd.int8" in props else None}
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: malformed aikd metadata ({err})") from None
 

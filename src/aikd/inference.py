@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -106,6 +107,9 @@ class Engine:
     def from_onnx(cls, path: str | os.PathLike, device: str | torch.device | None = "auto") -> Engine:
         """An onnxruntime engine for a graph written by ``aikd export``, preprocessing as its metadata says.
 
+        An int8 graph (``aikd export --int8``) whose recorded agreement with fp32 is below its bar logs a warning
+        with the figure.
+
         Raises:
             ValueError: not an aikd ONNX export (no preprocessing metadata), or onnxruntime missing.
         """
@@ -114,7 +118,14 @@ class Engine:
         _require_onnxruntime()
         metadata = read_metadata(path)
         engine = cls.__new__(cls)
-        engine.device, engine.precision, engine.backend = resolve_device(device), "fp32", "onnxruntime"
+        engine.device, engine.backend = resolve_device(device), "onnxruntime"
+        engine.precision = metadata["precision"]  # fp32, or int8 for a graph from aikd.quantize
+        if engine.precision == "int8":
+            from aikd.quantize import int8_warning
+
+            warning = int8_warning(metadata, str(path))
+            if warning:
+                logging.getLogger(__name__).warning("warning: %s", warning)
         engine.has_quality = "quality" in metadata["outputs"]
         engine.preprocessing = metadata["preprocessing"]
         engine.embedding_size = engine.preprocessing.embedding_size
@@ -248,10 +259,11 @@ class InferenceOptions:
     def quality_engine(self, checkpoint: str | os.PathLike, arch: str | None = None,
                        device: torch.device | None = None) -> Engine:
         """An engine for a quality model file: an aikd/AI-KD checkpoint, or an ``aikd export`` ONNX graph
-        (run by onnxruntime, fp32, with the preprocessing its metadata records)."""
+        (run by onnxruntime, fp32 or int8 as exported, with the preprocessing its metadata records)."""
         if Path(checkpoint).suffix.lower() == ".onnx":
             if self.precision != "fp32":
-                raise ValueError(f"{checkpoint}: an ONNX model runs in fp32; drop --precision {self.precision}")
+                raise ValueError(f"{checkpoint}: an ONNX model runs at the precision it was exported with (fp32, "
+                                 f"or int8 from aikd export --int8); drop --precision {self.precision}")
             return Engine.from_onnx(checkpoint, device or self.device)
         from aikd.models.checkpoint import load_quality_model
 

@@ -41,6 +41,7 @@ __all__ = [
     "image_key",
     "parse_key",
     "split_identities",
+    "write_aligned_face_set",
     "write_face_set",
     "write_pairs",
     "write_png",
@@ -117,6 +118,30 @@ def write_face_set(photos: Mapping[str, np.ndarray], landmarks: Mapping[str, np.
                 keys.append(key)
                 rows.append([f"{split}/{key}", *(f"{v:.3f}" for v in points.reshape(-1))])
     write_csv(landmarks_file, ("path", *LANDMARK_COLUMNS), rows)
+    return written
+
+
+def write_aligned_face_set(photos: Mapping[str, np.ndarray], landmarks: Mapping[str, np.ndarray],
+                           splits: Mapping[str, Sequence[str]], root: Path, preprocessing: Any,
+                           seed: int = 0) -> dict[str, list[str]]:
+    """Like :func:`write_face_set`, but each photo and degraded copy is written as the face crop the model takes
+    (``preprocessing.align``, e.g. dlib-r29's 150x150 chip): sets of aligned faces of graded quality, such as
+    int8 calibration wants (:mod:`aikd.quantize`).
+
+    Returns:
+        split -> image keys relative to the split's folder.
+    """
+    rng = np.random.default_rng(seed)
+    written: dict[str, list[str]] = {}
+    for split, identities in splits.items():
+        keys = written.setdefault(split, [])
+        for identity in identities:
+            photo, points = photos[identity], np.asarray(landmarks[identity], dtype=np.float64).reshape(5, 2)
+            for kind, level in [(ORIGINAL, 0), *((k, lv) for k in KINDS for lv in range(1, LEVELS + 1))]:
+                key = image_key(identity, kind, level)
+                image = photo if level == 0 else degrade(photo, kind, level, points, rng)
+                write_png(root / split / key, preprocessing.align(image, points))
+                keys.append(key)
     return written
 
 
