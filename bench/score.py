@@ -232,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'paper':18s} {result['paper_img_s']:7.2f} img/s  start-up {result['paper_startup_s']:.2f} s  "
           f"peak {result['paper_peak_rss_mb']} MB", file=sys.stderr)
     for name, f in result["paths"].items():
-        print(f"{name:18s} {f['img_s']:7.2f} img/s  {f['ratio_vs_paper']:5.2f}x paper  start-up {f['startup_s']:.2f} s  "
-              f"16 images {f['ratio_16_vs_paper']:.2f}x  peak {f['peak_rss_mb']} MB  {f['gflops']} GFLOP/s  "
+        print(f"{name:18s} {f['img_s']:7.2f} img/s  {f['ratio_vs_paper']:5.2f}x paper  "
+              f"start-up {f['startup_s']:.2f} s  16 images {f['ratio_16_vs_paper']:.2f}x  peak {f['peak_rss_mb']} MB  {f['gflops']} GFLOP/s  "
               f"spearman {f['spearman']:.5f}", file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -315,7 +315,8 @@ def test_a_file_is_loaded_without_a_second_copy_and_a_callers_state_dict_is_copi
     from_dict = load_quality_model(state, arch="tiny")
     with torch.no_grad():
         from_dict.feature_extractor.conv1.weight.add_(1.0)
-    assert torch.equal(state["feature_extractor.conv1.weight"], tiny_model.state_dict()["feature_extractor.conv1.weight"])
+    key = "feature_extractor.conv1.weight"
+    assert torch.equal(state[key], tiny_model.state_dict()[key])
 
 
 def test_infer_arch():

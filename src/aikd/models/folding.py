@@ -86,7 +86,6 @@ class _NormConvNorm(nn.Module):
         """(1, H', W', C_out) bias missing from ``conv``'s output: zero inside, non-zero on the border."""
         key = (height, width, torch.device(device), dtype)
         if key not in self._border:
-            conv = self.conv
             if self.ring_only and height >= 3 and width >= 3:
                 # 3x3, stride 1, padding 1: an output pixel's taps depend only on whether it lies on the first
                 # or last row and column, so a 3x3 input gives every distinct value; spread it over H x W.
