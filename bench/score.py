@@ -1,196 +1,240 @@
-"""End-to-end scoring throughput (decode + preprocess + model) of each inference path against a naive baseline.
+"""Whole-process scoring speed, start-up and peak memory of ``aikd score`` against the AI-KD paper's own path.
 
-A folder of generated 112x112 JPEG "faces" is scored by
+The baseline is what users of the paper already run (``bench/paper_path.py``: the paper's model modules, its
+release checkpoint through ``torch.load``, PIL decode, ToTensor, Normalize(0.5, 0.5), eager fp32, batch 32,
+no worker threads). Each path runs as its own process, from interpreter start to exit, on the same folder of
+face JPEGs and the same weights (an iResNet with random weights, fixed seed, calibrated BatchNorm, saved as
+the paper's ``aikd-best.pth`` state dict and as an aikd checkpoint):
 
-- ``naive``: PIL decode in the main thread, :class:`~aikd.models.Preprocessing`, the plain eager fp32 model
-  (no folding, contiguous layout), one batch at a time;
-- every path of :class:`aikd.inference.Engine` asked for, through the job runner ``aikd score`` uses
-  (decode and preprocessing in worker threads, journal fsynced per batch): ``torch-fp32`` (the default:
-  BatchNorm folded, channels_last), ``onnxruntime-fp32``, and ``torch-bf16`` (only where the CPU has native
-  bf16 arithmetic, or when named with ``--paths``).
+- ``paper``: the baseline above;
+- ``aikd-fp32``: ``aikd score --aligned`` (the default: BatchNorm folded, channels_last, threaded decode);
+- ``aikd-onnxruntime``: ``aikd score --checkpoint best.onnx``, a graph written once by ``aikd export`` (what
+  users of onnxruntime run; ``--backend onnxruntime`` would export at every start);
+- ``aikd-bf16``: ``--precision bf16`` (only where the CPU has native bf16, or when named with ``--paths``).
 
-The model is an iResNet with random weights (fixed seed) and calibrated BatchNorm (uncalibrated random
-iResNets explode; NOTES.md). Paths run interleaved, ``--repeats`` times; each figure is the median over
-repeats, and each ratio the median of the per-repeat ratios (machines here are shared and noisy). Scores of
-the first repeat are compared with the naive fp32 scores: max abs difference and Spearman correlation.
-``fastest`` is the fastest path whose Spearman is at least 0.999.
+Per path and repeat: the wall time on the whole folder, on 16 images and on one image (``startup_s``: a
+process that scores one face is start-up plus one forward), and the peak RSS of the process (``wait4``'s
+``ru_maxrss``). Paths run interleaved; each figure is a median over repeats, each ratio the median of the
+per-repeat ratios against the paper path in the same repeat (machines here are shared and noisy).
+``gflops`` is the achieved model arithmetic per second on the whole folder net of start-up
+(``(images - 1) x GFLOP/face / (wall - startup)``), beside ``matmul_peak_gflops`` (a 2048x2048 fp32 matmul,
+measured in the same run). Scores are compared with the paper path's: max abs difference and Spearman.
 
-    PYTHONPATH=src python bench/score.py                    # iResNet-100, batch 32, 64 images, 3 repeats
-    PYTHONPATH=src python bench/score.py --arch r50 --images 128 --paths torch-fp32,onnxruntime-fp32
+    PYTHONPATH=src python bench/score.py                     # iResNet-100, batch 32, 128 images, 3 repeats
+    PYTHONPATH=src python bench/score.py --arch r50 --images 64 --paths aikd-fp32
 
-The last line printed is one JSON object (keys ``naive_img_s``, ``fp32_img_s``, ``fp32_ratio``,
-``fp32_max_abs_diff``, ``fastest``, ``fastest_img_s``, ``fastest_ratio``, ``fastest_spearman``, ``paths``...).
+The last line printed is one JSON object: ``paper_img_s``, ``paper_startup_s``, ``paper_peak_rss_mb``,
+``matmul_peak_gflops``, and per path under ``paths``: ``img_s``, ``ratio_vs_paper``, ``startup_s``,
+``wall_16_s``, ``peak_rss_mb``, ``gflops``, ``spearman``, ``max_abs_diff``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from aikd.images import ImageInput
-from aikd.inference import Engine
-from aikd.jobs import ItemResult, run_job
-from aikd.models import build_model, calibrate_batchnorm
+from aikd.evaluate import spearman
+from aikd.models import build_model, calibrate_batchnorm, get_spec, save_checkpoint
+from aikd.models.registry import describe
 from aikd.runtime import cpu_has_bf16, describe_cpu
 
-PATHS = {
-    "torch-fp32": {"backend": "torch", "precision": "fp32"},
-    "onnxruntime-fp32": {"backend": "onnxruntime", "precision": "fp32"},
-    "torch-bf16": {"backend": "torch", "precision": "bf16"},
+BENCH = Path(__file__).resolve().parent
+SRC = BENCH.parent / "src"
+AIKD_PATHS = {  # extra arguments of aikd score; "{onnx}": the exported graph in place of the checkpoint
+    "aikd-fp32": [],
+    "aikd-onnxruntime": ["{onnx}"],
+    "aikd-bf16": ["--precision", "bf16"],
 }
-SPEARMAN_BAR = 0.999
+SMALL_SET = 16
 
 
-def make_faces(folder: Path, count: int, seed: int = 0) -> list[ImageInput]:
-    """``count`` smooth random 112x112 RGB JPEGs (upsampled noise, so JPEG and the model see structure)."""
+def make_faces(folder: Path, count: int, seed: int = 0) -> None:
+    """``count`` smooth random 112x112 RGB JPEGs (upsampled noise: JPEG and the model see structure)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    items = []
     for i in range(count):
         small = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
-        face = Image.fromarray(small).resize((112, 112), Image.BILINEAR)
-        path = folder / f"{i:05d}.jpg"
-        face.save(path, quality=90)
-        items.append(ImageInput(path, path.name))
-    return items
+        Image.fromarray(small).resize((112, 112), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def score_naive(model: torch.nn.Module, items: Sequence[ImageInput], batch_size: int) -> np.ndarray:
-    """The baseline: decode in the main thread, preprocess, plain eager fp32 forward."""
-    qualities = []
-    with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            faces = [np.asarray(Image.open(item.path).convert("RGB")) for item in items[start:start + batch_size]]
-            qualities.append(model(model.preprocessing(faces))[1].numpy())
-    return np.concatenate(qualities)
+def subset(folder: Path, count: int, into: Path) -> Path:
+    """A folder of links to the first ``count`` faces of ``folder``."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir())[:count]:
+        (into / path.name).symlink_to(path)
+    return into
 
 
-def score_with_engine(engine: Engine, items: Sequence[ImageInput], batch_size: int, workers: int,
-                      scratch: Path) -> np.ndarray:
-    """What ``aikd score`` does per batch: threaded decode + preprocessing, engine forward, journal."""
-    output = scratch / f"scores-{time.monotonic_ns()}.csv"
-
-    def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
-        _, qualities = engine(batch)
-        return [ItemResult(rows=[[float(q)]]) for q in qualities]
-
-    results = run_job(items, process, output, batch_size=batch_size, workers=workers,
-                      prepare=lambda image, item: engine.prepare(image), desc="bench")
-    return np.array([results[item.key].rows[0][0] for item in items], dtype=np.float32)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 7) -> float:
+    """fp32 matmul GFLOP/s on this machine now (median of ``repeats``): the ceiling of fp32 conv arithmetic."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation: Pearson correlation of the ranks (ties get their average rank)."""
-    def ranks(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        ordinal = np.empty(len(x))
-        ordinal[np.argsort(x, kind="stable")] = np.arange(len(x))
-        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-        return (np.bincount(inverse, weights=ordinal) / counts)[inverse]
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
-
-
-def timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+def run_process(command: list[str]) -> tuple[float, float]:
+    """Run ``command`` to its end; ``(wall seconds, peak RSS in MB)`` of that process alone."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     start = time.perf_counter()
-    result = run()
-    return result, time.perf_counter() - start
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr.decode()[-2000:]}"
+                         f"{stdout.decode()[-500:]}")
+    return wall, usage.ru_maxrss / 1024  # kB on Linux
 
 
-def measure(args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
-    model = calibrate_batchnorm(build_model(args.arch), batches=4, batch_size=8, seed=args.seed).eval()
-    names = args.paths.split(",") if args.paths else [n for n in PATHS if n != "torch-bf16" or cpu_has_bf16()]
-    unknown = sorted(set(names) - set(PATHS))
-    if unknown:
-        raise SystemExit(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
+def read_scores(path: Path) -> dict[str, float]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        header = next(rows)
+        column = header.index("quality")
+        return {Path(row[0]).name: float(row[column]) for row in rows}
+
+
+class Paths:
+    """The commands of every path, for a folder and an output file."""
+
+    def __init__(self, arch: str, batch_size: int, workers: int, paper_checkpoint: Path, checkpoint: Path,
+                 onnx: Path | None):
+        blocks = ",".join(str(n) for n in get_spec(arch).layers)
+        self.paper = lambda folder, out: [sys.executable, str(BENCH / "paper_path.py"), str(folder),
+                                          str(paper_checkpoint), str(out), "--arch-blocks", blocks,
+                                          "--batch-size", str(batch_size)]
+
+        def aikd(extra: list[str]):
+            model = str(onnx) if "{onnx}" in extra else str(checkpoint)
+            extra = [arg for arg in extra if arg != "{onnx}"]
+            return lambda folder, out: [
+                sys.executable, "-m", "aikd", "score", str(folder), "--checkpoint", model, "--aligned",
+                "--batch-size", str(batch_size), "--workers", str(workers), "--overwrite", "-o", str(out), *extra]
+
+        self.aikd = aikd
+
+    def command(self, name: str):
+        return self.paper if name == "paper" else self.aikd(AIKD_PATHS[name])
+
+
+def measure(args: argparse.Namespace, names: list[str]) -> dict:
+    peak = matmul_peak_gflops()
+    print(f"matmul fp32 2048x2048: {peak:.0f} GFLOP/s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="aikd-bench-") as tmp:
         scratch = Path(tmp)
-        items = make_faces(scratch / "faces", args.images, args.seed)
-        engines, setup = {}, {}
-        for name in names:
-            start = time.perf_counter()
-            engines[name] = Engine(model, device="cpu", **PATHS[name])
-            setup[name] = time.perf_counter() - start
-        # Warm-up: one batch through every path (allocator, oneDNN primitive caches, onnxruntime arenas).
-        score_naive(model, items[: args.batch_size], args.batch_size)
-        for engine in engines.values():
-            score_with_engine(engine, items[: args.batch_size], args.batch_size, args.workers, scratch)
-        rates: dict[str, list[float]] = {name: [] for name in ["naive", *names]}
-        scores: dict[str, np.ndarray] = {}
+        faces = scratch / "faces"
+        make_faces(faces, args.images, args.seed)
+        sets = {"all": faces, "small": subset(faces, SMALL_SET, scratch / "small"),
+                "one": subset(faces, 1, scratch / "one")}
+        torch.manual_seed(args.seed)
+        model = calibrate_batchnorm(build_model(args.arch), batches=2, batch_size=8, seed=args.seed).eval()
+        paper_checkpoint = scratch / "aikd-best.pth"
+        torch.save(model.state_dict(), paper_checkpoint)
+        checkpoint = save_checkpoint(scratch / "best.pt", model, args.arch)
+        del model
+        onnx = None
+        if "aikd-onnxruntime" in names:
+            onnx = scratch / "best.onnx"
+            run_process([sys.executable, "-m", "aikd", "export", "--checkpoint", str(checkpoint), "-o", str(onnx)])
+        paths = Paths(args.arch, args.batch_size, args.workers, paper_checkpoint, checkpoint, onnx)
+        order = ["paper", *names]
+        figures: dict[str, dict[str, list[float]]] = {n: {"all": [], "small": [], "one": [], "rss": []}
+                                                      for n in order}
+        scores: dict[str, dict[str, float]] = {}
+        run_process(paths.command("paper")(sets["one"], scratch / "warm.csv"))  # page cache, .pyc files
         for repeat in range(args.repeats):
-            result, seconds = timed(lambda: score_naive(model, items, args.batch_size))
-            scores.setdefault("naive", result)
-            rates["naive"].append(len(items) / seconds)
-            for name in names:
-                result, seconds = timed(lambda e=engines[name]: score_with_engine(
-                    e, items, args.batch_size, args.workers, scratch))
-                scores.setdefault(name, result)
-                rates[name].append(len(items) / seconds)
+            for name in order:
+                for which in ("one", "small", "all"):
+                    out = scratch / f"{name}-{which}.csv"
+                    wall, rss = run_process(paths.command(name)(sets[which], out))
+                    figures[name][which].append(wall)
+                    if which == "all":
+                        figures[name]["rss"].append(rss)
+                        scores.setdefault(name, read_scores(out))
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{n} {r[-1]:.2f} img/s" for n, r in rates.items()), file=sys.stderr, flush=True)
-    return summarise(args, names, rates, scores, setup)
+                f"{n} {args.images / f['all'][-1]:.2f} img/s ({f['one'][-1]:.1f} s start-up)"
+                for n, f in figures.items()), file=sys.stderr, flush=True)
+    return summarise(args, order, figures, scores, peak)
 
 
-def summarise(args: argparse.Namespace, names: list[str], rates: dict[str, list[float]],
-              scores: dict[str, np.ndarray], setup: dict[str, float]) -> dict:
-    naive = scores["naive"]
+def summarise(args: argparse.Namespace, order: list[str], figures: dict, scores: dict, peak: float) -> dict:
+    gflop_per_face = describe(args.arch)["gflops"]
+    keys = sorted(scores["paper"])
+    reference = np.array([scores["paper"][k] for k in keys])
     paths = {}
-    for name in names:
-        ratios = [r / n for r, n in zip(rates[name], rates["naive"], strict=True)]
+    for name in order:
+        f = figures[name]
+        startup = statistics.median(f["one"])
+        net = [max(a - o, 1e-9) for a, o in zip(f["all"], f["one"], strict=True)]
+        values = np.array([scores[name][k] for k in keys])
         paths[name] = {
-            "img_s": round(statistics.median(rates[name]), 3),
-            "ratio": round(statistics.median(ratios), 3),
-            "max_abs_diff": float(np.abs(scores[name] - naive).max()),
-            "mean_abs_diff": float(np.abs(scores[name] - naive).mean()),
-            "spearman": round(spearman(scores[name], naive), 6),
-            "setup_s": round(setup[name], 2),
+            "img_s": round(args.images / statistics.median(f["all"]), 3),
+            "ratio_vs_paper": round(statistics.median(
+                p / a for p, a in zip(figures["paper"]["all"], f["all"], strict=True)), 3),
+            "startup_s": round(startup, 2),
+            "wall_16_s": round(statistics.median(f["small"]), 2),
+            "ratio_16_vs_paper": round(statistics.median(
+                p / a for p, a in zip(figures["paper"]["small"], f["small"], strict=True)), 3),
+            "peak_rss_mb": round(statistics.median(f["rss"])),
+            "gflops": round((args.images - 1) * gflop_per_face / statistics.median(net), 1),
+            "spearman": round(spearman(values, reference), 6),
+            "max_abs_diff": float(np.abs(values - reference).max()),
         }
-    good = [name for name in names if paths[name]["spearman"] >= SPEARMAN_BAR] or names
-    fastest = max(good, key=lambda name: paths[name]["img_s"])
-    fp32 = paths.get("torch-fp32") or paths[names[0]]
+    paper = paths.pop("paper")
     return {
-        "arch": args.arch, "batch_size": args.batch_size, "images": args.images, "repeats": args.repeats,
-        "workers": args.workers, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "cpu_bf16": cpu_has_bf16(),
-        "naive_img_s": round(statistics.median(rates["naive"]), 3),
-        "fp32_img_s": fp32["img_s"], "fp32_ratio": fp32["ratio"], "fp32_max_abs_diff": fp32["max_abs_diff"],
-        "fastest": fastest, "fastest_img_s": paths[fastest]["img_s"], "fastest_ratio": paths[fastest]["ratio"],
-        "fastest_spearman": paths[fastest]["spearman"],
-        "fastest_max_abs_diff": paths[fastest]["max_abs_diff"],
-        "paths": paths,
+        "arch": args.arch, "gflop_per_face": round(gflop_per_face, 2), "batch_size": args.batch_size,
+        "images": args.images, "repeats": args.repeats, "workers": args.workers,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": describe_cpu(),
+        "paper_img_s": paper["img_s"], "paper_startup_s": paper["startup_s"], "paper_wall_16_s": paper["wall_16_s"],
+        "paper_peak_rss_mb": paper["peak_rss_mb"], "paper_gflops": paper["gflops"],
+        "matmul_peak_gflops": round(peak, 1), "paths": paths,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="r100", help="registered architecture (default: %(default)s)")
+    parser.add_argument("--arch", default="r100", help="registered iResNet (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="faces per forward (default: %(default)s)")
-    parser.add_argument("--images", type=int, default=64, help="generated faces scored per repeat "
-                        "(default: %(default)s)")
+    parser.add_argument("--images", type=int, default=128, help="faces scored per run (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="decode threads of the engine paths "
-                        "(default: %(default)s)")
-    parser.add_argument("--paths", help=f"comma-separated subset of {', '.join(PATHS)} (default: all, bf16 "
+    parser.add_argument("--workers", type=int, default=2, help="aikd's decode threads (default: %(default)s)")
+    parser.add_argument("--paths", help=f"comma-separated subset of {', '.join(AIKD_PATHS)} (default: all, bf16 "
                         "only with native CPU support)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and images (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.images < SMALL_SET:
+        parser.error(f"--images must be at least {SMALL_SET}")
+    names = args.paths.split(",") if args.paths else [n for n in AIKD_PATHS if n != "aikd-bf16" or cpu_has_bf16()]
+    unknown = sorted(set(names) - set(AIKD_PATHS))
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(AIKD_PATHS)}")
     print(f"cpu: {describe_cpu()}", flush=True)
-    result = measure(args)
-    for name, figures in result["paths"].items():
-        print(f"{name:18s} {figures['img_s']:7.2f} img/s  {figures['ratio']:5.2f}x naive  "
-              f"max|diff| {figures['max_abs_diff']:.2e}  spearman {figures['spearman']:.5f}", file=sys.stderr)
+    result = measure(args, names)
+    print(f"{'paper':18s} {result['paper_img_s']:7.2f} img/s  start-up {result['paper_startup_s']:.2f} s  "
+          f"peak {result['paper_peak_rss_mb']} MB", file=sys.stderr)
+    for name, f in result["paths"].items():
+        print(f"{name:18s} {f['img_s']:7.2f} img/s  {f['ratio_vs_paper']:5.2f}x paper  "
+              f"start-up {f['startup_s']:.2f} s  16 images {f['ratio_16_vs_paper']:.2f}x  peak {f['peak_rss_mb']} MB  {f['gflops']} GFLOP/s  "
+              f"spearman {f['spearman']:.5f}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -76,6 +77,26 @@ def test_folding_leaves_the_model_alone(shifted_model):
     assert all(torch.equal(before[k], v) for k, v in shifted_model.state_dict().items())
     other = nn.Sequential(nn.Linear(3, 2))
     assert isinstance(fold_batchnorm(other), nn.Sequential)
+
+
+def test_consuming_fold_gives_the_same_model_and_frees_the_source(faces_batch):
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(_randomise_norms(build_model("r18_w0.25")), batches=2, batch_size=8).eval()
+    kept = fold_batchnorm(model)
+    consumed = fold_batchnorm(model, consume=True)
+    with torch.no_grad():
+        for ours, theirs in zip(consumed(faces_batch), kept(faces_batch), strict=True):
+            assert torch.equal(ours, theirs)
+    assert all(p.is_meta for p in model.feature_extractor.parameters())  # the weights were freed
+    assert consumed.quality_head is model.quality_head  # taken, not copied
+
+
+def test_an_engine_owning_its_model_scores_the_same(shifted_model):
+    faces = np.random.default_rng(3).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    expected = Engine(shifted_model, device="cpu")(list(faces))
+    own = Engine(copy.deepcopy(shifted_model), device="cpu", own_model=True)(list(faces))
+    for ours, theirs in zip(own, expected, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_engine_prepares_exactly_as_the_models_preprocessing():

@@ -295,6 +295,30 @@ def test_backbone_from_ddp_prefixed_file_and_from_quality_checkpoint(tmp_path, t
     assert state.keys() == tiny_model.state_dict().keys() and meta["preprocessing"]["channel_order"] == "BGR"
 
 
+def test_a_file_is_loaded_without_a_second_copy_and_a_callers_state_dict_is_copied(tmp_path, tiny_model,
+                                                                                  faces_batch):
+    """Files load onto the meta device and take the file's tensors (no random init, half the peak memory);
+    they still give float32 weights with the model's frozen tensors frozen, and a caller's dict is not shared."""
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
+    torch.save(half, tmp_path / "half.pth")
+    for loaded in (load_quality_model(tmp_path / "half.pth", arch="tiny"),
+                   load_backbone(tmp_path / "half.pth", arch="tiny")):
+        tensors = [*loaded.parameters(), *loaded.buffers()]
+        assert not any(t.is_meta for t in tensors)
+        assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float32}
+        backbone = getattr(loaded, "feature_extractor", loaded)
+        assert not backbone.features.weight.requires_grad and backbone.conv1.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(load_quality_model(tmp_path / "half.pth", arch="tiny")(faces_batch)[1],
+                                   tiny_model.half().float()(faces_batch)[1], rtol=0, atol=0)
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    from_dict = load_quality_model(state, arch="tiny")
+    with torch.no_grad():
+        from_dict.feature_extractor.conv1.weight.add_(1.0)
+    key = "feature_extractor.conv1.weight"
+    assert torch.equal(state[key], tiny_model.state_dict()[key])
+
+
 def test_infer_arch():
     for arch, blocks in ARCFACE_BLOCKS.items():
         state = random_state(arcface_layout(blocks), device="meta")

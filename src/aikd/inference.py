@@ -34,7 +34,7 @@ from aikd.models.checkpoint import weights_fingerprint
 from aikd.models.folding import fold_batchnorm
 from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
-from aikd.runtime import cpu_has_bf16, resolve_device
+from aikd.runtime import cpu_has_bf16, release_freed_memory, resolve_device
 
 __all__ = [
     "BACKENDS",
@@ -55,7 +55,7 @@ class Engine:
 
     Args:
         model: a :class:`QualityModel` (gives embeddings and qualities) or a backbone (embeddings only).
-            Never modified: the engine works on its own eval-mode copy.
+            Never modified (unless ``own_model``): the engine works on its own eval-mode copy.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         precision: ``"fp32"`` (exact), ``"bf16"`` (autocast; CPU or CUDA) or ``"fp16"`` (autocast; CUDA). The
             embedding layer and the quality head always run in fp32.
@@ -63,11 +63,13 @@ class Engine:
         fold: fold BatchNorm into convolutions (exact; see :func:`fold_batchnorm`).
         channels_last: NHWC memory layout for the convolutions (torch backend).
         preprocessing: the input the model expects; default ``model.preprocessing`` (a quality model's).
+        own_model: ``model`` was loaded for this engine alone: its tensors are freed as they are folded (it is
+            unusable afterwards), so start-up holds one set of weights rather than two.
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = "auto", precision: str = "fp32",
                  backend: str = "torch", fold: bool = True, channels_last: bool = True,
-                 preprocessing: Preprocessing | None = None) -> None:
+                 preprocessing: Preprocessing | None = None, own_model: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if backend not in BACKENDS:
@@ -88,7 +90,10 @@ class Engine:
         self.fingerprint = weights_fingerprint(model)  # which weights: recorded with every output
         self.weights_fingerprint = self.fingerprint
         self.calibration = getattr(model, "calibration", None)  # a calibrated checkpoint's (aikd.calibration)
-        prepared = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
+        if own_model and fold:
+            prepared = fold_batchnorm(model, consume=True)
+        else:
+            prepared = fold_batchnorm(model) if fold else copy.deepcopy(model).eval()
         prepared.requires_grad_(False)
         self.session = None
         if backend == "onnxruntime":
@@ -98,6 +103,7 @@ class Engine:
         self.model = prepared.to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        release_freed_memory()  # the temporaries of folding and of the layout change: give the pages back
         if self.has_quality:
             self.backbone, self.head = self.model.feature_extractor, self.model.quality_head
         else:
@@ -248,13 +254,14 @@ class InferenceOptions:
         return GPU_BATCH if device.type == "cuda" else CPU_BATCH
 
     def engine(self, model: nn.Module, device: torch.device | None = None,
-               preprocessing: Preprocessing | None = None) -> Engine:
-        """An :class:`Engine` running ``model`` this way (on ``device``, e.g. a torchrun rank's, if given)."""
+               preprocessing: Preprocessing | None = None, own_model: bool = False) -> Engine:
+        """An :class:`Engine` running ``model`` this way (on ``device``, e.g. a torchrun rank's, if given);
+        ``own_model``: see :class:`Engine`."""
         device = device or resolve_device(self.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a command runs one input size: cuDNN picks its fastest kernels
         return Engine(model, device=device, precision=self.precision, backend=self.backend, fold=self.fold,
-                      preprocessing=preprocessing)
+                      preprocessing=preprocessing, own_model=own_model)
 
     def quality_engine(self, checkpoint: str | os.PathLike, arch: str | None = None,
                        device: torch.device | None = None) -> Engine:
@@ -267,4 +274,4 @@ class InferenceOptions:
             return Engine.from_onnx(checkpoint, device or self.device)
         from aikd.models.checkpoint import load_quality_model
 
-        return self.engine(load_quality_model(checkpoint, arch=arch), device)
+        return self.engine(load_quality_model(checkpoint, arch=arch), device, own_model=True)

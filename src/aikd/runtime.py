@@ -8,6 +8,7 @@ One home for what ``train``, ``score``, ``embed`` and ``label`` all need:
 - :func:`seed_everything`: Python, numpy and torch;
 - :class:`Distributed` and :func:`join_torchrun` / :func:`distributed`: this process's place in a
   ``torchrun`` job (gloo on the CPU, NCCL on GPUs, ``cuda`` meaning the local rank's GPU);
+- :func:`release_freed_memory`: hand freed heap pages back to the system after a one-off peak;
 - :func:`describe_cpu`: kernel bugs and speed depend on the CPU (AVX2, AVX-512, AVX-512 BF16/AMX, ARM), so
   the test run and every benchmark print it first, and a failure or a figure can be tied to a CPU.
 """
@@ -15,6 +16,8 @@ One home for what ``train``, ``score``, ``embed`` and ``label`` all need:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -38,6 +41,7 @@ __all__ = [
     "describe_cpu",
     "distributed",
     "join_torchrun",
+    "release_freed_memory",
     "resolve_device",
     "seed_everything",
 ]
@@ -46,6 +50,22 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 # ------------------------------------------------------------------------------------------------------- CPU
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; elsewhere nothing happens).
+
+    glibc keeps freed blocks for reuse, so after a one-off peak of temporaries (folding a model in float64)
+    a process would go on holding that memory although nothing uses it.
+    """
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return
+    trim(0)
+
+
 def cpu_capability() -> str:
     """The vector instruction set torch's CPU kernels use here (``AVX2``, ``AVX512``, ``DEFAULT`` on ARM...)."""
     try:

@@ -24,6 +24,7 @@ from torch import nn
 from aikd.models.dlib_resnet import DlibResNet, fold_affine
 from aikd.models.iresnet import IBasicBlock, IResNet
 from aikd.models.quality import QualityModel
+from aikd.runtime import release_freed_memory
 
 __all__ = ["FoldedBlock", "FoldedIResNet", "fold_batchnorm"]
 
@@ -47,11 +48,13 @@ def _conv_then_norm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> n
 
 
 def _new_conv(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size, template.stride,
-                     template.padding, template.dilation, template.groups, bias=True,
-                     device=template.weight.device, dtype=template.weight.dtype)
-    conv.weight.data.copy_(weight)
-    conv.bias.data.copy_(bias)
+    """A convolution like ``template`` holding ``weight`` and ``bias`` (built without a random init first)."""
+    with torch.device("meta"):
+        conv = nn.Conv2d(template.in_channels, template.out_channels, template.kernel_size, template.stride,
+                         template.padding, template.dilation, template.groups, bias=True)
+    like = template.weight
+    conv.weight = nn.Parameter(weight.to(like.device, like.dtype))
+    conv.bias = nn.Parameter(torch.as_tensor(bias).to(like.device, like.dtype))
     return conv
 
 
@@ -83,13 +86,25 @@ class _NormConvNorm(nn.Module):
         """(1, H', W', C_out) bias missing from ``conv``'s output: zero inside, non-zero on the border."""
         key = (height, width, torch.device(device), dtype)
         if key not in self._border:
-            conv = self.conv
-            # Ones convolved with the per-tap shift: the bias each output pixel really gets.
-            ones = torch.ones(1, 1, height, width, dtype=torch.float64)
-            real = F.conv2d(ones, self.tap_shift.unsqueeze(1), None, conv.stride, conv.padding, conv.dilation)
+            if self.ring_only and height >= 3 and width >= 3:
+                # 3x3, stride 1, padding 1: an output pixel's taps depend only on whether it lies on the first
+                # or last row and column, so a 3x3 input gives every distinct value; spread it over H x W.
+                small = self._real_bias(3, 3)
+                rows = torch.ones(height, dtype=torch.long)
+                cols = torch.ones(width, dtype=torch.long)
+                rows[0], rows[-1], cols[0], cols[-1] = 0, 2, 0, 2
+                real = small[:, :, rows][:, :, :, cols]
+            else:
+                real = self._real_bias(height, width)
             interior = self.tap_shift.sum((1, 2)).view(1, -1, 1, 1)
             self._border[key] = (real - interior).permute(0, 2, 3, 1).contiguous().to(device, dtype)
         return self._border[key]
+
+    def _real_bias(self, height: int, width: int) -> torch.Tensor:
+        """(1, C_out, H', W') float64: ones convolved with the per-tap shift, the bias each output pixel gets."""
+        conv = self.conv
+        ones = torch.ones(1, 1, height, width, dtype=torch.float64)
+        return F.conv2d(ones, self.tap_shift.unsqueeze(1), None, conv.stride, conv.padding, conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
@@ -136,14 +151,22 @@ class FoldedIResNet(nn.Module):
     is free for channels_last input, and the embedding layer needs the trunk's spatial size (7x7).
     """
 
-    def __init__(self, model: IResNet) -> None:
+    def __init__(self, model: IResNet, consume: bool = False) -> None:
         super().__init__()
         self.num_features = model.num_features
         self.conv1 = _conv_then_norm(model.conv1, model.bn1)
         self.prelu = copy.deepcopy(model.prelu)
         blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
-        self.blocks = nn.Sequential(*(FoldedBlock(block) for block in blocks))
+        folded = []
+        for block in blocks:
+            folded.append(FoldedBlock(block))
+            if consume:  # free each source block once folded: the weights are never held twice
+                block.to_empty(device="meta")
+                release_freed_memory()  # glibc would keep the pages; the next block's temporaries then add up
+        self.blocks = nn.Sequential(*folded)
         self.fc = self._fold_embedding(model)
+        if consume:
+            model.to_empty(device="meta")
 
     @staticmethod
     def _fold_embedding(model: IResNet) -> nn.Linear:
@@ -152,13 +175,20 @@ class FoldedIResNet(nn.Module):
         in_scale, in_shift = _affine(model.bn2)
         out_scale, out_shift = _affine(model.features)
         # fc input index is c * positions + p (flatten of C, H, W); reorder to p * channels + c (H, W, C).
-        weight = model.fc.weight.double().view(-1, channels, positions)
-        bias = model.fc.bias.double() + (weight * in_shift.view(1, -1, 1)).sum((1, 2))
-        weight = (weight * in_scale.view(1, -1, 1)).permute(0, 2, 1).reshape(model.fc.out_features, -1)
-        fc = nn.Linear(model.fc.in_features, model.fc.out_features, device=model.fc.weight.device,
-                       dtype=model.fc.weight.dtype)
-        fc.weight.data.copy_(weight * out_scale.view(-1, 1))
-        fc.bias.data.copy_(bias * out_scale + out_shift)
+        # The largest layer of the network (51 MB for r100): folded in float64 a few output rows at a time, so
+        # the temporaries stay small.
+        like = model.fc.weight.detach()
+        folded = torch.empty(model.fc.out_features, positions, channels, dtype=like.dtype, device=like.device)
+        bias = model.fc.bias.double().clone()
+        for start in range(0, model.fc.out_features, 64):
+            rows = like[start:start + 64].to(torch.float64, copy=True).view(-1, channels, positions)
+            bias[start:start + 64] += rows.sum(2) @ in_shift
+            rows.mul_(in_scale.view(1, -1, 1)).mul_(out_scale[start:start + 64].view(-1, 1, 1))
+            folded[start:start + 64].copy_(rows.permute(0, 2, 1))
+        with torch.device("meta"):
+            fc = nn.Linear(model.fc.in_features, model.fc.out_features)
+        fc.weight = nn.Parameter(folded.view(model.fc.out_features, -1))
+        fc.bias = nn.Parameter((bias * out_scale + out_shift).to(like.device, like.dtype))
         return fc
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,21 +204,24 @@ class FoldedIResNet(nn.Module):
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Inference copy of ``model`` with BatchNorm folded (see the module docstring); ``model`` is untouched.
+def fold_batchnorm(model: nn.Module, consume: bool = False) -> nn.Module:
+    """Inference copy of ``model`` with BatchNorm folded (see the module docstring).
 
     Args:
         model: an :class:`IResNet` or a :class:`DlibResNet`, a :class:`QualityModel` with either as its backbone,
             or anything else (then returned as an eval-mode copy, unfolded).
+        consume: free ``model``'s iResNet tensors as they are folded (``model`` is unusable afterwards): the
+            peak memory of folding is then one set of weights, not two. Otherwise ``model`` is untouched.
 
     Returns:
         A new module in eval mode giving the same outputs as ``model.eval()`` up to float rounding.
     """
     if isinstance(model, QualityModel):
-        backbone = fold_batchnorm(model.feature_extractor)
-        return QualityModel(backbone, copy.deepcopy(model.quality_head), model.arch, model.preprocessing).eval()
+        backbone = fold_batchnorm(model.feature_extractor, consume)
+        head = model.quality_head if consume else copy.deepcopy(model.quality_head)
+        return QualityModel(backbone, head, model.arch, model.preprocessing).eval()
     if isinstance(model, IResNet):
-        return FoldedIResNet(model.eval()).eval()
+        return FoldedIResNet(model.eval(), consume).eval()
     if isinstance(model, DlibResNet):
         return fold_affine(model)
     return copy.deepcopy(model).eval()
