@@ -207,4 +207,7 @@ def test_int8_agrees_with_fp32_on_dlibs_real_model(dlib_student, tmp_path, capsy
     _, faces = load_faces(evaluation, read_metadata(fp32)["preprocessing"])
     agreement = measure_agreement(fp32.read_bytes(), int8.read_bytes(), faces)  # identities never calibrated on
     print(f"dlib-r29 int8 on {len(faces)} evaluation faces: {agreement.summary()}")
-    assert agreement.spearman >= 0.995 and agreement.min_embedding_cosine > 0.98
+    # 0.9958 on this test's small model and face set (AVX2, no VNNI); bench/int8.py reports the figure on the
+    # demo student (0.998). The bar here leaves room for other CPUs' integer kernels and catches real breakage
+    # (full-range weights on a CPU without VNNI measured 0.90).
+    assert agreement.spearman >= 0.99 and agreement.min_embedding_cosine > 0.98
