@@ -18,7 +18,8 @@ process that scores one face is start-up plus one forward), and the peak RSS of 
 per-repeat ratios against the paper path in the same repeat (machines here are shared and noisy).
 ``gflops`` is the achieved model arithmetic per second on the whole folder net of start-up
 (``(images - 1) x GFLOP/face / (wall - startup)``), beside ``matmul_peak_gflops`` (a 2048x2048 fp32 matmul,
-measured in the same run). Scores are compared with the paper path's: max abs difference and Spearman.
+measured at the start and the end of the same run; the better of the two). Scores are compared with the paper
+path's: max abs difference and Spearman.
 
     PYTHONPATH=src python bench/score.py                     # iResNet-100, batch 32, 128 images, 3 repeats
     PYTHONPATH=src python bench/score.py --arch r50 --images 64 --paths aikd-fp32
@@ -139,6 +140,13 @@ class Paths:
 def measure(args: argparse.Namespace, names: list[str]) -> dict:
     peak = matmul_peak_gflops()
     print(f"matmul fp32 2048x2048: {peak:.0f} GFLOP/s", file=sys.stderr, flush=True)
+    result = run_paths(args, names)
+    peak = max(peak, matmul_peak_gflops())  # again at the end: the quieter of the two is nearer the ceiling
+    print(f"matmul fp32 2048x2048 at the end: best {peak:.0f} GFLOP/s", file=sys.stderr, flush=True)
+    return {**result, "matmul_peak_gflops": round(peak, 1)}
+
+
+def run_paths(args: argparse.Namespace, names: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="aikd-bench-") as tmp:
         scratch = Path(tmp)
         faces = scratch / "faces"
@@ -173,10 +181,10 @@ def measure(args: argparse.Namespace, names: list[str]) -> dict:
             print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
                 f"{n} {args.images / f['all'][-1]:.2f} img/s ({f['one'][-1]:.1f} s start-up)"
                 for n, f in figures.items()), file=sys.stderr, flush=True)
-    return summarise(args, order, figures, scores, peak)
+    return summarise(args, order, figures, scores)
 
 
-def summarise(args: argparse.Namespace, order: list[str], figures: dict, scores: dict, peak: float) -> dict:
+def summarise(args: argparse.Namespace, order: list[str], figures: dict, scores: dict) -> dict:
     gflop_per_face = describe(args.arch)["gflops"]
     keys = sorted(scores["paper"])
     reference = np.array([scores["paper"][k] for k in keys])
@@ -205,8 +213,7 @@ def summarise(args: argparse.Namespace, order: list[str], figures: dict, scores:
         "images": args.images, "repeats": args.repeats, "workers": args.workers,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": describe_cpu(),
         "paper_img_s": paper["img_s"], "paper_startup_s": paper["startup_s"], "paper_wall_16_s": paper["wall_16_s"],
-        "paper_peak_rss_mb": paper["peak_rss_mb"], "paper_gflops": paper["gflops"],
-        "matmul_peak_gflops": round(peak, 1), "paths": paths,
+        "paper_peak_rss_mb": paper["peak_rss_mb"], "paper_gflops": paper["gflops"], "paths": paths,
     }
 
 
@@ -233,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"peak {result['paper_peak_rss_mb']} MB", file=sys.stderr)
     for name, f in result["paths"].items():
         print(f"{name:18s} {f['img_s']:7.2f} img/s  {f['ratio_vs_paper']:5.2f}x paper  "
-              f"start-up {f['startup_s']:.2f} s  16 images {f['ratio_16_vs_paper']:.2f}x  peak {f['peak_rss_mb']} MB  {f['gflops']} GFLOP/s  "
-              f"spearman {f['spearman']:.5f}", file=sys.stderr)
+              f"start-up {f['startup_s']:.2f} s  16 images {f['ratio_16_vs_paper']:.2f}x  "
+              f"peak {f['peak_rss_mb']} MB  {f['gflops']} GFLOP/s  spearman {f['spearman']:.5f}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 

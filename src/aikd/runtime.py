@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import functools
 import os
 import platform
 import random
@@ -56,14 +57,20 @@ def release_freed_memory() -> None:
     glibc keeps freed blocks for reuse, so after a one-off peak of temporaries (folding a model in float64)
     a process would go on holding that memory although nothing uses it.
     """
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name:
-        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
+    if not name:
+        return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
-        return
-    trim(0)
+        return None
 
 
 def cpu_capability() -> str:

@@ -16,6 +16,7 @@ Used by the inference engine (:mod:`aikd.inference`) and the ONNX export (:mod:`
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ def _affine(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
 def _conv_then_norm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
     """``norm(conv(x))`` as one convolution with a bias."""
     scale, shift = _affine(norm)
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    weight = conv.weight.detach().to(torch.float64, copy=True).mul_(scale.view(-1, 1, 1, 1))
     bias = shift + (conv.bias.double() * scale if conv.bias is not None else 0.0)
     return _new_conv(conv, weight, bias)
 
@@ -58,6 +59,15 @@ def _new_conv(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> 
     return conv
 
 
+def _free(module: nn.Module) -> None:
+    """Drop the storage of every tensor of ``module`` (each becomes empty; the module is unusable).
+
+    Cheaper than ``to_empty(device="meta")``, whose first use imports torch's symbolic-shape machinery (about
+    a second of start-up)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
 class _NormConvNorm(nn.Module):
     """``bn_after(conv(bn_before(x)))`` as one convolution plus a precomputed border correction.
 
@@ -71,10 +81,10 @@ class _NormConvNorm(nn.Module):
         super().__init__()
         in_scale, in_shift = _affine(before)
         out_scale, out_shift = _affine(after)
-        weight = conv.weight.double()
+        weight = conv.weight.detach().to(torch.float64, copy=True)  # one float64 copy, then in place
         # What the input shift adds through each kernel tap; an interior pixel gets the sum over all taps.
-        tap_shift = ((weight * in_shift.view(1, -1, 1, 1)).sum(1) * out_scale.view(-1, 1, 1)).cpu()
-        folded = weight * in_scale.view(1, -1, 1, 1) * out_scale.view(-1, 1, 1, 1)
+        tap_shift = (torch.einsum("oikl,i->okl", weight, in_shift) * out_scale.view(-1, 1, 1)).cpu()
+        folded = weight.mul_((out_scale[:, None] * in_scale[None, :]).view(*weight.shape[:2], 1, 1))
         self.conv = _new_conv(conv, folded, tap_shift.sum((1, 2)) + out_shift)
         self.tap_shift = tap_shift  # float64, CPU: the border is computed exactly once per input size
         self.correct_border = bool(in_shift.abs().max() > 0) and max(conv.padding) > 0
@@ -158,15 +168,16 @@ class FoldedIResNet(nn.Module):
         self.prelu = copy.deepcopy(model.prelu)
         blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
         folded = []
-        for block in blocks:
+        for index, block in enumerate(blocks, 1):
             folded.append(FoldedBlock(block))
             if consume:  # free each source block once folded: the weights are never held twice
-                block.to_empty(device="meta")
-                release_freed_memory()  # glibc would keep the pages; the next block's temporaries then add up
+                _free(block)
+                if index % 8 == 0:  # glibc would keep the freed pages; the next blocks' temporaries would add up
+                    release_freed_memory()
         self.blocks = nn.Sequential(*folded)
         self.fc = self._fold_embedding(model)
         if consume:
-            model.to_empty(device="meta")
+            _free(model)
 
     @staticmethod
     def _fold_embedding(model: IResNet) -> nn.Linear:
