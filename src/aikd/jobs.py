@@ -306,12 +306,22 @@ def check_same_job(output: Path, settings: dict[str, Any]) -> None:
     if recorded is None:
         raise ValueError(f"--resume: {output} has no record of the model and settings that made it (written by "
                          "another program or an older aikd), so it cannot be continued safely; pass --overwrite")
-    changed = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    changed = _differences(recorded, settings)
     if changed:
-        key = changed[0]
-        raise ValueError(f"--resume: {output} was made with {key} = {recorded.get(key)!r}, this run has "
-                         f"{key} = {settings.get(key)!r}; resume with the same model and options, or pass "
-                         "--overwrite to start over, or choose another -o")
+        key, before, now = changed[0]
+        raise ValueError(f"--resume: {output} was made with {key} = {before!r}, this run has {key} = {now!r}; "
+                         "resume with the same model and options, or pass --overwrite to start over, or choose "
+                         "another -o")
+
+
+def _differences(recorded: Any, settings: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, recorded, now)`` of every setting that differs, nested dicts walked (``crop.mode``)."""
+    if not (isinstance(recorded, dict) and isinstance(settings, dict)):
+        return [] if recorded == settings else [(prefix, recorded, settings)]
+    found = []
+    for key in sorted(set(recorded) | set(settings)):
+        found += _differences(recorded.get(key), settings.get(key), f"{prefix}.{key}" if prefix else key)
+    return found
 
 
 class OutputLock:
