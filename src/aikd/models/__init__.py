@@ -13,7 +13,7 @@ arcface_torch ViTs and TransFace (:mod:`~aikd.models.vit`), SwinFace (:mod:`~aik
 """
 
 from aikd.models import irnet, magface, swin, vit  # noqa: F401  (each registers its architectures)
-from aikd.models.calibration import calibrate_batchnorm
+from aikd.models.batchnorm_statistics import calibrate_batchnorm
 from aikd.models.checkpoint import (
     FRModel,
     fitting_architectures,

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from aikd.io import atomic_write
-from aikd.models.calibration import calibrate_batchnorm
+from aikd.models.batchnorm_statistics import calibrate_batchnorm
 from aikd.models.dlib_format import is_dlib_network, network_state, read_dlib_network
 from aikd.models.dlib_resnet import shipped_weights
 from aikd.models.head import QualityHead
