@@ -75,3 +75,15 @@ def test_parity_is_judged_relative_to_the_scale_of_the_qualities(tmp_path, tiny_
 
 def test_export_usage_errors(tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_scoring_a_graph_that_is_not_an_aikd_export_names_the_file(tmp_path, tiny_model, face_folder, capsys):
+    """onnxruntime reads the file itself (one copy of the weights); what it cannot use is still named."""
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a graph")
+    plain = tmp_path / "plain.onnx"  # a valid graph without aikd's metadata
+    torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(plain), dynamo=False)
+    for graph, said in ((garbage, "not an ONNX model"), (plain, "has no aikd metadata"),
+                        (tmp_path / "missing.onnx", "no such file")):
+        code = main(["score", str(face_folder[0]), "--checkpoint", str(graph), "-o", str(tmp_path / "s.csv")])
+        assert code == 2 and f"{graph}: {said}" in capsys.readouterr().err

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,7 +41,8 @@ from torch import nn
 from aikd.io import atomic_write
 from aikd.models.folding import fold_batchnorm
 
-__all__ = ["INPUT_NAME", "OPSET", "check_onnx", "export_onnx", "read_metadata", "relative_difference"]
+__all__ = ["INPUT_NAME", "OPSET", "check_onnx", "export_onnx", "metadata_from_properties", "read_metadata",
+           "relative_difference"]
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -139,8 +141,6 @@ def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = No
     """
     import onnx
 
-    from aikd.models import Preprocessing
-
     source = source or ("<bytes>" if isinstance(onnx_model, bytes) else str(onnx_model))
     try:
         data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
@@ -149,7 +149,14 @@ def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = No
         raise ValueError(f"{source}: cannot read ({err.strerror})") from None
     except Exception as err:  # DecodeError: not an ONNX model
         raise ValueError(f"{source}: not an ONNX model ({type(err).__name__})") from None
-    props = {entry.key: entry.value for entry in proto.metadata_props}
+    return metadata_from_properties({entry.key: entry.value for entry in proto.metadata_props}, source)
+
+
+def metadata_from_properties(props: Mapping[str, str], source: str) -> dict[str, Any]:
+    """:func:`read_metadata` from a graph's metadata properties as already read (e.g. by an onnxruntime
+    session's ``get_modelmeta().custom_metadata_map``, which spares parsing the graph a second time)."""
+    from aikd.models import Preprocessing
+
     if "aikd.preprocessing" not in props:
         raise ValueError(f"{source}: has no aikd metadata (not exported by aikd export); its preprocessing "
                          "is unknown")
