@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,19 +268,29 @@ def test_swinface_multitask_checkpoint_says_it_left_out_the_analysis_heads(tmp_p
     assert isinstance(load_backbone(path, arch), SwinFace)
 
 
-def test_magface_quality_is_aikd_labels_magnitude(tmp_path, monkeypatch):
-    """``aikd label --method magnitude`` on a MagFace file as published: the norm of its BGR [0, 1] embedding."""
-    from PIL import Image
-
-    arch = reduced_spec("magface", monkeypatch)
+def published_reduced_model(arch: str, family: str, path: Path) -> tuple[torch.nn.Module, Path]:
+    """A seeded, BatchNorm-calibrated ``arch`` in eval mode, and its weights saved as ``family`` publishes them."""
     torch.manual_seed(0)
     module = calibrate_batchnorm(build_backbone(arch), batches=1, batch_size=4).eval()
-    weights = tmp_path / "magface_epoch_00025.pth"
-    torch.save(publish("magface", module.state_dict()), weights)
-    images = faces(3)
-    (tmp_path / "faces").mkdir()
+    torch.save(publish(family, module.state_dict()), path)
+    return module, path
+
+
+def write_faces(folder: Path, images: np.ndarray) -> np.ndarray:
+    """``images`` as ``folder/0.png``, ``1.png``, ...; returns them."""
+    from PIL import Image
+
+    folder.mkdir()
     for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / "faces" / f"{i}.png")
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return images
+
+
+def test_magface_quality_is_aikd_labels_magnitude(tmp_path, monkeypatch):
+    """``aikd label --method magnitude`` on a MagFace file as published: the norm of its BGR [0, 1] embedding."""
+    arch = reduced_spec("magface", monkeypatch)
+    module, weights = published_reduced_model(arch, "magface", tmp_path / "magface_epoch_00025.pth")
+    images = write_faces(tmp_path / "faces", faces(3))
     out = tmp_path / "magface.csv"
     assert main(["label", str(tmp_path / "faces"), "--method", "magnitude", "--weights", str(weights), "--arch", arch,
                  "--aligned", "--device", "cpu", "-o", str(out)]) == 0
@@ -291,17 +302,9 @@ def test_magface_quality_is_aikd_labels_magnitude(tmp_path, monkeypatch):
 
 def test_embed_with_an_adaface_checkpoint_as_published(tmp_path, monkeypatch):
     """``aikd embed --arch ... --weights adaface_*.ckpt``: BGR input, the embedding AdaFace's forward returns."""
-    from PIL import Image
-
     arch = reduced_spec("adaface", monkeypatch)
-    torch.manual_seed(0)
-    module = calibrate_batchnorm(build_backbone(arch), batches=1, batch_size=4).eval()
-    weights = tmp_path / "adaface_ir18_webface4m.ckpt"
-    torch.save(publish("adaface", module.state_dict()), weights)
-    images = faces(3, seed=2)
-    (tmp_path / "faces").mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / "faces" / f"{i}.png")
+    module, weights = published_reduced_model(arch, "adaface", tmp_path / "adaface_ir18_webface4m.ckpt")
+    images = write_faces(tmp_path / "faces", faces(3, seed=2))
     out = tmp_path / "emb.npz"
     assert main(["embed", str(tmp_path / "faces"), "--arch", arch, "--weights", str(weights), "--aligned",
                  "--device", "cpu", "-o", str(out)]) == 0

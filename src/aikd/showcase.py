@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,19 +104,12 @@ def write_face_set(photos: Mapping[str, np.ndarray], landmarks: Mapping[str, np.
     Returns:
         split -> image keys relative to the split's folder.
     """
-    rng = np.random.default_rng(seed)
-    written: dict[str, list[str]] = {}
+    written: dict[str, list[str]] = {split: [] for split in splits}
     rows = []
-    for split, identities in splits.items():
-        keys = written.setdefault(split, [])
-        for identity in identities:
-            photo, points = photos[identity], np.asarray(landmarks[identity], dtype=np.float64).reshape(5, 2)
-            for kind, level in [(ORIGINAL, 0), *((k, lv) for k in KINDS for lv in range(1, LEVELS + 1))]:
-                key = image_key(identity, kind, level)
-                image = photo if level == 0 else degrade(photo, kind, level, points, rng)
-                write_png(root / split / key, image)
-                keys.append(key)
-                rows.append([f"{split}/{key}", *(f"{v:.3f}" for v in points.reshape(-1))])
+    for split, key, image, points in _degraded_copies(photos, landmarks, splits, seed):
+        write_png(root / split / key, image)
+        written[split].append(key)
+        rows.append([f"{split}/{key}", *(f"{v:.3f}" for v in points.reshape(-1))])
     write_csv(landmarks_file, ("path", *LANDMARK_COLUMNS), rows)
     return written
 
@@ -131,18 +124,25 @@ def write_aligned_face_set(photos: Mapping[str, np.ndarray], landmarks: Mapping[
     Returns:
         split -> image keys relative to the split's folder.
     """
+    written: dict[str, list[str]] = {split: [] for split in splits}
+    for split, key, image, points in _degraded_copies(photos, landmarks, splits, seed):
+        write_png(root / split / key, preprocessing.align(image, points))
+        written[split].append(key)
+    return written
+
+
+def _degraded_copies(photos: Mapping[str, np.ndarray], landmarks: Mapping[str, np.ndarray],
+                     splits: Mapping[str, Sequence[str]], seed: int
+                     ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """``(split, key, image, (5, 2) landmarks)`` of every photo of ``splits`` and each of its degraded copies,
+    in a fixed order (the noise of the degradations is drawn in it, from ``seed``)."""
     rng = np.random.default_rng(seed)
-    written: dict[str, list[str]] = {}
     for split, identities in splits.items():
-        keys = written.setdefault(split, [])
         for identity in identities:
             photo, points = photos[identity], np.asarray(landmarks[identity], dtype=np.float64).reshape(5, 2)
             for kind, level in [(ORIGINAL, 0), *((k, lv) for k in KINDS for lv in range(1, LEVELS + 1))]:
-                key = image_key(identity, kind, level)
                 image = photo if level == 0 else degrade(photo, kind, level, points, rng)
-                write_png(root / split / key, preprocessing.align(image, points))
-                keys.append(key)
-    return written
+                yield split, image_key(identity, kind, level), image, points
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -68,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
         handle.write(data)
     import onnx
 
-    from aikd.export import read_metadata
+    from aikd.export import metadata_from_properties
 
-    metadata = read_metadata(data, str(args.output))
+    proto = onnx.load_model_from_string(data)  # parsed once for both the metadata and the opset
+    metadata = metadata_from_properties({e.key: e.value for e in proto.metadata_props}, str(args.output))
     height, width = metadata["preprocessing"].input_size
-    opset = max(entry.version for entry in onnx.load_model_from_string(data).opset_import
-                if entry.domain in ("", "ai.onnx"))
+    opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
     print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, {metadata['precision']}, opset {opset}, inputs "
           f"image[N,3,{height},{width}] -> {', '.join(metadata['outputs'])})", file=sys.stderr)
     return 0
