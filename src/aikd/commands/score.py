@@ -141,6 +141,8 @@ def _load_previous(path: Path, fmt: str, embeddings_path: Path | None) -> dict[s
 
 def _calibration(args: argparse.Namespace, engine: Any) -> Any:
     """The calibration to apply: ``--calibration``, else the one the model file carries, else ``None``."""
+    if args.calibration is None and not engine.calibration and args.fr_model is None:
+        return None  # the common case: no import of the calibration module at start-up
     from aikd.calibration import check_fr_model, check_quality_model, load_calibration
 
     calibration = None
