@@ -14,7 +14,7 @@ Spearman correlation of int8 and fp32 qualities on the evaluation faces. Speed, 
 preprocessing, model) on the evaluation files, paths interleaved ``--repeats`` times, medians:
 
 - ``paper``: the paper's scoring style: PIL decode in the main thread, the model's own preprocessing (dlib's:
-  ``(x - mean) / 256``), the plain eager fp32 torch model (``bench/score.py``'s ``naive`` path);
+  ``(x - mean) / 256``), the plain eager fp32 torch model;
 - ``onnxruntime-fp32`` and ``onnxruntime-int8``: the exported files through ``aikd score``'s engine and job
   runner (threaded decode).
 
@@ -31,21 +31,53 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from score import score_naive, score_with_engine, timed  # bench/score.py: the same paths, one definition
+from PIL import Image
 
 from aikd.cli import main as aikd
 from aikd.evaluate import spearman
-from aikd.images import collect_inputs
+from aikd.images import ImageInput, collect_inputs
 from aikd.inference import Engine
+from aikd.jobs import ItemResult, run_job
 from aikd.models import load_quality_model
 from aikd.quantize import load_faces, measure_agreement
 from aikd.runtime import cpu_capability, cpu_has_vnni, describe_cpu
 
 FIRST_UNTRAINED = 30  # aikd demo trains on lfw_000 ... lfw_029 (its default --faces)
+
+
+def score_paper_style(model: torch.nn.Module, items: list[ImageInput], batch_size: int) -> np.ndarray:
+    """The paper's way: decode in the main thread, preprocess, the plain eager fp32 model, batch by batch."""
+    qualities = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            faces = [np.asarray(Image.open(item.path).convert("RGB")) for item in items[start:start + batch_size]]
+            qualities.append(model(model.preprocessing(faces))[1].numpy())
+    return np.concatenate(qualities)
+
+
+def score_with_engine(engine: Engine, items: list[ImageInput], batch_size: int, workers: int,
+                      scratch: Path) -> np.ndarray:
+    """What ``aikd score`` does per batch: threaded decode and preprocessing, the engine, the journal."""
+    output = scratch / f"scores-{time.monotonic_ns()}.csv"
+
+    def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
+        _, qualities = engine(batch)
+        return [ItemResult(rows=[[float(q)]]) for q in qualities]
+
+    results = run_job(items, process, output, batch_size=batch_size, workers=workers,
+                      prepare=lambda image, item: engine.prepare(image), desc="bench")
+    return np.array([results[item.key].rows[0][0] for item in items], dtype=np.float32)
+
+
+def timed(run) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - start
 
 
 def _run(argv: list[str]) -> None:
@@ -89,7 +121,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     agreement = measure_agreement(fp32.read_bytes(), int8.read_bytes(), faces)
     items = collect_inputs([evaluation])
     engines = {"onnxruntime-fp32": Engine.from_onnx(fp32, "cpu"), "onnxruntime-int8": Engine.from_onnx(int8, "cpu")}
-    paths = {"paper": lambda: score_naive(model, items, args.batch_size)}
+    paths = {"paper": lambda: score_paper_style(model, items, args.batch_size)}
     for name, engine in engines.items():
         paths[name] = lambda e=engine: score_with_engine(e, items, args.batch_size, args.workers, scratch)
     for run in paths.values():  # warm-up: allocators, onnxruntime arenas
