@@ -5,7 +5,12 @@ import), the release checkpoint through ``torch.load``, PIL decode in the main p
 -> CHW float / 255) and ``Normalize(0.5, 0.5)``, eager fp32 in eval mode, fixed-size batches, no worker threads,
 BatchNorm not folded, the default (NCHW) layout.
 
+A model the paper's code has no module for (``bench/int8.py``'s dlib-r29 student) comes as an aikd checkpoint
+(``.pt``): aikd's loader builds it (the only aikd import), and it runs the same way, with ``Normalize`` taking the
+model's own mean, std and channel order.
+
     python bench/paper_path.py FOLDER CHECKPOINT.pth OUT.csv --arch-blocks 3,13,30,3 --batch-size 32
+    python bench/paper_path.py FOLDER best.pt OUT.csv          # an aikd checkpoint, e.g. the dlib-r29 student
 
 Writes ``name,quality`` rows, then prints one JSON line: ``startup_s`` (process start to model ready, as
 measured from inside: imports, weights read, model built) and ``images``.
@@ -50,10 +55,30 @@ class PaperModel(torch.nn.Module):
         return self.quality_head(self.feature_extractor(faces))
 
 
-def to_tensor_normalised(image: Image.Image) -> torch.Tensor:
-    """torchvision's ``ToTensor()`` then ``Normalize([0.5] * 3, [0.5] * 3)``."""
+def to_tensor_normalised(image: Image.Image, mean: tuple[float, ...] = (0.5,) * 3,
+                         std: tuple[float, ...] = (0.5,) * 3) -> torch.Tensor:
+    """torchvision's ``ToTensor()`` then ``Normalize(mean, std)`` (the paper's: 0.5, 0.5)."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    return (pixels - 0.5) / 0.5
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def load_model(checkpoint: Path, blocks: tuple[int, ...]) -> tuple[torch.nn.Module, dict]:
+    """The model in eval mode and its input transform (``mean``, ``std``, ``bgr``)."""
+    if checkpoint.suffix == ".pt":  # an aikd checkpoint of a model the paper's code cannot build
+        from aikd.models import load_quality_model
+
+        model = load_quality_model(checkpoint)
+        pre = model.preprocessing
+        return model.eval(), {"mean": pre.mean, "std": pre.std, "bgr": pre.channel_order == "BGR"}
+    model = PaperModel(blocks)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return model.eval(), {"mean": (0.5,) * 3, "std": (0.5,) * 3, "bgr": False}
+
+
+def qualities(model: torch.nn.Module, faces: torch.Tensor) -> torch.Tensor:
+    """(N,) qualities: the paper's model gives (N, 1), an aikd quality model (embedding, quality)."""
+    output = model(faces)
+    return output[1] if isinstance(output, tuple) else output[:, 0]
 
 
 def main() -> int:
@@ -64,17 +89,18 @@ def main() -> int:
     parser.add_argument("--arch-blocks", default="3,13,30,3", help="iResNet blocks per stage (r100)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    model = PaperModel(tuple(int(n) for n in args.arch_blocks.split(",")))
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    model.eval()
+    model, transform = load_model(args.checkpoint, tuple(int(n) for n in args.arch_blocks.split(",")))
     ready = time.perf_counter() - STARTED
     paths = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     rows = []
     with torch.no_grad():
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start:start + args.batch_size]
-            faces = torch.stack([to_tensor_normalised(Image.open(p).convert("RGB")) for p in batch])
-            rows += [f"{p.name},{float(q):.9g}" for p, q in zip(batch, model(faces)[:, 0], strict=True)]
+            images = [Image.open(p).convert("RGB") for p in batch]
+            faces = torch.stack([to_tensor_normalised(image, transform["mean"], transform["std"]) for image in images])
+            if transform["bgr"]:
+                faces = faces.flip(1)
+            rows += [f"{p.name},{float(q):.9g}" for p, q in zip(batch, qualities(model, faces), strict=True)]
     args.output.write_text("name,quality\n" + "\n".join(rows) + "\n", encoding="utf-8")
     print(json.dumps({"startup_s": round(ready, 3), "images": len(paths)}))
     return 0

@@ -70,8 +70,10 @@ def test_int8_graph_keeps_the_metadata_and_records_calibration(tiny_int8, capsys
     fp32_weights = {tensor.name for tensor in graph.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
     layers = {node.name: node for node in graph.graph.node if node.op_type in ("Gemm", "MatMul", "Conv")}
     assert {"/quality_head/l1/Gemm", "/quality_head/l2/Gemm"} <= set(layers)
-    for name, node in layers.items():  # the head's weights stay fp32, every other layer's are int8
-        assert (node.input[1] in fp32_weights) == name.startswith("/quality_head/"), name
+    stem = [name for name, node in layers.items() if "image" in node.input]
+    assert stem == ["/feature_extractor/conv1/Conv"]  # reads the pixels themselves, not a DequantizeLinear
+    for name, node in layers.items():  # the head's and the stem's weights stay fp32, every other layer's are int8
+        assert (node.input[1] in fp32_weights) == (name.startswith("/quality_head/") or name in stem), name
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
 
@@ -100,7 +102,7 @@ def test_low_agreement_warns_at_export_and_at_every_use(tiny_int8, tmp_path, cap
 
     faces, _, fp32, _ = tiny_int8
     int8 = tmp_path / "strict.int8.onnx"
-    err = _export_int8(fp32, faces, int8, capsys, "--min-spearman", "1")  # from the fp32 ONNX file
+    err = _export_int8(fp32, faces, int8, capsys, "--min-spearman", "1", "--calibration-method", "minmax")
     figure = read_metadata(int8)["int8"]["agreement"]["spearman"]
     assert figure < 1  # a random tiny model's int8 qualities do not keep every rank
     assert f"warning: {int8}: int8 qualities rank faces with Spearman {figure:.4f}" in err

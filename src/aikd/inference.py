@@ -149,24 +149,40 @@ class Engine:
         return {"model": self.fingerprint, "precision": self.precision, "backend": self.backend}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """uint8 RGB face -> float32 (H, W, C) input (:meth:`Preprocessing.normalise`); thread-safe, meant for
-        the decode workers."""
-        return self.preprocessing.normalise(image)
+        """uint8 RGB face -> float32 model input (:meth:`Preprocessing.normalise`) in the layout this backend
+        takes without a copy: (H, W, C) for torch (channels_last), (C, H, W) for onnxruntime; thread-safe, meant
+        for the decode workers."""
+        return self.preprocessing.normalise(image, channels_first=self.session is not None)
 
     def __call__(self, batch: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Faces from :meth:`prepare`, stacked (N, H, W, C) or as a list -> (embeddings (N, D), qualities (N,)).
+        """Faces from :meth:`prepare` or :meth:`Preprocessing.normalise`, stacked or as a list, either layout
+        ((N, H, W, C) or (N, C, H, W)) -> (embeddings (N, D), qualities (N,)).
 
         Embeddings are the model's raw (not L2-normalised) float32 output; qualities are ``None`` for a bare
         backbone.
+
+        Raises:
+            ValueError: faces of another size than the model's input.
         """
-        batch = np.ascontiguousarray(np.stack(batch) if not isinstance(batch, np.ndarray) else batch,
-                                     dtype=np.float32)
+        batch = np.stack(batch) if not isinstance(batch, np.ndarray) else batch
+        channels_first = self._channels_first(batch.shape)
         if self.session is not None:
-            outputs = self.session.run(None, {"image": np.ascontiguousarray(batch.transpose(0, 3, 1, 2))})
+            faces = batch if channels_first else batch.transpose(0, 3, 1, 2)
+            outputs = self.session.run(None, {"image": np.ascontiguousarray(faces, dtype=np.float32)})
             return outputs[0], (outputs[1] if self.has_quality else None)
+        faces = batch.transpose(0, 2, 3, 1) if channels_first else batch
         with torch.inference_mode():
-            embedding, quality = self._forward(self._to_device(batch))
+            embedding, quality = self._forward(self._to_device(np.ascontiguousarray(faces, dtype=np.float32)))
             return embedding.cpu().numpy(), (quality.cpu().numpy() if quality is not None else None)
+
+    def _channels_first(self, shape: tuple[int, ...]) -> bool:
+        height, width = self.preprocessing.input_size
+        if len(shape) == 4 and shape[1:] == (3, height, width):
+            return True
+        if len(shape) == 4 and shape[1:] == (height, width, 3):
+            return False
+        raise ValueError(f"faces of shape {tuple(shape)}: this model takes (N, {height}, {width}, 3) or "
+                         f"(N, 3, {height}, {width}) batches (prepare them with Engine.prepare)")
 
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last

@@ -109,20 +109,38 @@ class Preprocessing:
         """``image`` at ``input_size`` by aikd's one resize rule (:func:`aikd.images.resize_image`)."""
         return resize_image(image, self.input_size)
 
-    def normalise(self, image: np.ndarray) -> np.ndarray:
-        """One uint8 (H, W, 3) RGB image -> float32 (H, W, 3) model input: resized to ``input_size``, channels
-        in the model's order, ``(x / 255 - mean) / std``.
+    def normalise(self, image: np.ndarray, channels_first: bool = False) -> np.ndarray:
+        """One uint8 (H, W, 3) RGB image -> float32 model input: resized to ``input_size``, channels in the
+        model's order, ``x * (1 / (255 std)) - mean / std`` per channel.
 
         The single home of this arithmetic: :meth:`to_tensor` (the Python API), the inference engine's decode
         threads (``aikd score``/``embed``) and training all call it, so the same image gives the same input.
-        Stacking gives an (N, H, W, 3) batch whose NCHW view is already channels_last.
+        ``channels_first=False`` gives (H, W, 3), whose stack is an (N, H, W, 3) batch that is already
+        channels_last; ``True`` gives (3, H, W), bit for bit the same values (for onnxruntime's NCHW input).
         """
         image = self.resize(_check_image(image, 0))
         if self.channel_order == "BGR":
             image = image[..., ::-1]
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        return (image.astype(np.float32) / np.float32(255.0) - mean) / std
+        scale, offset = self._affine()
+        height, width = image.shape[:2]
+        if channels_first:
+            out = np.empty((3, height, width), dtype=np.float32)
+            for channel in range(3):
+                np.multiply(image[:, :, channel], scale[channel], out=out[channel])
+                out[channel] += offset[channel]
+            return out
+        # Per-channel constants tiled along a row: numpy's inner loop then runs 3 x width long, not 3 (2x faster).
+        rows = image.reshape(height, width * 3).astype(np.float32)
+        rows *= np.tile(scale, width)
+        rows += np.tile(offset, width)
+        return rows.reshape(height, width, 3)
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (scale, offset) per channel: ``(x / 255 - mean) / std`` as one multiply and one add."""
+        std = np.asarray(self.std, dtype=np.float64)
+        scale = (1.0 / (255.0 * std)).astype(np.float32)
+        offset = (-np.asarray(self.mean, dtype=np.float64) / std).astype(np.float32)
+        return scale, offset
 
     def to_tensor(self, images: ImageBatch) -> torch.Tensor:
         """uint8 RGB images -> float32 (N, 3, H, W) model input (:meth:`normalise` of each).
