@@ -16,7 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 COMMANDS = ("aikd.cli", "aikd.__main__", "aikd.commands")
 # What each lower layer may import from aikd (besides itself).
 LOWER_LAYERS = {
-    "aikd.models": {"aikd.io", "aikd.images", "aikd.names", "aikd.align", "aikd.runtime"},
+    "aikd.models": {"aikd.io", "aikd.images", "aikd.names", "aikd.align", "aikd.runtime", "aikd.preprocessing"},
+    "aikd.preprocessing": {"aikd.images", "aikd.align"},
     "aikd.runtime": set(),
     "aikd.detectors": set(),
     "aikd.evaluate": set(),

@@ -189,3 +189,71 @@ def test_cuda_fp16_close_to_fp32(shifted_model):
     _, fp16 = Engine(shifted_model, device="cuda", precision="fp16")(faces)
     np.testing.assert_allclose(fp32, reference, atol=1e-4)
     assert np.abs(fp16 - reference).max() < 0.05 * (reference.max() - reference.min()) + 1e-3
+
+
+def test_engines_take_either_layout_and_name_a_wrong_shape(shifted_model):
+    pytest.importorskip("onnxruntime")
+    faces = np.stack(_faces(3))  # (N, H, W, C), as Preprocessing.normalise gives them
+    for engine in (Engine(shifted_model, device="cpu"), Engine(shifted_model, device="cpu", backend="onnxruntime")):
+        embedding, quality = engine(faces)
+        first_embedding, first_quality = engine(np.ascontiguousarray(faces.transpose(0, 3, 1, 2)))
+        np.testing.assert_array_equal(first_quality, quality)
+        np.testing.assert_array_equal(first_embedding, embedding)
+        with pytest.raises(ValueError, match=r"faces of shape \(3, 64, 64, 3\).*\(N, 112, 112, 3\)"):
+            engine(np.zeros((3, 64, 64, 3), np.float32))
+    onnx_engine = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    prepared = onnx_engine.prepare(np.full((112, 112, 3), 90, np.uint8))
+    assert prepared.shape == (3, 112, 112)  # what onnxruntime takes, without a transpose per batch
+    np.testing.assert_array_equal(prepared, Preprocessing().normalise(np.full((112, 112, 3), 90, np.uint8),
+                                                                      channels_first=True))
+
+
+def test_normalise_layouts_hold_the_same_values_as_the_formula():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    for preprocessing in (Preprocessing(), Preprocessing(mean=(0.48, 0.46, 0.41), std=(0.23, 0.22, 0.26)),
+                          Preprocessing(channel_order="BGR", mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))):
+        last, first = preprocessing.normalise(image), preprocessing.normalise(image, channels_first=True)
+        np.testing.assert_array_equal(first, last.transpose(2, 0, 1))  # bit for bit
+        pixels = image[..., ::-1] if preprocessing.channel_order == "BGR" else image
+        expected = (pixels / 255.0 - np.array(preprocessing.mean)) / np.array(preprocessing.std)
+        np.testing.assert_allclose(last, expected, atol=1e-6)
+
+
+def test_onnxruntime_devices_resolve_without_torch():
+    ort = pytest.importorskip("onnxruntime")
+    from aikd.runtime import PlainDevice
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert resolve_device("auto", backend="onnxruntime") == PlainDevice("cuda" if has_cuda else "cpu")
+    assert resolve_device("cpu", backend="onnxruntime") == PlainDevice("cpu")
+    assert resolve_device(PlainDevice("cpu")) == torch.device("cpu")  # a torch engine given one
+    for bad in ("tpu", "cpu:1", "cuda:x"):
+        with pytest.raises(ValueError, match=f"--device {bad}: unsupported device"):
+            resolve_device(bad, backend="onnxruntime")
+    if not has_cuda:
+        with pytest.raises(ValueError, match="no CUDA provider.*onnxruntime-gpu"):
+            resolve_device("cuda:0", backend="onnxruntime")
+
+
+def test_scoring_an_onnx_file_never_imports_torch(shifted_model, tmp_path):
+    """An exported graph is scored by onnxruntime alone: torch's import was most of such a process's start-up."""
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+
+    from aikd.export import export_onnx
+    from aikd.showcase import write_png
+
+    export_onnx(shifted_model, tmp_path / "m.onnx")
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for value in (30, 150):
+        write_png(faces / f"{value}.png", np.full((112, 112, 3), value, np.uint8))
+    script = ("import sys; from aikd.cli import main; "
+              f"rc = main(['score', {str(faces)!r}, '--checkpoint', {str(tmp_path / 'm.onnx')!r}, '--aligned', "
+              f"'-o', {str(tmp_path / 's.csv')!r}]); "
+              "print(rc, sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 3

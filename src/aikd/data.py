@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from aikd.align import Misalignment, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
-from aikd.models.preprocessing import Preprocessing
 from aikd.names import match_names
+from aikd.preprocessing import Preprocessing
 from aikd.synthetic import SyntheticFaces
 
 __all__ = [

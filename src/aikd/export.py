@@ -32,14 +32,17 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from aikd.io import atomic_write
-from aikd.models.folding import fold_batchnorm
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported by the functions that export or run torch: reading an exported graph's metadata (what
+# scoring an ONNX file needs) does without it.
 
 __all__ = ["INPUT_NAME", "OPSET", "check_onnx", "export_onnx", "metadata_from_properties", "read_metadata",
            "relative_difference"]
@@ -70,6 +73,10 @@ def export_onnx(
         fold: export the BatchNorm-folded model (same outputs up to float rounding, fewer operators).
         opset: ONNX opset version.
     """
+    import torch
+
+    from aikd.models.folding import fold_batchnorm
+
     highest = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
     if not 7 <= int(opset) <= highest:
         raise ValueError(f"--opset {opset}: this torch exports ONNX opsets 7 to {highest}")
@@ -102,7 +109,8 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
     import onnx
 
     from aikd import __version__
-    from aikd.models import Preprocessing, weights_fingerprint
+    from aikd.models import weights_fingerprint
+    from aikd.preprocessing import Preprocessing
 
     preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
     template = preprocessing.alignment_points().round(4).tolist()
@@ -155,7 +163,7 @@ def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = No
 def metadata_from_properties(props: Mapping[str, str], source: str) -> dict[str, Any]:
     """:func:`read_metadata` from a graph's metadata properties as already read (e.g. by an onnxruntime
     session's ``get_modelmeta().custom_metadata_map``, which spares parsing the graph a second time)."""
-    from aikd.models import Preprocessing
+    from aikd.preprocessing import Preprocessing
 
     if "aikd.preprocessing" not in props:
         raise ValueError(f"{source}: has no aikd metadata (not exported by aikd export); its preprocessing "
@@ -200,6 +208,7 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
     """
     import onnx
     import onnxruntime as ort
+    import torch
 
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
     try:

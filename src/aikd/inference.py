@@ -23,18 +23,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from aikd.evaluate import l2_normalise
-from aikd.models.checkpoint import weights_fingerprint
-from aikd.models.folding import fold_batchnorm
-from aikd.models.preprocessing import Preprocessing
-from aikd.models.quality import QualityModel
-from aikd.runtime import cpu_has_bf16, release_freed_memory, resolve_device
+from aikd.preprocessing import Preprocessing
+from aikd.runtime import PlainDevice, release_freed_memory, resolve_device
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch (and the model modules) load where the torch backend needs them: an onnxruntime engine for an exported
+# file runs without them, and a process scoring with one starts in a fraction of the time (README, speed).
 
 __all__ = [
     "BACKENDS",
@@ -70,11 +72,18 @@ class Engine:
     def __init__(self, model: nn.Module, device: str | torch.device | None = "auto", precision: str = "fp32",
                  backend: str = "torch", fold: bool = True, channels_last: bool = True,
                  preprocessing: Preprocessing | None = None, own_model: bool = False) -> None:
+        import torch
+
+        from aikd.models.checkpoint import weights_fingerprint
+        from aikd.models.folding import fold_batchnorm
+        from aikd.models.quality import QualityModel
+        from aikd.runtime import cpu_has_bf16
+
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device)  # a torch.device (a PlainDevice becomes one)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16")
         if backend == "onnxruntime" and precision != "fp32":
@@ -110,7 +119,8 @@ class Engine:
             self.backbone, self.head = self.model, None
 
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike, device: str | torch.device | None = "auto") -> Engine:
+    def from_onnx(cls, path: str | os.PathLike, device: str | torch.device | PlainDevice | None = "auto"
+                  ) -> Engine:
         """An onnxruntime engine for a graph written by ``aikd export``, preprocessing as its metadata says.
 
         An int8 graph (``aikd export --int8``) whose recorded agreement with fp32 is below its bar logs a warning
@@ -123,7 +133,8 @@ class Engine:
 
         _require_onnxruntime()
         engine = cls.__new__(cls)
-        engine.device, engine.backend = resolve_device(device), "onnxruntime"
+        engine.backend = "onnxruntime"
+        engine.device = device if isinstance(device, PlainDevice) else resolve_device(device, backend="onnxruntime")
         # From the file, not from its bytes, and the metadata from the session: onnxruntime then holds the one
         # copy of the weights (reading the graph into Python first cost three copies: 1.7 GB for iResNet-100).
         session = _session(os.fspath(path), engine.device, source=str(path))
@@ -170,6 +181,8 @@ class Engine:
             faces = batch if channels_first else batch.transpose(0, 3, 1, 2)
             outputs = self.session.run(None, {"image": np.ascontiguousarray(faces, dtype=np.float32)})
             return outputs[0], (outputs[1] if self.has_quality else None)
+        import torch
+
         faces = batch.transpose(0, 2, 3, 1) if channels_first else batch
         with torch.inference_mode():
             embedding, quality = self._forward(self._to_device(np.ascontiguousarray(faces, dtype=np.float32)))
@@ -185,6 +198,8 @@ class Engine:
                          f"(N, 3, {height}, {width}) batches (prepare them with Engine.prepare)")
 
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        import torch
+
         tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
         if not self.channels_last:
             tensor = tensor.contiguous()
@@ -193,6 +208,8 @@ class Engine:
         return tensor
 
     def _forward(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import torch
+
         backbone = self.backbone
         if self.precision == "fp32":
             embedding = backbone(faces)
@@ -297,17 +314,25 @@ class InferenceOptions:
                preprocessing: Preprocessing | None = None, own_model: bool = False) -> Engine:
         """An :class:`Engine` running ``model`` this way (on ``device``, e.g. a torchrun rank's, if given);
         ``own_model``: see :class:`Engine`."""
+        import torch
+
         device = device or resolve_device(self.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a command runs one input size: cuDNN picks its fastest kernels
         return Engine(model, device=device, precision=self.precision, backend=self.backend, fold=self.fold,
                       preprocessing=preprocessing, own_model=own_model)
 
+    @staticmethod
+    def device_backend(checkpoint: str | os.PathLike) -> str:
+        """What resolves the device for a model file (:func:`aikd.runtime.resolve_device`): ``onnxruntime`` for
+        an ONNX graph, which runs without torch, else ``torch``."""
+        return "onnxruntime" if Path(checkpoint).suffix.lower() == ".onnx" else "torch"
+
     def quality_engine(self, checkpoint: str | os.PathLike, arch: str | None = None,
                        device: torch.device | None = None) -> Engine:
         """An engine for a quality model file: an aikd/AI-KD checkpoint, or an ``aikd export`` ONNX graph
         (run by onnxruntime, fp32 or int8 as exported, with the preprocessing its metadata records)."""
-        if Path(checkpoint).suffix.lower() == ".onnx":
+        if self.device_backend(checkpoint) == "onnxruntime":
             if self.precision != "fp32":
                 raise ValueError(f"{checkpoint}: an ONNX model runs at the precision it was exported with (fp32, "
                                  f"or int8 from aikd export --int8); drop --precision {self.precision}")

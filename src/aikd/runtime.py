@@ -3,6 +3,8 @@
 One home for what ``train``, ``score``, ``embed`` and ``label`` all need:
 
 - :func:`resolve_device`: ``auto`` is the first CUDA device if there is one, else the CPU; names are checked;
+  for a process that runs an ONNX file alone, against onnxruntime's providers and without importing torch
+  (:class:`PlainDevice`: torch's import is most of such a process's start-up);
 - :func:`autocast_dtype` / :func:`autocast`: ``fp32``/``off``, ``fp16``, ``bf16`` or ``auto`` (fp16 on CUDA,
   bf16 on CPUs with native bf16, else fp32: emulated bf16 is slower than fp32);
 - :func:`seed_everything`: Python, numpy and torch;
@@ -25,15 +27,19 @@ import platform
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.distributed as torch_dist
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: scoring with an ONNX file runs without it (start-up: about 2 s of 2.6).
 
 __all__ = [
     "PRECISIONS",
     "Distributed",
+    "PlainDevice",
     "autocast",
     "autocast_dtype",
     "cpu_capability",
@@ -75,6 +81,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def cpu_capability() -> str:
     """The vector instruction set torch's CPU kernels use here (``AVX2``, ``AVX512``, ``DEFAULT`` on ARM...)."""
+    import torch
+
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
@@ -83,6 +91,8 @@ def cpu_capability() -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); elsewhere it is emulated."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -101,6 +111,8 @@ def cpu_has_vnni() -> bool:
 
 
 def _onednn_version() -> str:
+    import torch
+
     for line in torch.__config__.show().splitlines():
         if "MKL-DNN" in line or "oneDNN" in line:
             return line.split(" v", 1)[-1].split()[0] if " v" in line else line.strip(" -")
@@ -109,6 +121,8 @@ def _onednn_version() -> str:
 
 def describe_cpu() -> str:
     """One line: machine, torch build, CPU capability, native bf16, VNNI, oneDNN version, threads."""
+    import torch
+
     return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
             f"CPU capability {cpu_capability()}, native bf16 {'yes' if cpu_has_bf16() else 'no'}, "
             f"VNNI {'yes' if cpu_has_vnni() else 'no'}, "
@@ -116,20 +130,39 @@ def describe_cpu() -> str:
 
 
 # --------------------------------------------------------------------------------------------------- devices
-def resolve_device(name: str | torch.device | None = "auto", option: str = "--device") -> torch.device:
+@dataclass(frozen=True)
+class PlainDevice:
+    """A device named without torch, for onnxruntime: ``type`` ``cpu`` or ``cuda``, ``index`` or ``None``."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def resolve_device(name: str | torch.device | PlainDevice | None = "auto", option: str = "--device",
+                   backend: str = "torch") -> torch.device | PlainDevice:
     """``"auto"``/``None`` -> the first CUDA device if there is one, else the CPU; otherwise ``torch.device(name)``.
 
     Args:
         name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         option: the user-facing name of the setting, for error messages (``--device``, ``train.device``).
+        backend: ``torch``, or ``onnxruntime`` for a process that runs an ONNX file alone: the device is then
+            checked against onnxruntime's providers (``auto`` is CUDA only where onnxruntime-gpu can use it) and
+            returned as a :class:`PlainDevice`, torch not imported.
 
     Raises:
         ValueError: unknown device name, or a CUDA device that this machine does not have.
     """
+    if backend == "onnxruntime":
+        return _onnxruntime_device(name, option)
+    import torch
+
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(str(name) if isinstance(name, PlainDevice) else name)
     except RuntimeError as err:
         raise ValueError(f"{option}: {err} (use cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda":
@@ -142,6 +175,21 @@ def resolve_device(name: str | torch.device | None = "auto", option: str = "--de
     return device
 
 
+def _onnxruntime_device(name: Any, option: str) -> PlainDevice:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    text = "auto" if name is None else str(name)
+    if text == "auto":
+        return PlainDevice("cuda" if has_cuda else "cpu")
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"{option} {text}: unsupported device (use cpu, cuda, cuda:N or auto)")
+    if kind == "cuda" and not has_cuda:
+        raise ValueError(f"{option} {text}: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    return PlainDevice(kind, int(index) if index else None)
+
+
 # ------------------------------------------------------------------------------------------------- precision
 def autocast_dtype(precision: str | bool, device: torch.device, option: str = "--precision") -> torch.dtype | None:
     """The autocast dtype of a precision setting on ``device``; ``None`` means float32.
@@ -152,6 +200,8 @@ def autocast_dtype(precision: str | bool, device: torch.device, option: str = "-
     Raises:
         ValueError: an unknown setting, or fp16 asked for on the CPU.
     """
+    import torch
+
     setting = "fp32" if precision in ("off", False) else str(precision)
     if setting not in PRECISIONS:
         raise ValueError(f"{option}: expected one of {', '.join(PRECISIONS)} or off, got {precision!r}")
@@ -166,11 +216,15 @@ def autocast_dtype(precision: str | bool, device: torch.device, option: str = "-
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``, or nothing for float32 (``None``)."""
+    import torch
+
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -184,7 +238,7 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device | PlainDevice = field(default_factory=lambda: PlainDevice("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -193,12 +247,17 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.world_size > 1:
+            import torch.distributed as torch_dist
+
             torch_dist.barrier()
 
     def sum(self, value: int) -> int:
         """The sum of ``value`` over all ranks."""
         if self.world_size == 1:
             return value
+        import torch
+        import torch.distributed as torch_dist
+
         tensor = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
         torch_dist.all_reduce(tensor)
         return int(tensor.item())
@@ -212,6 +271,8 @@ class Distributed:
             except ValueError as err:
                 result = [("error", str(err))]
         if self.world_size > 1:
+            import torch.distributed as torch_dist
+
             torch_dist.broadcast_object_list(result, src=0)
         status, value = result[0]
         if status == "error":
@@ -219,35 +280,56 @@ class Distributed:
         return value
 
     def _collective_device(self) -> torch.device:
+        import torch
+        import torch.distributed as torch_dist
+
         return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def join_torchrun(device: str | torch.device | None = "auto", option: str = "--device") -> Distributed:
+def join_torchrun(device: str | torch.device | None = "auto", option: str = "--device",
+                  backend: str = "torch") -> Distributed:
     """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1; alone, a one-process :class:`Distributed`.
 
-    ``cuda`` (or ``auto`` on a GPU machine) becomes this rank's GPU, ``cuda:LOCAL_RANK``.
+    ``cuda`` (or ``auto`` on a GPU machine) becomes this rank's GPU, ``cuda:LOCAL_RANK``. ``backend``: see
+    :func:`resolve_device` (an onnxruntime process alone never imports torch; under torchrun its ranks meet
+    through gloo).
     """
-    chosen = resolve_device(device, option)
+    chosen = resolve_device(device, option, backend)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if chosen.type == "cuda":
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if isinstance(chosen, PlainDevice):
+        if chosen.type == "cuda" and chosen.index is None and world_size > 1:
+            chosen = PlainDevice("cuda", local_rank)
+        if world_size == 1:
+            return Distributed(0, 1, chosen)
+    import torch
+    import torch.distributed as torch_dist
+
+    if not isinstance(chosen, PlainDevice) and chosen.type == "cuda":
         if chosen.index is None:
-            chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
     if world_size > 1 and not torch_dist.is_initialized():
         # Ranks wait for each other at the end; a generous timeout covers uneven shards of slow images.
-        torch_dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
-                                      timeout=datetime.timedelta(hours=2))
+        nccl = not isinstance(chosen, PlainDevice) and chosen.type == "cuda"
+        torch_dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(hours=2))
     rank = torch_dist.get_rank() if world_size > 1 else 0
     return Distributed(rank, world_size, chosen)
 
 
 @contextlib.contextmanager
-def distributed(device: str | torch.device | None = "auto", option: str = "--device") -> Iterator[Distributed]:
+def distributed(device: str | torch.device | None = "auto", option: str = "--device",
+                backend: str = "torch") -> Iterator[Distributed]:
     """:func:`join_torchrun` for the duration of a command; leaves the process group it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield join_torchrun(device, option, backend)
+        return
+    import torch.distributed as torch_dist
+
     joined = not torch_dist.is_initialized()
-    dist = join_torchrun(device, option)
+    dist = join_torchrun(device, option, backend)
     try:
         yield dist
     finally:
-        if joined and dist.world_size > 1 and torch_dist.is_initialized():
+        if joined and torch_dist.is_initialized():
             torch_dist.destroy_process_group()

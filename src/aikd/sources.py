@@ -30,7 +30,7 @@ from aikd.images import ImageInput, match_landmarks, resize_image
 from aikd.io import read_landmarks
 
 if TYPE_CHECKING:  # no torch for aikd align
-    from aikd.models.preprocessing import Preprocessing
+    from aikd.preprocessing import Preprocessing
 
 __all__ = ["CropOptions", "Prepare", "make_prepare"]
 

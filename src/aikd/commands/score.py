@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if embeddings_path is not None and embeddings_path.resolve() == output.resolve():
         raise ValueError("--embeddings must name a different file than -o/--output")
     items = collect_inputs(args.inputs)
-    with distributed(inference.device) as dist:
+    with distributed(inference.device, backend=inference.device_backend(args.checkpoint)) as dist:
         engine = inference.quality_engine(args.checkpoint, args.arch, dist.device)
         calibration = _calibration(args, engine)
         if calibration is not None and fmt == "pickle":

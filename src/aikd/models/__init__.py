@@ -39,7 +39,6 @@ from aikd.models.iresnet import (
 )
 from aikd.models.irnet import IRNet
 from aikd.models.layout import needs_nchw_backward, to_training_layout
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
 from aikd.models.registry import (
     ModelSpec,
@@ -52,6 +51,7 @@ from aikd.models.registry import (
 )
 from aikd.models.swin import SwinFace
 from aikd.models.vit import FaceViT
+from aikd.preprocessing import Preprocessing
 
 __all__ = [
     "FRModel",

@@ -52,9 +52,9 @@ from aikd.models.batchnorm_statistics import calibrate_batchnorm
 from aikd.models.dlib_format import is_dlib_network, network_state, read_dlib_network
 from aikd.models.dlib_resnet import shipped_weights
 from aikd.models.head import QualityHead
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
 from aikd.models.registry import build_backbone, embedding_size_of, get_spec, list_models, preprocessing_for
+from aikd.preprocessing import Preprocessing
 
 __all__ = [
     "FORMAT",

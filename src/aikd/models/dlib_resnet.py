@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aikd.models.dlib_format import INPUT_MEAN_KEY, is_network_state, state_layers
-from aikd.models.preprocessing import Preprocessing
+from aikd.preprocessing import Preprocessing
 
 __all__ = [
     "DLIB_MEANS",

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.registry import ModelSpec, register_model
+from aikd.preprocessing import Preprocessing
 
 __all__ = ["IRBlock", "IRNet", "adaface_ir18", "adaface_ir50", "adaface_ir101", "curricularface_ir101"]
 

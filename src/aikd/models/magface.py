@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from aikd.models.iresnet import LAYERS, IResNet
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.registry import ModelSpec, register_model
+from aikd.preprocessing import Preprocessing
 
 __all__ = ["MAGFACE_PREPROCESSING", "convert_magface", "magface_r50", "magface_r100"]
 

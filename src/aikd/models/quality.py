@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aikd.models.preprocessing import Preprocessing
+from aikd.preprocessing import Preprocessing
 
 __all__ = ["QualityModel"]
 

@@ -31,8 +31,8 @@ from torch import nn
 
 from aikd.models import dlib_resnet, iresnet
 from aikd.models.head import QualityHead
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.quality import QualityModel
+from aikd.preprocessing import Preprocessing
 
 __all__ = [
     "ModelSpec",

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.registry import ModelSpec, register_model
+from aikd.preprocessing import Preprocessing
 
 __all__ = ["SwinBlock", "SwinFace", "swinface_t"]
 

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.models.preprocessing import Preprocessing
 from aikd.models.registry import ModelSpec, register_model
+from aikd.preprocessing import Preprocessing
 
 __all__ = ["FaceViT", "ViTBlock", "transface_b", "transface_l", "transface_s", "vit_b", "vit_l", "vit_s", "vit_t"]
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from aikd.images import resize_image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Preprocessing"]
 
@@ -151,6 +153,8 @@ class Preprocessing:
         Raises:
             ValueError: an image is not uint8 or not shaped (H, W, 3).
         """
+        import torch  # here, not at the top: an ONNX-only process never imports torch
+
         items = _as_list(images)
         batch = np.stack([self.normalise(_check_image(image, i)) for i, image in enumerate(items)])
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
