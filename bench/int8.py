@@ -10,13 +10,18 @@ and the two sample photos; the faces here come from later LFW faces, so none was
 - evaluation: the next ``--identities`` faces, the same way: disjoint identities.
 
 ``aikd export`` writes the fp32 graph, ``aikd export --int8 --calibration-images`` the int8 one. Agreement: the
-Spearman correlation of int8 and fp32 qualities on the evaluation faces. Speed, end to end (PNG decode,
-preprocessing, model) on the evaluation files, paths interleaved ``--repeats`` times, medians:
+Spearman correlation of int8 and fp32 qualities on the evaluation faces (and of int8 against the paper path's
+qualities). Speed: each path is a whole process, interpreter start to exit, on a flat folder of the evaluation
+PNGs copied ``--copies`` times (1760 files by default: long enough that start-up is not all there is), paths
+interleaved ``--repeats`` times, medians; ratios are medians of the per-repeat ratios against the paper path:
 
-- ``paper``: the paper's scoring style: PIL decode in the main thread, the model's own preprocessing (dlib's:
-  ``(x - mean) / 256``), the plain eager fp32 torch model;
-- ``onnxruntime-fp32`` and ``onnxruntime-int8``: the exported files through ``aikd score``'s engine and job
-  runner (threaded decode).
+- ``paper``: the paper's scoring style (``bench/paper_path.py`` given the aikd checkpoint): PIL decode in the
+  main thread, ``ToTensor`` + ``Normalize`` with the model's mean and std, the plain eager fp32 torch model;
+- ``onnxruntime-fp32`` and ``onnxruntime-int8``: ``aikd score --checkpoint model[.int8].onnx --aligned``.
+
+Per path: ``img_s`` (files / wall), ``ratio_vs_paper``, ``startup_s`` (a process that scores one face),
+``steady_img_s`` and ``steady_ratio_vs_paper`` (files net of start-up: ``(files - 1) / (wall - startup)``) and
+``peak_rss_mb`` (``wait4``'s ``ru_maxrss``).
 
     PYTHONPATH=src python bench/int8.py                                      # trains the demo student first
     PYTHONPATH=src python bench/int8.py --checkpoint demo_out/run/best.pt   # an existing dlib-r29 student
@@ -27,57 +32,24 @@ The first line printed is the CPU (``aikd.runtime.describe_cpu``), the last one 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+from score import BENCH, run_process  # bench/score.py: one process, its wall time and peak RSS
 
 from aikd.cli import main as aikd
 from aikd.evaluate import spearman
-from aikd.images import ImageInput, collect_inputs
-from aikd.inference import Engine
-from aikd.jobs import ItemResult, run_job
 from aikd.models import load_quality_model
 from aikd.quantize import load_faces, measure_agreement
 from aikd.runtime import cpu_capability, cpu_has_vnni, describe_cpu
 
 FIRST_UNTRAINED = 30  # aikd demo trains on lfw_000 ... lfw_029 (its default --faces)
-
-
-def score_paper_style(model: torch.nn.Module, items: list[ImageInput], batch_size: int) -> np.ndarray:
-    """The paper's way: decode in the main thread, preprocess, the plain eager fp32 model, batch by batch."""
-    qualities = []
-    with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            faces = [np.asarray(Image.open(item.path).convert("RGB")) for item in items[start:start + batch_size]]
-            qualities.append(model(model.preprocessing(faces))[1].numpy())
-    return np.concatenate(qualities)
-
-
-def score_with_engine(engine: Engine, items: list[ImageInput], batch_size: int, workers: int,
-                      scratch: Path) -> np.ndarray:
-    """What ``aikd score`` does per batch: threaded decode and preprocessing, the engine, the journal."""
-    output = scratch / f"scores-{time.monotonic_ns()}.csv"
-
-    def process(batch: list[np.ndarray], batch_items: list[ImageInput]) -> list[ItemResult]:
-        _, qualities = engine(batch)
-        return [ItemResult(rows=[[float(q)]]) for q in qualities]
-
-    results = run_job(items, process, output, batch_size=batch_size, workers=workers,
-                      prepare=lambda image, item: engine.prepare(image), desc="bench")
-    return np.array([results[item.key].rows[0][0] for item in items], dtype=np.float32)
-
-
-def timed(run) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    result = run()
-    return result, time.perf_counter() - start
+PATHS = ("paper", "onnxruntime-fp32", "onnxruntime-int8")
 
 
 def _run(argv: list[str]) -> None:
@@ -105,6 +77,36 @@ def face_sets(root: Path, preprocessing, identities: int, seed: int) -> tuple[Pa
     return root / "calibration", root / "evaluation"
 
 
+def flat_copies(folder: Path, copies: int, into: Path) -> Path:
+    """Every PNG under ``folder`` copied ``copies`` times into one flat folder (the paper path reads one level)."""
+    into.mkdir(parents=True)
+    for copy in range(copies):
+        for path in sorted(folder.rglob("*.png")):
+            shutil.copyfile(path, into / f"{copy}_{path.parent.name}_{path.name}")
+    return into
+
+
+def commands(args: argparse.Namespace, checkpoint: Path, graphs: dict[str, Path]):
+    """path name -> (folder, output) -> the command line of that path."""
+    def paper(folder: Path, out: Path) -> list[str]:
+        return [sys.executable, str(BENCH / "paper_path.py"), str(folder), str(checkpoint), str(out),
+                "--batch-size", str(args.batch_size)]
+
+    def onnx(graph: Path):
+        return lambda folder, out: [sys.executable, "-m", "aikd", "score", str(folder), "--checkpoint", str(graph),
+                                    "--aligned", "--batch-size", str(args.batch_size), "--workers",
+                                    str(args.workers), "--overwrite", "-o", str(out)]
+
+    return {"paper": paper, **{name: onnx(graph) for name, graph in graphs.items()}}
+
+
+def read_scores(path: Path) -> dict[str, float]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        column = next(rows).index("quality")
+        return {Path(row[0]).name: float(row[column]) for row in rows}
+
+
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -114,52 +116,80 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     if model.arch != "dlib-r29":
         raise SystemExit(f"{checkpoint}: a {model.arch} model; this bench measures the real dlib-r29 student")
     calibration, evaluation = face_sets(scratch / "faces", model.preprocessing, args.identities, args.seed)
-    fp32, int8 = scratch / "model.onnx", scratch / "model.int8.onnx"
-    _run(["export", "--checkpoint", str(checkpoint), "-o", str(fp32)])
-    _run(["export", "--checkpoint", str(fp32), "--int8", "--calibration-images", str(calibration), "-o", str(int8)])
+    graphs = {"onnxruntime-fp32": scratch / "model.onnx", "onnxruntime-int8": scratch / "model.int8.onnx"}
+    _run(["export", "--checkpoint", str(checkpoint), "-o", str(graphs["onnxruntime-fp32"])])
+    _run(["export", "--checkpoint", str(graphs["onnxruntime-fp32"]), "--int8", "--calibration-images",
+          str(calibration), "-o", str(graphs["onnxruntime-int8"])])
     _, faces = load_faces(evaluation, model.preprocessing)
-    agreement = measure_agreement(fp32.read_bytes(), int8.read_bytes(), faces)
-    items = collect_inputs([evaluation])
-    engines = {"onnxruntime-fp32": Engine.from_onnx(fp32, "cpu"), "onnxruntime-int8": Engine.from_onnx(int8, "cpu")}
-    paths = {"paper": lambda: score_paper_style(model, items, args.batch_size)}
-    for name, engine in engines.items():
-        paths[name] = lambda e=engine: score_with_engine(e, items, args.batch_size, args.workers, scratch)
-    for run in paths.values():  # warm-up: allocators, onnxruntime arenas
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    scores: dict[str, np.ndarray] = {}
+    agreement = measure_agreement(*(graphs[name].read_bytes() for name in graphs), faces)
+    del model, faces
+    folders = {"all": flat_copies(evaluation, args.copies, scratch / "speed")}
+    folders["one"] = scratch / "one"
+    folders["one"].mkdir()
+    first = sorted(folders["all"].iterdir())[0]
+    shutil.copyfile(first, folders["one"] / first.name)
+    paths = commands(args, checkpoint, graphs)
+    figures = {name: {"all": [], "one": [], "rss": []} for name in PATHS}
+    scores: dict[str, dict[str, float]] = {}
+    for name in PATHS:  # warm-up: page cache, .pyc files
+        run_process(paths[name](folders["one"], scratch / "warm.csv"))
     for repeat in range(args.repeats):
-        for name, run in paths.items():
-            result, seconds = timed(run)
-            scores.setdefault(name, result)
-            rates[name].append(len(items) / seconds)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{n} {r[-1]:.1f} img/s" for n, r in rates.items()),
-              file=sys.stderr, flush=True)
-    return summarise(args, len(list(calibration.rglob("*.png"))), len(items), agreement, rates, scores)
+        for name in PATHS:
+            for which in ("one", "all"):
+                out = scratch / f"{name}-{which}.csv"
+                wall, rss = run_process(paths[name](folders[which], out))
+                figures[name][which].append(wall)
+                if which == "all":
+                    figures[name]["rss"].append(rss)
+                    scores.setdefault(name, read_scores(out))
+        files = len(list(folders["all"].iterdir()))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{n} {files / f['all'][-1]:.1f} img/s ({f['one'][-1]:.2f} s start-up)" for n, f in figures.items()),
+            file=sys.stderr, flush=True)
+    return summarise(args, len(list(calibration.rglob("*.png"))), agreement, figures, scores,
+                     len(list(folders["all"].iterdir())))
 
 
-def _ratio(rates: dict[str, list[float]], name: str, baseline: str) -> float:
-    return round(statistics.median(a / b for a, b in zip(rates[name], rates[baseline], strict=True)), 3)
+def _median_ratio(baseline: list[float], other: list[float]) -> float:
+    return round(statistics.median(b / o for b, o in zip(baseline, other, strict=True)), 3)
 
 
-def summarise(args: argparse.Namespace, calibration_faces: int, evaluation_faces: int, agreement,
-              rates: dict[str, list[float]], scores: dict[str, np.ndarray]) -> dict:
+def summarise(args: argparse.Namespace, calibration_faces: int, agreement, figures: dict, scores: dict,
+              files: int) -> dict:
+    steady = {name: [(files - 1) / max(a - o, 1e-9) for a, o in zip(f["all"], f["one"], strict=True)]
+              for name, f in figures.items()}
+    paths = {}
+    for name, f in figures.items():
+        paths[name] = {
+            "img_s": round(files / statistics.median(f["all"]), 1),
+            "ratio_vs_paper": _median_ratio(figures["paper"]["all"], f["all"]),
+            "startup_s": round(statistics.median(f["one"]), 2),
+            "steady_img_s": round(statistics.median(steady[name]), 1),
+            "steady_ratio_vs_paper": _median_ratio(steady[name], steady["paper"]),
+            "peak_rss_mb": round(statistics.median(f["rss"])),
+        }
+    keys = sorted(scores["paper"])
+    int8_scores, paper_scores = ([scores[n][k] for k in keys] for n in ("onnxruntime-int8", "paper"))
+    paper = paths.pop("paper")
     return {
         "cpu": describe_cpu(), "cpu_capability": cpu_capability(), "vnni": cpu_has_vnni(),
-        "torch_threads": torch.get_num_threads(), "model": "dlib-r29 + trained quality head (aikd demo student)",
-        "calibration_faces": calibration_faces, "evaluation_faces": evaluation_faces,
+        "model": "dlib-r29 + trained quality head (aikd demo student)",
+        "calibration_faces": calibration_faces, "evaluation_faces": agreement.faces, "speed_files": files,
         "batch_size": args.batch_size, "repeats": args.repeats, "workers": args.workers,
         "int8_spearman_vs_fp32": agreement.spearman,
-        "int8_spearman_vs_paper": round(spearman(scores["onnxruntime-int8"], scores["paper"]), 6),
+        "int8_spearman_vs_paper": round(spearman(int8_scores, paper_scores), 6),
         "int8_max_quality_diff": round(agreement.max_quality_diff, 5),
         "quality_range": round(agreement.quality_range, 5),
         "int8_min_embedding_cosine": round(agreement.min_embedding_cosine, 5),
-        "img_s": {name: round(statistics.median(values), 2) for name, values in rates.items()},
-        "int8_vs_paper": _ratio(rates, "onnxruntime-int8", "paper"),
-        "int8_vs_fp32_onnxruntime": _ratio(rates, "onnxruntime-int8", "onnxruntime-fp32"),
-        "fp32_onnxruntime_vs_paper": _ratio(rates, "onnxruntime-fp32", "paper"),
+        "paper_img_s": paper["img_s"], "paper_startup_s": paper["startup_s"],
+        "paper_steady_img_s": paper["steady_img_s"], "paper_peak_rss_mb": paper["peak_rss_mb"],
+        "paths": paths,
+        "int8_vs_paper": paths["onnxruntime-int8"]["ratio_vs_paper"],
+        "int8_steady_vs_paper": paths["onnxruntime-int8"]["steady_ratio_vs_paper"],
+        "int8_vs_fp32_onnxruntime": _median_ratio(figures["onnxruntime-fp32"]["all"],
+                                                  figures["onnxruntime-int8"]["all"]),
         "settings": "QDQ, per-channel int8 weights with reduce_range, uint8 activations, percentile 99.999 "
-                    "calibration, quality head fp32 (aikd.quantize.QuantizeOptions defaults)",
+                    "calibration, stem convolution and quality head fp32 (aikd.quantize.QuantizeOptions defaults)",
     }
 
 
@@ -171,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="faces per forward (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="decode threads of the engine paths "
+    parser.add_argument("--copies", type=int, default=4, help="copies of the evaluation faces in the timed folder "
                         "(default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="aikd score's decode threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the degradations (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.copies < 1 or args.repeats < 1:
+        parser.error("--copies and --repeats must be at least 1")
     if not 2 <= args.identities <= (100 - FIRST_UNTRAINED - 10) // 2:
         parser.error(f"--identities must be 2..{(100 - FIRST_UNTRAINED - 10) // 2}")
     print(f"cpu: {describe_cpu()}", flush=True)
