@@ -91,19 +91,24 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 7) -> float:
     return statistics.median(rates)
 
 
+# Each measured process is started by a small launcher interpreter (about 10 MB), not by this one: on Linux a
+# child's ru_maxrss starts at its parent's high-water mark (exec folds the forked memory's peak in), so a process
+# started from this bench would report the bench's own memory. The launcher times its child and reports both.
+_LAUNCHER = ("import os, subprocess, sys, time; start = time.perf_counter(); child = subprocess.Popen(sys.argv[1:]); "
+             "_, status, usage = os.wait4(child.pid, 0); wall = time.perf_counter() - start; "
+             "print(f'aikd-bench {wall} {usage.ru_maxrss}', file=sys.stderr); "
+             "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def run_process(command: list[str]) -> tuple[float, float]:
     """Run ``command`` to its end; ``(wall seconds, peak RSS in MB)`` of that process alone."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = process.stdout.read(), process.stderr.read()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr.decode()[-2000:]}"
-                         f"{stdout.decode()[-500:]}")
-    return wall, usage.ru_maxrss / 1024  # kB on Linux
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], capture_output=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr.decode()[-2000:]}"
+                         f"{done.stdout.decode()[-500:]}")
+    _, wall, peak_kb = done.stderr.decode().strip().splitlines()[-1].split()
+    return float(wall), int(peak_kb) / 1024  # kB on Linux
 
 
 def read_scores(path: Path) -> dict[str, float]:

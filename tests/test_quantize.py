@@ -70,10 +70,8 @@ def test_int8_graph_keeps_the_metadata_and_records_calibration(tiny_int8, capsys
     fp32_weights = {tensor.name for tensor in graph.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
     layers = {node.name: node for node in graph.graph.node if node.op_type in ("Gemm", "MatMul", "Conv")}
     assert {"/quality_head/l1/Gemm", "/quality_head/l2/Gemm"} <= set(layers)
-    stem = [name for name, node in layers.items() if "image" in node.input]
-    assert stem == ["/feature_extractor/conv1/Conv"]  # reads the pixels themselves, not a DequantizeLinear
-    for name, node in layers.items():  # the head's and the stem's weights stay fp32, every other layer's are int8
-        assert (node.input[1] in fp32_weights) == (name.startswith("/quality_head/") or name in stem), name
+    for name, node in layers.items():  # the head's weights stay fp32, every other layer's are int8
+        assert (node.input[1] in fp32_weights) == name.startswith("/quality_head/"), name
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
 
@@ -102,7 +100,7 @@ def test_low_agreement_warns_at_export_and_at_every_use(tiny_int8, tmp_path, cap
 
     faces, _, fp32, _ = tiny_int8
     int8 = tmp_path / "strict.int8.onnx"
-    err = _export_int8(fp32, faces, int8, capsys, "--min-spearman", "1", "--calibration-method", "minmax")
+    err = _export_int8(fp32, faces, int8, capsys, "--min-spearman", "1")  # from the fp32 ONNX file
     figure = read_metadata(int8)["int8"]["agreement"]["spearman"]
     assert figure < 1  # a random tiny model's int8 qualities do not keep every rank
     assert f"warning: {int8}: int8 qualities rank faces with Spearman {figure:.4f}" in err
@@ -112,6 +110,23 @@ def test_low_agreement_warns_at_export_and_at_every_use(tiny_int8, tmp_path, cap
     assert "warning" not in _export_int8(fp32, faces, lenient, capsys, "--min-spearman", "-1")
     assert main(["score", str(faces), "--checkpoint", str(lenient), "--aligned", "-o", str(tmp_path / "t.csv")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_stem_can_stay_fp32(tiny_int8):
+    """``fp32_input_conv``: the convolution that reads the pixels keeps fp32 weights and reads the image itself."""
+    from aikd.models import Preprocessing
+    from aikd.quantize import QuantizeOptions, load_faces, quantize_graph
+
+    faces, _, fp32, _ = tiny_int8
+    _, pixels = load_faces(faces, Preprocessing())
+    graph = onnx.load_model_from_string(quantize_graph(fp32.read_bytes(), pixels[:8],
+                                                       QuantizeOptions(fp32_input_conv=True)))
+    fp32_weights = {tensor.name for tensor in graph.graph.initializer if tensor.data_type == onnx.TensorProto.FLOAT}
+    convolutions = [node for node in graph.graph.node if node.op_type == "Conv"]
+    stem = [node for node in convolutions if "image" in node.input]
+    assert [node.name for node in stem] == ["/feature_extractor/conv1/Conv"]
+    assert stem[0].input[1] in fp32_weights
+    assert all(node.input[1] not in fp32_weights for node in convolutions if node is not stem[0])
 
 
 def test_bad_calibration_input_is_refused_naming_the_file(tiny_int8, tmp_path, capsys):
