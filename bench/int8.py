@@ -189,7 +189,7 @@ def summarise(args: argparse.Namespace, calibration_faces: int, agreement, figur
         "int8_vs_fp32_onnxruntime": _median_ratio(figures["onnxruntime-fp32"]["all"],
                                                   figures["onnxruntime-int8"]["all"]),
         "settings": "QDQ, per-channel int8 weights with reduce_range, uint8 activations, percentile 99.999 "
-                    "calibration, stem convolution and quality head fp32 (aikd.quantize.QuantizeOptions defaults)",
+                    "calibration, quality head fp32 (aikd.quantize.QuantizeOptions defaults)",
     }
 
 
