@@ -29,7 +29,7 @@ import numpy as np
 
 from aikd.evaluate import l2_normalise
 from aikd.preprocessing import Preprocessing
-from aikd.runtime import PlainDevice, release_freed_memory, resolve_device
+from aikd.runtime import PlainDevice, cpu_has_bf16, release_freed_memory, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,6 @@ class Engine:
         from aikd.models.checkpoint import weights_fingerprint
         from aikd.models.folding import fold_batchnorm
         from aikd.models.quality import QualityModel
-        from aikd.runtime import cpu_has_bf16
 
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
