@@ -371,6 +371,37 @@ def test_a_calibration_of_another_model_warns(tmp_path, few_faces, tiny_checkpoi
     assert "another quality model" not in capsys.readouterr().err  # the fitted calibration records no fingerprint
 
 
+def test_scores_of_an_exported_graph_calibrate_its_checkpoint(tmp_path, few_faces, tiny_checkpoint, tiny_model,
+                                                             calib_file, capsys):
+    """The run record of ONNX scores names the torch weights the graph came from, so the calibration fitted on
+    them belongs to that checkpoint too (it used to warn of "another quality model")."""
+    pytest.importorskip("onnxruntime")
+    from aikd.commands.calibrate import _quality_model
+    from aikd.models import weights_fingerprint
+
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "-o", str(onnx)]) == 0
+    scores = tmp_path / "onnx_scores.csv"
+    assert _score(few_faces, onnx, scores) == 0
+    recorded = _quality_model(scores)
+    assert recorded["fingerprint"].startswith("onnx:")
+    assert recorded["weights_fingerprint"] == weights_fingerprint(tiny_model)
+    data = json.loads(calib_file.read_text())
+    data["quality_model"] = recorded
+    from_onnx = tmp_path / "from_onnx.json"
+    from_onnx.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["calibrate", "--calibration", str(from_onnx), "--checkpoint", str(tiny_checkpoint), "--no-plots",
+                 "-o", str(tmp_path / "c.pt")]) == 0
+    assert _score(few_faces, tiny_checkpoint, tmp_path / "t.csv", "--calibration", str(from_onnx)) == 0
+    assert "another quality model" not in capsys.readouterr().err
+    data["quality_model"]["weights_fingerprint"] = "someone-else"
+    from_onnx.write_text(json.dumps(data))
+    assert main(["calibrate", "--calibration", str(from_onnx), "--checkpoint", str(tiny_checkpoint), "--no-plots",
+                 "-o", str(tmp_path / "d.pt")]) == 0
+    assert "another quality model" in capsys.readouterr().err
+
+
 def test_an_fr_model_other_than_the_calibrations_warns(tmp_path, few_faces, tiny_checkpoint, calib_file, capsys):
     assert _score(few_faces, tiny_checkpoint, tmp_path / "a.csv", "--calibration", str(calib_file),
                   "--fr-model", "adaface") == 0

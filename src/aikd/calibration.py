@@ -359,6 +359,12 @@ class Calibration:
         return (self.info.get("quality_model") or {}).get("fingerprint")
 
     @property
+    def quality_model_fingerprints(self) -> list[str]:
+        """Every fingerprint the calibrated scores' model is known by (an exported graph's and its weights')."""
+        model = self.info.get("quality_model") or {}
+        return [f for f in (model.get("fingerprint"), model.get("weights_fingerprint")) if f]
+
+    @property
     def fr_model(self) -> dict[str, Any]:
         return dict(self.info.get("fr_model") or {})
 
@@ -610,7 +616,7 @@ def check_quality_model(calibration: Calibration, fingerprints: Sequence[str | N
     """Warn when the quality model now scoring is not the one whose scores were calibrated; True if it matches
     (or cannot be told)."""
     expected = calibration.quality_model_fingerprint
-    if expected is None or expected in fingerprints:
+    if expected is None or set(calibration.quality_model_fingerprints) & {f for f in fingerprints if f}:
         return True
     log.warning("warning: the calibration was fitted on scores of another quality model (%s) than %s (%s): its "
                 "expected FNMR does not hold for these scores; calibrate this model", expected,

@@ -155,8 +155,13 @@ class Engine:
         return engine
 
     def record(self) -> dict[str, Any]:
-        """What defines this engine's outputs (model, precision, backend), as plain data."""
-        return {"model": self.fingerprint, "precision": self.precision, "backend": self.backend}
+        """What defines this engine's outputs (model, precision, backend), as plain data; for an exported graph
+        also ``weights``, the fingerprint of the torch weights it came from (so a calibration fitted on its
+        scores is known to belong to that checkpoint too)."""
+        record = {"model": self.fingerprint, "precision": self.precision, "backend": self.backend}
+        if self.weights_fingerprint and self.weights_fingerprint != self.fingerprint:
+            record["weights"] = self.weights_fingerprint
+        return record
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB face -> float32 model input (:meth:`Preprocessing.normalise`) in the layout this backend

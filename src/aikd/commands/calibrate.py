@@ -100,8 +100,18 @@ def _fit(args: argparse.Namespace, options: cal.CalibrationOptions) -> cal.Calib
     info = {"fr_model": {"name": fr_model, "fingerprint": cal.run_record(args.embeddings).get("model"),
                          "embeddings": str(args.embeddings)},
             "dataset": dataset,
-            "quality_model": {"fingerprint": cal.run_record(args.scores).get("model"), "scores": str(args.scores)}}
+            "quality_model": _quality_model(args.scores)}
     return cal.calibrate(data, options, info)
+
+
+def _quality_model(scores: Path) -> dict[str, str | None]:
+    """Which quality model gave ``scores`` (its run record): the model's fingerprint and, for an exported graph,
+    that of the torch weights it came from."""
+    record = cal.run_record(scores)
+    info = {"fingerprint": record.get("model"), "scores": str(scores)}
+    if record.get("weights"):
+        info["weights_fingerprint"] = record["weights"]
+    return info
 
 
 def _write_checkpoint(checkpoint: Path, arch: str | None, calibration: cal.Calibration, output: Path) -> None:
