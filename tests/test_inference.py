@@ -257,3 +257,23 @@ def test_scoring_an_onnx_file_never_imports_torch(shifted_model, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 3
+
+
+def test_onnxruntime_runs_a_cpu_batch_as_two_halves_with_the_same_outputs(shifted_model, monkeypatch):
+    """Two halves at once on half the cores each (throughput with decode threads about): the same outputs as
+    the faces one by one, and on a single core the batch runs whole."""
+    pytest.importorskip("onnxruntime")
+    import aikd.inference as inference
+
+    faces = np.stack(_faces(5))
+    monkeypatch.setattr(inference, "_available_cores", lambda: 2)
+    engine = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    assert engine.session.halves
+    embedding, quality = engine(faces)
+    singles = [engine(faces[i:i + 1]) for i in range(len(faces))]
+    np.testing.assert_allclose(quality, np.concatenate([q for _, q in singles]), atol=1e-6)
+    np.testing.assert_allclose(embedding, np.concatenate([e for e, _ in singles]), atol=1e-5)
+    monkeypatch.setattr(inference, "_available_cores", lambda: 1)
+    whole = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    assert not whole.session.halves
+    np.testing.assert_allclose(whole(faces)[1], quality, atol=1e-6)

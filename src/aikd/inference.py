@@ -21,6 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "Engine",
+    "OnnxSession",
     "InferenceOptions",
     "l2_normalise",
 ]
@@ -136,8 +138,8 @@ class Engine:
         engine.device = device if isinstance(device, PlainDevice) else resolve_device(device, backend="onnxruntime")
         # From the file, not from its bytes, and the metadata from the session: onnxruntime then holds the one
         # copy of the weights (reading the graph into Python first cost three copies: 1.7 GB for iResNet-100).
-        session = _session(os.fspath(path), engine.device, source=str(path))
-        metadata = metadata_from_properties(session.get_modelmeta().custom_metadata_map, str(path))
+        session = OnnxSession(os.fspath(path), engine.device, source=str(path))
+        metadata = metadata_from_properties(session.metadata(), str(path))
         engine.precision = metadata["precision"]  # fp32, or int8 for a graph from aikd.quantize
         if engine.precision == "int8":
             from aikd.quantize import int8_warning
@@ -183,7 +185,7 @@ class Engine:
         channels_first = self._channels_first(batch.shape)
         if self.session is not None:
             faces = batch if channels_first else batch.transpose(0, 3, 1, 2)
-            outputs = self.session.run(None, {"image": np.ascontiguousarray(faces, dtype=np.float32)})
+            outputs = self.session.run(np.ascontiguousarray(faces, dtype=np.float32))
             return outputs[0], (outputs[1] if self.has_quality else None)
         import torch
 
@@ -236,7 +238,7 @@ def _onnx_session(model: nn.Module, preprocessing: Preprocessing, device: torch.
     _require_onnxruntime()
     buffer = io.BytesIO()
     export_onnx(model, buffer, input_size=preprocessing.input_size, fold=False)
-    return _session(buffer.getvalue(), device)
+    return OnnxSession(buffer.getvalue(), device)
 
 
 def _require_onnxruntime() -> None:
@@ -254,31 +256,69 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _session(graph: bytes | str, device: torch.device, source: str = "<graph>") -> Any:
-    """An onnxruntime session of a graph (its bytes, or its file: lighter, onnxruntime reads it itself).
+class OnnxSession:
+    """An onnxruntime session of an exported graph, run the way that is fastest for whole folders.
 
-    Raises:
-        ValueError: no such file, or not a graph onnxruntime can load (the message names ``source``).
+    On the CPU each batch runs as two halves at once, each half on half the cores, instead of the whole batch on
+    every core: onnxruntime's threads meet at a barrier after every operator, and on a machine whose cores the
+    decode threads share, one preempted thread holds up the others there. Measured on 2 cores (``aikd score``,
+    whole process, interleaved runs): dlib-r29 int8 on 1760 files 1.04x (median of 3 pairs; 1.20x in another
+    series of 3), fp32 1.07x, iResNet-100 fp32 on 64 files 1.02x, the same scores; a batch of one face runs on
+    half the cores (iResNet-100: 0.3 s more for the first face). On a GPU the batch runs whole.
     """
-    import onnxruntime as ort
 
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("--backend onnxruntime --device cuda needs onnxruntime-gpu")
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No memory arena: it keeps the largest batch's activations reserved for good (about 200 MB for an
-    # iResNet-100 at batch 32); plain allocation measured no slower here.
-    options.enable_cpu_mem_arena = False
-    if isinstance(graph, str) and not os.path.isfile(graph):
-        raise ValueError(f"{source}: no such file")
+    def __init__(self, graph: bytes | str, device: torch.device | PlainDevice, source: str = "<graph>") -> None:
+        """Load ``graph`` (its bytes, or its file: lighter, onnxruntime reads it itself) for ``device``.
+
+        Raises:
+            ValueError: no such file, or not a graph onnxruntime can load (the message names ``source``).
+        """
+        import onnxruntime as ort
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("--backend onnxruntime --device cuda needs onnxruntime-gpu")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No memory arena: it keeps the largest batch's activations reserved for good (about 200 MB for an
+        # iResNet-100 at batch 32); plain allocation measured no slower here.
+        options.enable_cpu_mem_arena = False
+        cores = _available_cores()
+        self.halves = device.type == "cpu" and cores >= 2
+        if self.halves:
+            options.intra_op_num_threads = cores // 2
+        if isinstance(graph, str) and not os.path.isfile(graph):
+            raise ValueError(f"{source}: no such file")
+        try:
+            self.session = ort.InferenceSession(graph, options, providers=providers)
+        except Exception as err:  # onnxruntime's own exception types: InvalidProtobuf, Fail, InvalidGraph...
+            raise ValueError(f"{source}: not an ONNX model onnxruntime can run ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """The graph's metadata properties (aikd's: :func:`aikd.export.metadata_from_properties`)."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, faces: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for a contiguous float32 (N, C, H, W) batch."""
+        if not self.halves or len(faces) < 2:
+            return self.session.run(None, {"image": faces})
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="aikd-onnxruntime")
+        halves = np.array_split(faces, 2)
+        outputs = list(self._pool.map(lambda half: self.session.run(None, {"image": half}), halves))
+        return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+
+
+def _available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
     try:
-        return ort.InferenceSession(graph, options, providers=providers)
-    except Exception as err:  # onnxruntime's own exception types: InvalidProtobuf, Fail, InvalidGraph...
-        raise ValueError(f"{source}: not an ONNX model onnxruntime can run ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------------------ options
