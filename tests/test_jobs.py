@@ -1,5 +1,7 @@
 """The batch job runner: order, errors file, journal, resume."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,3 +71,16 @@ def test_resume_skips_done_and_survives_torn_line(tmp_path, folder):
 def test_process_batch_count_mismatch_is_a_bug(tmp_path, folder):
     with pytest.raises(RuntimeError, match="results for"):
         run_job(collect_inputs([folder]), lambda images, items: [], tmp_path / "o.csv", workers=0)
+
+
+def test_provenance_settings_do_not_decide_the_same_job(tmp_path):
+    """``weights`` (an ONNX graph's source weights) follows from ``model``: a journal recorded without it resumes,
+    while a different model is still refused."""
+    from aikd.jobs import _settings_path, check_same_job, journal_dir
+
+    out = tmp_path / "s.csv"
+    journal_dir(out).mkdir(parents=True)
+    _settings_path(out).write_text(json.dumps({"command": "score", "model": "onnx:aa"}), encoding="utf-8")
+    check_same_job(out, {"command": "score", "model": "onnx:aa", "weights": "bb"})
+    with pytest.raises(ValueError, match="model = 'onnx:aa', this run has model = 'onnx:cc'"):
+        check_same_job(out, {"command": "score", "model": "onnx:cc", "weights": "bb"})

@@ -298,6 +298,12 @@ def _recorded_settings(output: Path) -> dict[str, Any] | None:
     return None
 
 
+# Recorded for provenance, not compared on --resume: they follow from what is compared (``weights``, the torch
+# weights an ONNX graph came from, follows from the graph's own fingerprint, ``model``), and a record written before
+# such a key existed is still the same job.
+PROVENANCE_SETTINGS = frozenset({"weights"})
+
+
 def check_same_job(output: Path, settings: dict[str, Any]) -> None:
     """On ``--resume``: refuse to add to an output made by another model or with other settings."""
     if not (output.exists() or journal_dir(output).exists()):
@@ -306,7 +312,7 @@ def check_same_job(output: Path, settings: dict[str, Any]) -> None:
     if recorded is None:
         raise ValueError(f"--resume: {output} has no record of the model and settings that made it (written by "
                          "another program or an older aikd), so it cannot be continued safely; pass --overwrite")
-    changed = _differences(recorded, settings)
+    changed = [change for change in _differences(recorded, settings) if change[0] not in PROVENANCE_SETTINGS]
     if changed:
         key, before, now = changed[0]
         raise ValueError(f"--resume: {output} was made with {key} = {before!r}, this run has {key} = {now!r}; "
