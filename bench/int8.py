@@ -32,7 +32,6 @@ The first line printed is the CPU (``aikd.runtime.describe_cpu``), the last one 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import statistics
@@ -40,7 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from score import BENCH, run_process  # bench/score.py: one process, its wall time and peak RSS
+from score import BENCH, read_scores, run_process  # bench/score.py: one process's wall time and peak RSS
 
 from aikd.cli import main as aikd
 from aikd.evaluate import spearman
@@ -98,13 +97,6 @@ def commands(args: argparse.Namespace, checkpoint: Path, graphs: dict[str, Path]
                                     str(args.workers), "--overwrite", "-o", str(out)]
 
     return {"paper": paper, **{name: onnx(graph) for name, graph in graphs.items()}}
-
-
-def read_scores(path: Path) -> dict[str, float]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle)
-        column = next(rows).index("quality")
-        return {Path(row[0]).name: float(row[column]) for row in rows}
 
 
 def measure(args: argparse.Namespace, scratch: Path) -> dict:

@@ -266,14 +266,14 @@ def test_onnxruntime_runs_a_cpu_batch_as_two_halves_with_the_same_outputs(shifte
     import aikd.inference as inference
 
     faces = np.stack(_faces(5))
-    monkeypatch.setattr(inference, "_available_cores", lambda: 2)
+    monkeypatch.setattr(inference, "available_cores", lambda: 2)
     engine = Engine(shifted_model, device="cpu", backend="onnxruntime")
     assert engine.session.halves
     embedding, quality = engine(faces)
     singles = [engine(faces[i:i + 1]) for i in range(len(faces))]
     np.testing.assert_allclose(quality, np.concatenate([q for _, q in singles]), atol=1e-6)
     np.testing.assert_allclose(embedding, np.concatenate([e for e, _ in singles]), atol=1e-5)
-    monkeypatch.setattr(inference, "_available_cores", lambda: 1)
+    monkeypatch.setattr(inference, "available_cores", lambda: 1)
     whole = Engine(shifted_model, device="cpu", backend="onnxruntime")
     assert not whole.session.halves
     np.testing.assert_allclose(whole(faces)[1], quality, atol=1e-6)

@@ -30,7 +30,7 @@ import numpy as np
 
 from aikd.evaluate import l2_normalise
 from aikd.preprocessing import Preprocessing
-from aikd.runtime import PlainDevice, cpu_has_bf16, release_freed_memory, resolve_device
+from aikd.runtime import PlainDevice, available_cores, cpu_has_bf16, release_freed_memory, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +135,7 @@ class Engine:
         _require_onnxruntime()
         engine = cls.__new__(cls)
         engine.backend = "onnxruntime"
-        engine.device = device if isinstance(device, PlainDevice) else resolve_device(device, backend="onnxruntime")
+        engine.device = resolve_device(device, backend="onnxruntime")
         # From the file, not from its bytes, and the metadata from the session: onnxruntime then holds the one
         # copy of the weights (reading the graph into Python first cost three copies: 1.7 GB for iResNet-100).
         session = OnnxSession(os.fspath(path), engine.device, source=str(path))
@@ -285,7 +285,7 @@ class OnnxSession:
         # No memory arena: it keeps the largest batch's activations reserved for good (about 200 MB for an
         # iResNet-100 at batch 32); plain allocation measured no slower here.
         options.enable_cpu_mem_arena = False
-        cores = _available_cores()
+        cores = available_cores()
         self.halves = device.type == "cpu" and cores >= 2
         if self.halves:
             options.intra_op_num_threads = cores // 2
@@ -311,14 +311,6 @@ class OnnxSession:
         halves = np.array_split(faces, 2)
         outputs = list(self._pool.map(lambda half: self.session.run(None, {"image": half}), halves))
         return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
-
-
-def _available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------------------ options

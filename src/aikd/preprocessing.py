@@ -7,6 +7,7 @@ template, scaled to [-1, 1]: ``x = (pixel / 255 - 0.5) / 0.5`` per channel (the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -123,8 +124,8 @@ class Preprocessing:
         image = self.resize(_check_image(image, 0))
         if self.channel_order == "BGR":
             image = image[..., ::-1]
-        scale, offset = self._affine()
-        height, width = image.shape[:2]
+        scale, offset = self._affine
+        height, width = image.shape[:2]  # input_size, after the resize
         if channels_first:
             out = np.empty((3, height, width), dtype=np.float32)
             for channel in range(3):
@@ -132,17 +133,26 @@ class Preprocessing:
                 out[channel] += offset[channel]
             return out
         # Per-channel constants tiled along a row: numpy's inner loop then runs 3 x width long, not 3 (2x faster).
+        row_scale, row_offset = self._row_affine
         rows = image.reshape(height, width * 3).astype(np.float32)
-        rows *= np.tile(scale, width)
-        rows += np.tile(offset, width)
+        rows *= row_scale
+        rows += row_offset
         return rows.reshape(height, width, 3)
 
+    @functools.cached_property
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (scale, offset) per channel: ``(x / 255 - mean) / std`` as one multiply and one add."""
+        """float32 (scale, offset) per channel: ``(x / 255 - mean) / std`` as one multiply and one add (computed
+        once per instance: :meth:`normalise` runs for every face)."""
         std = np.asarray(self.std, dtype=np.float64)
         scale = (1.0 / (255.0 * std)).astype(np.float32)
         offset = (-np.asarray(self.mean, dtype=np.float64) / std).astype(np.float32)
-        return scale, offset
+        return _read_only(scale), _read_only(offset)
+
+    @functools.cached_property
+    def _row_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """:attr:`_affine` tiled along one row of ``input_size`` pixels."""
+        width = self.input_size[1]
+        return tuple(_read_only(np.tile(values, width)) for values in self._affine)
 
     def to_tensor(self, images: ImageBatch) -> torch.Tensor:
         """uint8 RGB images -> float32 (N, 3, H, W) model input (:meth:`normalise` of each).
@@ -158,6 +168,11 @@ class Preprocessing:
         items = _as_list(images)
         batch = np.stack([self.normalise(_check_image(image, i)) for i, image in enumerate(items)])
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)  # shared by every call of a cached property
+    return array
 
 
 def _as_list(images: ImageBatch) -> Sequence[np.ndarray]:

@@ -42,6 +42,7 @@ __all__ = [
     "PlainDevice",
     "autocast",
     "autocast_dtype",
+    "available_cores",
     "cpu_capability",
     "cpu_has_bf16",
     "cpu_has_vnni",
@@ -77,6 +78,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
         return None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cpu_capability() -> str:
