@@ -1,6 +1,6 @@
 """aikd: alignment-invariant face image quality assessment (AI-KD, Babnik et al., IWBF 2024).
 
-Heavy modules (torch) load on first use, so ``import aikd.evaluate`` stays numpy-only.
+Heavy modules (torch) load on first use, so ``import aikd.evaluation.metrics`` stays numpy-only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _LAZY = {
     "load_quality_model": "aikd.models",
     "load_backbone": "aikd.models",
     "load_fr_model": "aikd.models",
-    "score_images": "aikd.score",
+    "score_images": "aikd.inference.scorer",
     "load_calibration": "aikd.calibration",
     "align_face": "aikd.align",
     "ARCFACE_TEMPLATE": "aikd.align",

@@ -118,5 +118,5 @@ def main(argv: Sequence[str] | None = None) -> int:
              "to see where; what was done is kept: --resume continues)")
         return EXIT_STOPPED
     finally:
-        if "aikd.jobs" in sys.modules:  # the outputs this command locked (jobs is imported only by those)
-            sys.modules["aikd.jobs"].release_claims()
+        if "aikd.pipeline.jobs" in sys.modules:  # the outputs this command locked (jobs is imported only by those)
+            sys.modules["aikd.pipeline.jobs"].release_claims()

@@ -120,14 +120,14 @@ def _from_list_file(list_file: Path) -> list[ImageInput]:
 
 @functools.lru_cache(maxsize=2)
 def _bin_images(path: Path) -> list[bytes]:
-    from aikd.protocols import read_bin  # numpy + the restricted unpickler only
+    from aikd.evaluation.protocols import read_bin  # numpy + the restricted unpickler only
 
     return read_bin(path)[0]
 
 
 def _from_bin(path: Path) -> list[ImageInput]:
     """The images of an insightface validation ``.bin``, keyed like its pairs (``lfw.bin#000123``)."""
-    from aikd.protocols import bin_image_name
+    from aikd.evaluation.protocols import bin_image_name
 
     return [ImageInput(path, bin_image_name(path, i), member=i) for i in range(len(_bin_images(path)))]
 

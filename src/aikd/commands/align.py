@@ -39,8 +39,8 @@ from aikd.commands.options import (
 )
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
-from aikd.jobs import ItemResult, JobOptions, claim_output, finish_job, journal_dir, run_job
-from aikd.sources import make_prepare
+from aikd.pipeline.jobs import ItemResult, JobOptions, claim_output, finish_job, journal_dir, run_job
+from aikd.pipeline.crops import make_prepare
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
 

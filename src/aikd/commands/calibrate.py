@@ -7,7 +7,7 @@
     aikd score faces/ --checkpoint best.pt --calibration calib.json -o scores.csv   # + expected_fnmr, quality_100
 
 The evaluation set is read as ``aikd evaluate`` reads it (any protocol). The method, the file format and what
-``quality_100`` means (a 0-100 scale specific to this calibration set): :mod:`aikd.calibration`.
+``quality_100`` means (a 0-100 scale specific to this calibration set): :mod:`aikd.evaluation.calibration`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from aikd import calibration as cal
-from aikd import evaluate as ev
-from aikd import protocols, report
-from aikd.jobs import OutputLock, check_output, check_output_path
+from aikd.evaluation import calibration as cal
+from aikd.evaluation import metrics as ev
+from aikd.evaluation import protocols
+from aikd.evaluation import report
+from aikd.pipeline.jobs import OutputLock, check_output, check_output_path
 
 __all__ = ["add_arguments", "run"]
 

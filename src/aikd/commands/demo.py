@@ -4,10 +4,10 @@
 
 Every step is a real ``aikd`` command (run in-process), so the demo exercises what users run:
 
-1. photos: the sample photos installed packages ship (:mod:`aikd.samples`: the astronaut, Grace Hopper and
+1. photos: the sample photos installed packages ship (:mod:`aikd.demo.samples`: the astronaut, Grace Hopper and
    ``--faces`` low-resolution LFW faces), and ``aikd detect`` finds their faces;
 2. each face with 21 degraded copies (blur, noise, JPEG, downscaling, under- and over-exposure, occlusion at three
-   levels: :mod:`aikd.degradations`), its identities split into training and held-out ones (:mod:`aikd.showcase`);
+   levels: :mod:`aikd.demo.degradations`), its identities split into training and held-out ones (:mod:`aikd.demo.showcase`);
 3. labels: ``aikd label --method certainty`` (CR-FIQA's certainty ratio from identity centres) with dlib's ResNet
    face descriptor (``--weights dlib``, the ``dlib-r29`` architecture), rank-normalised with ``--method import``;
 4. ``aikd train --config configs/demo_dlib.yaml``: the AI-KD student (dlib-r29 + quality head) distilled from
@@ -118,8 +118,8 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
 
 def _photos(out: Path, faces: int, steps: _Steps) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Sample photos written to OUT/originals, and the landmarks ``aikd detect`` finds in them."""
-    from aikd.samples import lfw_subset_faces, sample_photos
-    from aikd.showcase import write_png
+    from aikd.demo.samples import lfw_subset_faces, sample_photos
+    from aikd.demo.showcase import write_png
 
     steps.next("sample photos and their faces")
     photos = {**sample_photos(), **lfw_subset_faces(faces)}
@@ -139,7 +139,7 @@ def _photos(out: Path, faces: int, steps: _Steps) -> tuple[dict[str, np.ndarray]
 def run(args: argparse.Namespace) -> int:
     """Run every step; see the module docstring."""
     from aikd.runtime import describe_cpu
-    from aikd.showcase import split_identities, write_face_set, write_pairs
+    from aikd.demo.showcase import split_identities, write_face_set, write_pairs
 
     if not 2 <= args.faces <= 100:
         raise ValueError(f"--faces must be 2..100 (lfw_subset holds 100 faces), got {args.faces}")
@@ -215,7 +215,7 @@ def _report(out: Path, keys: list[str], heldout: str, landmarks: str, facts: dic
 
     from aikd.images import load_image
     from aikd.models import get_spec
-    from aikd.showcase import Method, read_fnmr0, read_pauc, write_report
+    from aikd.demo.showcase import Method, read_fnmr0, read_pauc, write_report
 
     def qualities(name: str) -> np.ndarray:
         table = read_labels(out / "heldout" / f"{name}.csv").as_dict()

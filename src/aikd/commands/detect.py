@@ -6,7 +6,7 @@ One row per image for its most confident face (or one row per face with ``--all-
     path,[face,]x1,y1,x2,y2,x3,y3,x4,y4,x5,y5,box_x1,box_y1,box_x2,box_y2,confidence
 
 Points are in the order of the ArcFace alignment template (left eye, right eye, nose, left mouth corner,
-right mouth corner; see :mod:`aikd.detect`), in pixels of the photo as stored on disk (EXIF orientation
+right mouth corner; see :mod:`aikd.detectors`), in pixels of the photo as stored on disk (EXIF orientation
 applied), so the file is what :func:`aikd.io.read_landmarks`, ``aikd align --landmarks`` and
 ``aikd train`` read. ``path`` is the image key: relative to the folder given on the command line.
 
@@ -36,7 +36,7 @@ import numpy as np
 from aikd.commands.options import add_input_arguments, add_job_arguments, job_options, protected_inputs
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import LANDMARK_COLUMNS, csv_rows, open_text, write_csv
-from aikd.jobs import ItemResult, claim_output, finish_job, run_job
+from aikd.pipeline.jobs import ItemResult, claim_output, finish_job, run_job
 
 __all__ = ["BOX_COLUMNS", "add_arguments", "detection_columns", "run"]
 
@@ -51,7 +51,7 @@ def detection_columns(all_faces: bool) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd detect``."""
-    from aikd.detect import DETECTORS
+    from aikd.detectors import DETECTORS
 
     add_input_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="CSV",
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _detect_prepare(detector_name: str, threshold: float, max_size: int | None, all_faces: bool,
                     workers: int) -> Callable[[np.ndarray, ImageInput], np.ndarray]:
     """Decode-thread step: photo -> (F, 15) array of landmarks, box and confidence, best face first."""
-    from aikd.detect import thread_local_detector
+    from aikd.detectors import thread_local_detector
 
     detector = thread_local_detector(detector_name, single_threaded=workers > 0, score_threshold=threshold,
                                      max_size=max_size)

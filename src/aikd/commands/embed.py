@@ -36,11 +36,11 @@ from aikd.commands.options import (
     job_options,
     protected_inputs,
 )
-from aikd.evaluate import l2_normalise
+from aikd.evaluation.metrics import l2_normalise
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import load_embeddings, save_embeddings
-from aikd.jobs import ItemResult, claim_output, finish_sharded, run_job
-from aikd.sources import make_prepare
+from aikd.pipeline.jobs import ItemResult, claim_output, finish_sharded, run_job
+from aikd.pipeline.crops import make_prepare
 
 __all__ = ["add_arguments", "run"]
 

@@ -4,7 +4,7 @@
     aikd evaluate --embeddings adience.npz --pairs adience.csv --protocol identity --oracle -o report/
     aikd evaluate --suite suite.yaml -o report/
 
-The report, its outputs and the suite format: :mod:`aikd.report`; the metrics: :mod:`aikd.evaluate`.
+The report, its outputs and the suite format: :mod:`aikd.evaluation.report`; the metrics: :mod:`aikd.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from aikd import evaluate as ev
-from aikd import protocols, report
+from aikd.evaluation import metrics as ev
+from aikd.evaluation import protocols
+from aikd.evaluation import report
 
 __all__ = ["add_arguments", "run"]
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image name in LFW-style pairs, fields {name} and {n} (default: %(default)s)")
     parser.add_argument("--identity-column", default="identity", help="identity column of an identity CSV")
     parser.add_argument("--suite", type=Path, metavar="YAML",
-                        help="several FR models and datasets (format: the aikd.report module docstring)")
+                        help="several FR models and datasets (format: the aikd.evaluation.report module docstring)")
     parser.add_argument("--dataset", help="dataset name in outputs (default: from the pairs file name)")
     parser.add_argument("--fr-model", help="FR model name in outputs (default: embeddings file stem)")
     parser.add_argument("--fmr", nargs="+", type=float, metavar="FMR",

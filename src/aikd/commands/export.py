@@ -5,7 +5,7 @@
     aikd export --checkpoint runs/r100/best.pt --int8 --calibration-images aligned/ -o aikd.int8.onnx
     aikd export --checkpoint aikd.onnx --int8 --calibration-images aligned/ -o aikd.int8.onnx   # from an export
 
-See :mod:`aikd.export` for the graph, the metadata and the parity check, :mod:`aikd.quantize` for int8.
+See :mod:`aikd.inference.export` for the graph, the metadata and the parity check, :mod:`aikd.inference.quantize` for int8.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import io
 import sys
 from pathlib import Path
 
-from aikd.export import OPSET, check_onnx, export_onnx, relative_difference
+from aikd.inference.export import OPSET, check_onnx, export_onnx, relative_difference
 from aikd.io import atomic_write
-from aikd.quantize import CALIBRATION_METHODS, MIN_FACES, SPEARMAN_BAR
+from aikd.inference.quantize import CALIBRATION_METHODS, MIN_FACES, SPEARMAN_BAR
 
 __all__ = ["add_arguments", "run"]
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "absolute for qualities in [0, 1], relative for larger ones (default: %(default)s)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the onnx.checker and onnxruntime parity check")
-    group = parser.add_argument_group("int8 (static quantisation with onnxruntime; see aikd.quantize)")
+    group = parser.add_argument_group("int8 (static quantisation with onnxruntime; see aikd.inference.quantize)")
     group.add_argument("--int8", action="store_true",
                        help="write an int8 graph, calibrated on --calibration-images; --checkpoint may then also "
                             "be an fp32 ONNX file from aikd export")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         handle.write(data)
     import onnx
 
-    from aikd.export import metadata_from_properties
+    from aikd.inference.export import metadata_from_properties
 
     proto = onnx.load_model_from_string(data)  # parsed once for both the metadata and the opset
     metadata = metadata_from_properties({e.key: e.value for e in proto.metadata_props}, str(args.output))
@@ -93,7 +93,7 @@ def _check_int8_arguments(args: argparse.Namespace) -> None:
 
 def _read_onnx(path: Path) -> bytes:
     """An fp32 aikd export to quantise; refused (naming the file) when it is not one."""
-    from aikd.export import read_metadata
+    from aikd.inference.export import read_metadata
 
     try:
         data = path.read_bytes()
@@ -128,7 +128,7 @@ def _export_checked(args: argparse.Namespace) -> bytes | None:
 
 def _quantise(data: bytes, args: argparse.Namespace) -> bytes:
     """The fp32 graph quantised to int8; prints the agreement, and a warning when it is below the bar."""
-    from aikd.quantize import QuantizeOptions, int8_warning, quantize_onnx
+    from aikd.inference.quantize import QuantizeOptions, int8_warning, quantize_onnx
     from aikd.runtime import cpu_has_vnni
 
     options = QuantizeOptions(method=args.calibration_method, min_spearman=args.min_spearman)
@@ -136,7 +136,7 @@ def _quantise(data: bytes, args: argparse.Namespace) -> bytes:
     result = quantize_onnx(data, args.calibration_images, options, source=str(args.checkpoint))
     print(f"int8 vs fp32: {result.agreement.summary()}; calibrated on {result.calibration_faces} faces",
           file=sys.stderr)
-    from aikd.export import read_metadata
+    from aikd.inference.export import read_metadata
 
     warning = int8_warning(read_metadata(result.graph), str(args.output))
     if warning:

@@ -17,7 +17,7 @@ Examples::
     aikd label photos/ --method serfiq --weights dlib --detect -o labels.csv   # dlib's model, as installed
     aikd label faces/ --method serfiq --arch tiny --weights none --seed 0 -o demo.csv   # pipeline test only
 
-Faces are prepared like ``aikd score`` prepares them (:mod:`aikd.sources`): as they come, resized to the
+Faces are prepared like ``aikd score`` prepares them (:mod:`aikd.pipeline.crops`): as they come, resized to the
 FR model's input size (``--aligned``), aligned with ``--landmarks``, or detected (``--detect``). ``--seed``
 seeds the misalignment noise, the SER-FIQ dropout masks and random weights alike. The FR model is loaded by
 :func:`aikd.models.load_fr_model`, as ``aikd train`` loads its teacher.
@@ -48,9 +48,9 @@ from aikd.commands.options import (
 )
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import csv_rows, load_embeddings, open_text, save_embeddings, write_csv
-from aikd.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
+from aikd.pipeline.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
 from aikd.labelers import LABELERS, BatchLabels, Labeler, SetLabels, labeler_class
-from aikd.sources import CropOptions, make_prepare
+from aikd.pipeline.crops import CropOptions, make_prepare
 
 if TYPE_CHECKING:
     from aikd.models import FRModel

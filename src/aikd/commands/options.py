@@ -1,11 +1,11 @@
 """Command-line options several commands share, and the typed options they become (built once per run).
 
 - ``INPUT...``: image files, folders, patterns, lists or ``.bin`` sets (:func:`aikd.images.collect_inputs`);
-- running: ``--batch-size``, ``--workers``, ``--resume``, ``--overwrite`` -> :class:`aikd.jobs.JobOptions`;
+- running: ``--batch-size``, ``--workers``, ``--resume``, ``--overwrite`` -> :class:`aikd.pipeline.jobs.JobOptions`;
 - cropping: ``--landmarks``/``--detect``/``--aligned``, ``--misalign``, ``--seed`` ->
-  :class:`aikd.sources.CropOptions`;
+  :class:`aikd.pipeline.crops.CropOptions`;
 - inference: ``--device``, ``--precision``, ``--backend``, ``--no-fold`` ->
-  :class:`aikd.inference.InferenceOptions`.
+  :class:`aikd.inference.engine.InferenceOptions`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aikd.images import ImageInput
-from aikd.jobs import JobOptions
-from aikd.sources import CropOptions
+from aikd.pipeline.jobs import JobOptions
+from aikd.pipeline.crops import CropOptions
 
 __all__ = [
     "add_crop_arguments",
@@ -102,7 +102,7 @@ def crop_options(args: argparse.Namespace) -> CropOptions:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
-    from aikd.inference import BACKENDS, CPU_BATCH, GPU_BATCH, PRECISIONS
+    from aikd.inference.engine import BACKENDS, CPU_BATCH, GPU_BATCH, PRECISIONS
 
     group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -124,8 +124,8 @@ def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput]) -> l
     return [item.path for item in items] + [Path(p) for p in named if p and str(p).lower() != "none"]
 
 
-def inference_options(args: argparse.Namespace):  # -> aikd.inference.InferenceOptions (imports torch)
-    """The :class:`~aikd.inference.InferenceOptions` of :func:`add_inference_arguments`."""
-    from aikd.inference import InferenceOptions
+def inference_options(args: argparse.Namespace):  # -> aikd.inference.engine.InferenceOptions (imports torch)
+    """The :class:`~aikd.inference.engine.InferenceOptions` of :func:`add_inference_arguments`."""
+    from aikd.inference.engine import InferenceOptions
 
     return InferenceOptions(args.device, args.precision, args.backend, args.fold, args.batch_size)

@@ -13,7 +13,7 @@ dict; or ``--format jsonl``, one ``{"path": ..., "quality": ...}`` object per li
 every format round-trips exactly, and ``aikd train``/``evaluate`` read them all). Images that cannot be used
 are listed with a reason in ``OUT_STEM.errors.csv``; the run goes on (exit status 1).
 
-Calibrated quality (:mod:`aikd.calibration`): with ``--calibration calib.json`` (from ``aikd calibrate``), or a
+Calibrated quality (:mod:`aikd.evaluation.calibration`): with ``--calibration calib.json`` (from ``aikd calibrate``), or a
 checkpoint or ONNX file that carries its calibration, the CSV and JSONL outputs get two more columns after the
 raw ``quality``: ``expected_fnmr``, the FNMR the calibration's FR model is expected to have at its FMR on
 mated comparisons with this image, and ``quality_100``, 0-100 with 100 the lowest expected FNMR of the
@@ -39,7 +39,7 @@ from aikd.commands.options import (
     job_options,
     protected_inputs,
 )
-from aikd.evaluate import l2_normalise
+from aikd.evaluation.metrics import l2_normalise
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import (
     QUALITY_FORMATS,
@@ -50,8 +50,8 @@ from aikd.io import (
     shortest_float32,
     write_qualities,
 )
-from aikd.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
-from aikd.sources import make_prepare
+from aikd.pipeline.jobs import ItemResult, JobOptions, claim_output, finish_sharded, run_job
+from aikd.pipeline.crops import make_prepare
 
 __all__ = ["add_arguments", "run"]
 
@@ -143,7 +143,7 @@ def _calibration(args: argparse.Namespace, engine: Any) -> Any:
     """The calibration to apply: ``--calibration``, else the one the model file carries, else ``None``."""
     if args.calibration is None and not engine.calibration and args.fr_model is None:
         return None  # the common case: no import of the calibration module at start-up
-    from aikd.calibration import check_fr_model, check_quality_model, load_calibration
+    from aikd.evaluation.calibration import check_fr_model, check_quality_model, load_calibration
 
     calibration = None
     if args.calibration is not None:

@@ -5,7 +5,7 @@
     aikd train --resume runs/r100            # continues exactly where the last checkpoint left off
     aikd train --help-config                 # every key, its type, default and meaning
 
-The loop, its configuration and its outputs: :mod:`aikd.train`.
+The loop, its configuration and its outputs: :mod:`aikd.training.train`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aikd.config import describe_config, load_config
 from aikd.runtime import distributed
-from aikd.train import TrainConfig, TrainingDiverged, clear_run, train
+from aikd.training.train import TrainConfig, TrainingDiverged, clear_run, train
 
 __all__ = ["add_arguments", "run"]
 

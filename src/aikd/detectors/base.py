@@ -1,6 +1,6 @@
 """The detector interface: :class:`Face`, the :class:`Detector` protocol, :class:`DetectorBase` and NMS.
 
-Every detector in this package subclasses :class:`DetectorBase`; :mod:`aikd.detect` builds them by name.
+Every detector in this package subclasses :class:`DetectorBase`; :mod:`aikd.detectors` builds them by name.
 Landmarks are five points in the order of the ArcFace alignment template (left eye, right eye, nose tip,
 left mouth corner, right mouth corner; left/right as seen in the image), in float pixels of the image
 passed in, with pixel ``(i, j)`` centred on ``x = j, y = i`` (the convention of ``cv2.warpAffine``).

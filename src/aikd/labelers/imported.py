@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd.evaluate import average_ranks
+from aikd.evaluation.metrics import average_ranks
 from aikd.io import read_labels
 from aikd.labelers import Labeler, SetLabels
 from aikd.names import NameIndex

@@ -29,7 +29,6 @@ only: a file that asks for anything else (a class, ``os.system``) is refused bef
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -39,13 +38,14 @@ import pickle
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from aikd.io import atomic_write
 from aikd.models.batchnorm_statistics import calibrate_batchnorm
@@ -498,20 +498,30 @@ def _non_finite(state: StateDict) -> list[str]:
     return [keys[i] for i in suspects if not torch.isfinite(state[keys[i]]).all()]
 
 
-@contextlib.contextmanager
-def _without_random_init() -> Iterator[None]:
-    """``torch.nn.init``'s in-place initialisers as no-ops, for building modules whose every tensor a file will
-    replace. On the meta device they would only cost time: the first ``normal_`` there runs torch's Python
-    reference kernels, about 2 s of start-up for iResNet-100. Not thread-safe: only loading uses it."""
-    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
+# Initialisers a file's tensors replace: torch.nn.init's public in-place functions, and the Tensor methods that
+# modules call directly (or that the init functions without a torch-function hook call).
+_INITIALISERS = frozenset(getattr(nn.init, name) for name in dir(nn.init)
+                          if name.endswith("_") and not name.startswith("_"))
+_TENSOR_FILLS = frozenset(getattr(torch.Tensor, name) for name in (
+    "normal_", "uniform_", "fill_", "zero_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
+    "cauchy_", "random_", "erfinv_", "clamp_", "mul_", "add_", "copy_", "orthogonal_") if hasattr(torch.Tensor, name))
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skip random initialisation of meta tensors while a module whose every tensor a file will replace is built.
+
+    On the meta device initialisers only cost time (the first ``normal_`` there runs torch's Python reference
+    kernels: about 2 s of start-up for iResNet-100). A torch-function mode is per thread, so only the thread that
+    loads is affected: a module another thread builds meanwhile is initialised as usual, and nothing is patched.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _INITIALISERS or func in _TENSOR_FILLS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def _build_and_load(build: Callable[[], nn.Module], state: StateDict, source: str, arch: str, owned: bool,
@@ -524,7 +534,7 @@ def _build_and_load(build: Callable[[], nn.Module], state: StateDict, source: st
     tensors that no file carries (non-persistent buffers) are built normally.
     """
     if owned:
-        with torch.device("meta"), _without_random_init():
+        with torch.device("meta"), _SkipInitOnMeta():
             module = build()
         if {name for name, _ in module.named_buffers()} <= set(module.state_dict()):
             _load_strictly(module, state, source, arch, published, assign=True)

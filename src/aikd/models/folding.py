@@ -10,7 +10,7 @@ is the identity in eval mode) become one Linear layer. PReLU is kept. dlib's Res
 affine layers in place of BatchNorm, each after a convolution: they fold into it
 (:func:`aikd.models.dlib_resnet.fold_affine`).
 
-Used by the inference engine (:mod:`aikd.inference`) and the ONNX export (:mod:`aikd.export`).
+Used by the inference engine (:mod:`aikd.inference.engine`) and the ONNX export (:mod:`aikd.inference.export`).
 """
 
 from __future__ import annotations

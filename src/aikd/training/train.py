@@ -53,7 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aikd.config import config_to_dict, save_config
-from aikd.data import (
+from aikd.training.data import (
     VAL_STREAM,
     DataConfig,
     DistillationDataset,
@@ -62,7 +62,7 @@ from aikd.data import (
     make_loader,
     split_by_label,
 )
-from aikd.distill import (
+from aikd.training.distill import (
     NO_WEIGHTS,
     AIKDTask,
     LossConfig,
@@ -74,7 +74,7 @@ from aikd.distill import (
     quality_forward,
     teacher_embeddings,
 )
-from aikd.evaluate import quality_metrics
+from aikd.evaluation.metrics import quality_metrics
 from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
 from aikd.models.batchnorm import synchronise_batchnorm
@@ -421,7 +421,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ training
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimiser step on a batch from :func:`aikd.data.collate_pairs`; returns the loss terms.
+        """One optimiser step on a batch from :func:`aikd.training.data.collate_pairs`; returns the loss terms.
 
         A batch whose loss (on any rank) or whose gradients are not finite changes nothing: no update, and
         the BatchNorm statistics its forward pass moved are put back. It is counted; ``train.max_nonfinite_steps``

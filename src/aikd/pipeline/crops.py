@@ -123,7 +123,7 @@ def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessin
 
         return prepare
     if options.mode == "detect":
-        from aikd.detect import thread_local_detector
+        from aikd.detectors import thread_local_detector
 
         align = _aligner(preprocessing)
         detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,

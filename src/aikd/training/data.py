@@ -36,7 +36,7 @@ from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
 from aikd.io import read_labels, read_landmarks
 from aikd.names import match_names
 from aikd.preprocessing import Preprocessing
-from aikd.synthetic import SyntheticFaces
+from aikd.training.synthetic import SyntheticFaces
 
 __all__ = [
     "DataConfig",
@@ -76,7 +76,7 @@ class MisalignmentConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The synthetic face source (:class:`aikd.synthetic.SyntheticFaces`)."""
+    """The synthetic face source (:class:`aikd.training.synthetic.SyntheticFaces`)."""
 
     count: int = field(default=512, metadata={"help": "number of synthetic faces"})
     image_size: int = field(default=144, metadata={"help": "side of the synthetic images in pixels (>= 64)"})

@@ -61,8 +61,8 @@ from typing import Any
 
 import numpy as np
 
-from aikd.evaluate import spearman
-from aikd.export import INPUT_NAME, read_metadata
+from aikd.evaluation.metrics import spearman
+from aikd.inference.export import INPUT_NAME, read_metadata
 
 __all__ = [
     "CALIBRATION_METHODS",

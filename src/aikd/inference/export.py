@@ -136,8 +136,8 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
 def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = None) -> dict[str, Any]:
     """aikd's metadata of an exported graph: ``preprocessing`` (a :class:`~aikd.models.Preprocessing`),
     ``alignment``, ``arch``, ``outputs``, ``version``, ``fingerprint`` (of the torch weights exported),
-    ``calibration`` (plain data of the model's calibration, :mod:`aikd.calibration`, or ``None``), ``precision``
-    (``fp32``, or ``int8`` for a graph from :mod:`aikd.quantize`) and ``int8`` (that graph's calibration and
+    ``calibration`` (plain data of the model's calibration, :mod:`aikd.evaluation.calibration`, or ``None``), ``precision``
+    (``fp32``, or ``int8`` for a graph from :mod:`aikd.inference.quantize`) and ``int8`` (that graph's calibration and
     measured agreement, else ``None``).
 
     Args:

@@ -7,7 +7,7 @@ A raw quality score has no unit. Calibration relates it to what the face-recogni
 image, on an evaluation set with known identities (any protocol ``aikd evaluate`` reads):
 
 * the decision threshold is set once, from all non-mated comparisons, at the target FMR (the fixed-threshold
-  convention of ISO/IEC 29794-1, :func:`aikd.evaluate.threshold_at_fmr`);
+  convention of ISO/IEC 29794-1, :func:`aikd.evaluation.metrics.threshold_at_fmr`);
 * each image gets the share of its mated comparisons that are false non-matches at that threshold (weight:
   its number of mated comparisons);
 * an isotonic regression (``scipy.optimize.isotonic_regression``), non-increasing in quality, fits the
@@ -36,8 +36,8 @@ reliability diagram); the expected calibration error (ECE) is the mean ``|predic
 weighted by their mated comparisons.
 
 Reject threshold (``target_fnmr``): the lowest quality ``t`` such that the mated comparisons kept (pair
-quality = the lower of the two images' qualities, :func:`aikd.evaluate.pair_quality`, at least ``t``) have an
-FNMR of at most the target at the threshold (the FNM-EDC of :func:`aikd.evaluate.fnm_edc`), with the share of
+quality = the lower of the two images' qualities, :func:`aikd.evaluation.metrics.pair_quality`, at least ``t``) have an
+FNMR of at most the target at the threshold (the FNM-EDC of :func:`aikd.evaluation.metrics.fnm_edc`), with the share of
 images and of mated comparisons it rejects and bootstrap intervals of all three.
 
 A calibration set must hold at least ``10 / FMR`` non-mated comparisons (about ten false matches at the
@@ -62,8 +62,8 @@ from typing import Any
 
 import numpy as np
 
-from aikd import evaluate as ev
-from aikd import protocols
+from aikd.evaluation import metrics as ev
+from aikd.evaluation import protocols
 from aikd.io import atomic_write
 from aikd.names import normalise_name
 
@@ -194,7 +194,7 @@ class CalibrationSet:
 
 
 def calibration_set(loaded: Any, method: str, fmr: float) -> CalibrationSet:
-    """The calibration set of one score file of a job read by :func:`aikd.report.read_job`.
+    """The calibration set of one score file of a job read by :func:`aikd.evaluation.report.read_job`.
 
     Raises:
         ValueError: fewer than ``10 / fmr`` non-mated comparisons (the message gives both numbers).
@@ -602,7 +602,7 @@ def _reliability(data: CalibrationSet, fitter: _Fitter, options: CalibrationOpti
 # ------------------------------------------------------------------------------------------ provenance
 def run_record(path: str | os.PathLike) -> dict[str, Any]:
     """The run record aikd wrote beside an output (``S.csv`` -> ``S.run.json``), or ``{}``."""
-    from aikd.jobs import record_path
+    from aikd.pipeline.jobs import record_path
 
     record = record_path(Path(path))
     try:

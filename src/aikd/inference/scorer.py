@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from aikd.images import ImageError, load_image, pil_to_rgb
-from aikd.inference import Engine, l2_normalise
+from aikd.inference.engine import Engine, l2_normalise
 from aikd.models.quality import QualityModel
 from aikd.runtime import resolve_device
 
@@ -52,12 +52,12 @@ def score_images(
             An (N, H, W, 3) uint8 array is N images. Faces are taken as they come, resized to the model's input size.
         batch_size: faces per forward pass.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; ``None`` runs where the model's weights are.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :class:`~aikd.inference.Engine`).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :class:`~aikd.inference.engine.Engine`).
         backend: ``"torch"`` or ``"onnxruntime"``.
         fold: fold BatchNorm into the convolutions (exact).
         workers: threads decoding and preparing images.
         return_embeddings: also return the L2-normalised embeddings.
-        calibration: a calib.json path, its data or a :class:`~aikd.calibration.Calibration` (``aikd calibrate``);
+        calibration: a calib.json path, its data or a :class:`~aikd.evaluation.calibration.Calibration` (``aikd calibrate``);
             ``True``: the calibration the model's checkpoint carries. ``None`` (default): raw qualities only.
 
     Returns:
@@ -99,10 +99,10 @@ def score_images(
 
 
 def _calibration(model: nn.Module, calibration: Any) -> Any:
-    """The :class:`~aikd.calibration.Calibration` asked for (``True``: the model's own), or ``None``."""
+    """The :class:`~aikd.evaluation.calibration.Calibration` asked for (``True``: the model's own), or ``None``."""
     if calibration is None or calibration is False:
         return None
-    from aikd.calibration import load_calibration
+    from aikd.evaluation.calibration import load_calibration
 
     if calibration is True:
         if not getattr(model, "calibration", None):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aikd.evaluate import l2_normalise
+from aikd.evaluation.metrics import l2_normalise
 from aikd.preprocessing import Preprocessing
 from aikd.runtime import PlainDevice, available_cores, cpu_has_bf16, release_freed_memory, resolve_device
 
@@ -99,7 +99,7 @@ class Engine:
         self.preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         self.fingerprint = weights_fingerprint(model)  # which weights: recorded with every output
         self.weights_fingerprint = self.fingerprint
-        self.calibration = getattr(model, "calibration", None)  # a calibrated checkpoint's (aikd.calibration)
+        self.calibration = getattr(model, "calibration", None)  # a calibrated checkpoint's (aikd.evaluation.calibration)
         if own_model and fold:
             prepared = fold_batchnorm(model, consume=True)
         else:
@@ -130,7 +130,7 @@ class Engine:
         Raises:
             ValueError: not an aikd ONNX export (no preprocessing metadata), or onnxruntime missing.
         """
-        from aikd.export import metadata_from_properties
+        from aikd.inference.export import metadata_from_properties
 
         _require_onnxruntime()
         engine = cls.__new__(cls)
@@ -140,9 +140,9 @@ class Engine:
         # copy of the weights (reading the graph into Python first cost three copies: 1.7 GB for iResNet-100).
         session = OnnxSession(os.fspath(path), engine.device, source=str(path))
         metadata = metadata_from_properties(session.metadata(), str(path))
-        engine.precision = metadata["precision"]  # fp32, or int8 for a graph from aikd.quantize
+        engine.precision = metadata["precision"]  # fp32, or int8 for a graph from aikd.inference.quantize
         if engine.precision == "int8":
-            from aikd.quantize import int8_warning
+            from aikd.inference.quantize import int8_warning
 
             warning = int8_warning(metadata, str(path))
             if warning:
@@ -233,7 +233,7 @@ class Engine:
 
 def _onnx_session(model: nn.Module, preprocessing: Preprocessing, device: torch.device) -> Any:
     """An onnxruntime session running ``model`` exported to ONNX in memory."""
-    from aikd.export import export_onnx
+    from aikd.inference.export import export_onnx
 
     _require_onnxruntime()
     buffer = io.BytesIO()
@@ -299,7 +299,7 @@ class OnnxSession:
         self._pool: ThreadPoolExecutor | None = None
 
     def metadata(self) -> dict[str, str]:
-        """The graph's metadata properties (aikd's: :func:`aikd.export.metadata_from_properties`)."""
+        """The graph's metadata properties (aikd's: :func:`aikd.inference.export.metadata_from_properties`)."""
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, faces: np.ndarray) -> list[np.ndarray]:

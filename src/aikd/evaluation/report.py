@@ -9,8 +9,8 @@ Several of both, as in the AI-KD paper's tables (one table per FR model, one col
 
     aikd evaluate --suite suite.yaml -o report/
 
-Curves and areas are computed by :mod:`aikd.evaluate` (see there for the two threshold conventions,
-``fixed`` and ``recomputed``, and the exact definitions); protocol files are read by :mod:`aikd.protocols`.
+Curves and areas are computed by :mod:`aikd.evaluation.metrics` (see there for the two threshold conventions,
+``fixed`` and ``recomputed``, and the exact definitions); protocol files are read by :mod:`aikd.evaluation.protocols`.
 Score files are what ``aikd score`` writes (CSV ``path,quality``, the official pickle, or JSONL; read by
 :func:`aikd.io.read_labels`), embeddings ``.npz`` files with ``paths`` and ``embeddings`` (``aikd embed``).
 Image names are matched by aikd's one name policy (:mod:`aikd.names`).
@@ -32,7 +32,7 @@ Outputs in ``-o`` (each written atomically):
   layout (rows = methods, columns = datasets, last column = mean over datasets; best value in bold);
 * with several FR models, ``table_suite_fmr<fmr>_<mode>_limit<limit>.csv`` and a section of ``tables.md``: the
   paper's cross-model table, one column block (datasets + mean) per FR model, same-model cells in italics
-  (:mod:`aikd.tables`).
+  (:mod:`aikd.evaluation.tables`).
 
 Suite file (YAML; relative paths are relative to the suite file; command-line options win over the
 optional top-level settings)::
@@ -75,8 +75,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd import evaluate as ev
-from aikd import protocols, tables
+from aikd.evaluation import metrics as ev
+from aikd.evaluation import protocols
+from aikd.evaluation import tables
 from aikd.io import atomic_write, load_embeddings, read_labels, write_csv
 from aikd.names import NameIndex
 
@@ -441,7 +442,7 @@ def plot_edc(outcome: Outcome, settings: Settings, fmr: float, mode: str, stem: 
 def write_tables(rows: Sequence[tuple], settings: Settings, output: Path,
                  sources: Mapping[str, str] | None = None) -> list[Path]:
     """Paper-layout tables of normalised pAUC: one per FR model (and FMR, convention, discard limit), and with
-    several FR models (or ``sources``) the suite table of every FR model side by side (:mod:`aikd.tables`)."""
+    several FR models (or ``sources``) the suite table of every FR model side by side (:mod:`aikd.evaluation.tables`)."""
     records = [dict(zip(PAUC_HEADER, row, strict=True)) for row in rows]
     written = []
     text = ["# Normalised pAUC", "", "Lower is better; 1.0 is no better than not discarding. "

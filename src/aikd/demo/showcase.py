@@ -2,13 +2,13 @@
 
 What ``aikd demo`` builds (:mod:`aikd.commands.demo` runs the steps with the ``aikd`` commands themselves):
 
-- a face set (:func:`write_face_set`): every sample photo of :mod:`aikd.samples` whose face RetinaFace finds,
-  and its copies degraded by :mod:`aikd.degradations` (7 kinds x 3 levels), written as
+- a face set (:func:`write_face_set`): every sample photo of :mod:`aikd.demo.samples` whose face RetinaFace finds,
+  and its copies degraded by :mod:`aikd.demo.degradations` (7 kinds x 3 levels), written as
   ``SPLIT/IDENTITY/KIND_LEVEL.png`` (the photo itself is ``original_0.png``), with the original's five landmarks
   for every copy; identities are split into training and held-out ones (:func:`split_identities`);
 - the comparisons of the held-out set (:func:`write_pairs`): mated = a degraded copy against its original,
   non-mated = every pair of images of two different identities; the error-versus-reject characteristic (ERC)
-  of each quality measure then comes from ``aikd evaluate`` (:mod:`aikd.evaluate`);
+  of each quality measure then comes from ``aikd evaluate`` (:mod:`aikd.evaluation.metrics`);
 - the report (:func:`write_report`): a contact sheet of held-out faces sorted by predicted quality, quality
   against degradation strength, the ERC, and the alignment sensitivity of the label technique against the AI-KD
   student, with the figures in ``summary.json``.
@@ -30,8 +30,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from aikd.degradations import KINDS, LEVELS, degrade
-from aikd.evaluate import average_ranks, spearman
+from aikd.demo.degradations import KINDS, LEVELS, degrade
+from aikd.evaluation.metrics import average_ranks, spearman
 from aikd.io import LANDMARK_COLUMNS, atomic_write, write_csv
 
 __all__ = [
@@ -119,7 +119,7 @@ def write_aligned_face_set(photos: Mapping[str, np.ndarray], landmarks: Mapping[
                            seed: int = 0) -> dict[str, list[str]]:
     """Like :func:`write_face_set`, but each photo and degraded copy is written as the face crop the model takes
     (``preprocessing.align``, e.g. dlib-r29's 150x150 chip): sets of aligned faces of graded quality, such as
-    int8 calibration wants (:mod:`aikd.quantize`).
+    int8 calibration wants (:mod:`aikd.inference.quantize`).
 
     Returns:
         split -> image keys relative to the split's folder.
