@@ -22,15 +22,15 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from aikd.detect import DETECTORS, Detector, get_detector
+from aikd.demo.samples import sample_photos
+from aikd.detectors import DETECTORS, Detector, get_detector
 from aikd.runtime import describe_cpu
-from aikd.samples import sample_photos
 
 SIZES = (112, 640)
 
 
 def load_photos() -> list[np.ndarray]:
-    """The astronaut (512x512) and Grace Hopper (600x512) photos, RGB uint8 (:mod:`aikd.samples`)."""
+    """The astronaut (512x512) and Grace Hopper (600x512) photos, RGB uint8 (:mod:`aikd.demo.samples`)."""
     return list(sample_photos().values())
 
 

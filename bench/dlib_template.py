@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from aikd.align import ALIGNED_SIZE, align_face
-from aikd.detect import get_detector
+from aikd.demo.samples import lfw_subset_faces, sample_photos
+from aikd.detectors import get_detector
 from aikd.models import load_fr_model
 from aikd.models.dlib_resnet import CHIP_PADDING, CHIP_SIZE, DLIB_TEMPLATE, shipped_weights
-from aikd.samples import lfw_subset_faces, sample_photos
 
 # dlib's targets for its 5-point landmarker (image_transforms/interpolation.h, get_face_chip_details), 0..1
 DLIB_FIVE = np.array([(0.8595674595992, 0.2134981538014), (0.6460604764104, 0.2289674387677),

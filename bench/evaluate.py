@@ -6,7 +6,7 @@
 Each size runs in a fresh subprocess, so the peak resident memory (``ru_maxrss``) is that size's own. A
 size of ``P`` comparisons uses the smallest ``N`` images with ``N (N - 1) / 2 >= P``, grouped into identities
 of ``--images-per-identity`` images, with 512-D embeddings whose noise grows as the synthetic quality falls.
-The timed part is :func:`aikd.evaluate.evaluate_all_vs_all` (both threshold conventions, FMR 1e-4, 1e-3 and
+The timed part is :func:`aikd.evaluation.metrics.evaluate_all_vs_all` (both threshold conventions, FMR 1e-4, 1e-3 and
 1e-2, one quality method), not the making of the synthetic data. The last line printed is one JSON object
 with ``comparisons``, ``seconds`` and ``peak_rss_mb`` for the largest size.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from aikd import evaluate as ev
+    from aikd.evaluation import metrics as ev
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from aikd import evaluate as ev
+    from aikd.evaluation import metrics as ev
 
 
 def synthetic_protocol(n_comparisons: int, dim: int, per_identity: int, seed: int = 0):

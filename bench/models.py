@@ -1,7 +1,7 @@
 """Forward speed of every registered face-recognition model, the way ``aikd embed`` runs it, for planning runs.
 
 Each model gets seeded random weights with calibrated BatchNorm (NOTES.md), then runs through
-:class:`aikd.inference.Engine` as ``aikd embed`` does (eval mode, BatchNorm folded where the architecture
+:class:`aikd.inference.engine.Engine` as ``aikd embed`` does (eval mode, BatchNorm folded where the architecture
 allows, channels_last, fp32 unless ``--precision``) on batches of preprocessed 112x112 inputs; decoding and
 alignment are not included. One warm-up batch, then ``--repeats`` timed batches; the figure is the median.
 
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from aikd.inference import Engine
+from aikd.inference.engine import InferenceOptions
 from aikd.models import build_backbone, calibrate_batchnorm, get_spec, list_models
 from aikd.models.registry import describe
 from aikd.runtime import describe_cpu
@@ -35,7 +35,8 @@ def measure(name: str, batch: int, repeats: int, precision: str, device: str) ->
     spec = get_spec(name)
     torch.manual_seed(0)
     backbone = calibrate_batchnorm(build_backbone(name), batches=2, batch_size=8).eval()
-    engine = Engine(backbone, device=device, precision=precision, preprocessing=spec.preprocessing)
+    options = InferenceOptions(device=str(device), precision=precision)
+    engine = options.engine(backbone, preprocessing=spec.preprocessing)
     images = np.random.default_rng(0).integers(0, 256, (batch, *spec.preprocessing.input_size, 3), dtype=np.uint8)
     inputs = np.stack([engine.prepare(image) for image in images])
     engine(inputs)  # warm-up: oneDNN primitive creation, border caches of folded blocks

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from aikd.config import load_config
-from aikd.distill import AIKDTask
 from aikd.runtime import describe_cpu
-from aikd.train import TrainConfig, Trainer
+from aikd.training.distill import AIKDTask
+from aikd.training.train import TrainConfig, Trainer
 
 LOSS_SCALE = 128.0  # the paper's GradScaler(init_scale=128); it grows only after the pretrain part
 CLIP = 5.0

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aikd.evaluate import spearman
+from aikd.evaluation.metrics import spearman
 from aikd.models import build_model, calibrate_batchnorm, get_spec, save_checkpoint
 from aikd.models.registry import describe
 from aikd.runtime import cpu_has_bf16, describe_cpu

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from aikd.config import load_config
-from aikd.distill import teacher_embeddings
 from aikd.models import QualityHead, QualityModel
 from aikd.runtime import cpu_has_bf16, describe_cpu
-from aikd.train import TrainConfig, Trainer
+from aikd.training.distill import teacher_embeddings
+from aikd.training.train import TrainConfig, Trainer
 
 
 def make_trainer(arch: str, batch: int, trainable: str, amp: str, run_dir: Path) -> Trainer:

@@ -92,7 +92,7 @@ def tiny_train_config():
     from pathlib import Path
 
     from aikd.config import load_config
-    from aikd.train import TrainConfig
+    from aikd.training.train import TrainConfig
 
     path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

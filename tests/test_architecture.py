@@ -1,8 +1,10 @@
-"""The import graph of src/aikd: no cycle, and layers that point one way.
+"""The import graph of src/aikd: no cycle, layers that point one way, and a layout ``ls`` can read.
 
-Every ``import`` statement counts: at module level, inside functions, and under ``if TYPE_CHECKING``.
-Commands (``aikd.cli``, ``aikd.__main__``, ``aikd.commands.*``) import the library; the library never
-imports a command; models, detectors and the numpy metrics import only what sits below them.
+Every ``import`` statement counts: at module level, inside functions, and under ``if TYPE_CHECKING``; no module is
+imported by a string (``importlib.import_module``, ``__import__``), so this graph is the real one. Commands
+(``aikd.cli``, ``aikd.__main__``, ``aikd.commands.*``) import the library; the library never imports a command;
+models, detectors and the numpy metrics import only what sits below them; process-wide settings are made by the
+entry points alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ LOWER_LAYERS = {
     "aikd.preprocessing": {"aikd.images", "aikd.align"},
     "aikd.runtime": set(),
     "aikd.detectors": set(),
-    "aikd.evaluate": set(),
+    "aikd.evaluation.metrics": set(),
     "aikd.names": set(),
     "aikd.io": set(),
     "aikd.align": set(),
@@ -108,10 +110,64 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
+ROOT_MODULES = 12  # at most, besides __init__ and __main__: more, and they are grouped by stage in packages
+COMMAND_LINES = 120  # a command module parses arguments and calls the library
+
+
 def test_the_graph_sees_function_level_and_type_checking_imports(graph):
     assert "aikd.runtime" in graph["aikd.commands.score"]  # inside run()
-    assert "aikd.runtime" in graph["aikd.jobs"]  # under TYPE_CHECKING
-    assert "aikd.detect" in graph["aikd.sources"]  # inside a function
+    assert "aikd.runtime" in graph["aikd.pipeline.jobs"]  # under TYPE_CHECKING
+    assert "aikd.detectors" in graph["aikd.pipeline.crops"]  # inside a function
+    assert "aikd.commands.score" in graph["aikd.cli"]  # the command table: plain imports, seen like any other
+
+
+def test_no_module_is_imported_by_a_string():
+    offenders = []
+    for path in sorted((SRC / "aikd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name.endswith("import_module") or name == "__import__":
+                    offenders.append(f"{path.relative_to(SRC)}:{node.lineno} {name}")
+    assert offenders == []
+
+
+def test_the_root_holds_few_modules_and_the_stages_are_packages():
+    root = SRC / "aikd"
+    modules = sorted(p.name for p in root.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(modules) <= ROOT_MODULES, modules
+    for stage in ("commands", "pipeline", "inference", "training", "evaluation", "models", "detectors", "labelers"):
+        assert (root / stage / "__init__.py").is_file(), stage
+
+
+@pytest.mark.parametrize("command", ["score", "embed", "label", "detect"])
+def test_per_image_commands_only_parse_arguments_and_call_the_pipeline(command):
+    path = SRC / "aikd" / "commands" / f"{command}.py"
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < COMMAND_LINES
+    assert "run_files(" in text and "run_job(" not in text
+
+
+def test_process_wide_settings_are_made_by_entry_points_only(graph):
+    """cuDNN's autotuner and PIL's block size are the process's: a library call (e.g. in a server thread) never
+    changes them; only ``aikd.cli`` and the commands call the functions that do."""
+    setters = {"use_fastest_convolutions", "use_large_image_blocks"}
+    offenders = []
+    for path in sorted((SRC / "aikd").rglob("*.py")):
+        name = _module_name(path)
+        text = path.read_text(encoding="utf-8")
+        if any(_within(name, c) for c in COMMANDS):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in setters:
+                offenders.append(f"{name}:{node.lineno}")
+            if isinstance(node, ast.Assign) and any("cudnn.benchmark" in ast.unparse(t) for t in node.targets):
+                if name != "aikd.runtime":
+                    offenders.append(f"{name}:{node.lineno} sets cudnn.benchmark")
+            block_size = isinstance(node, ast.Call) and ast.unparse(node.func).endswith("set_block_size")
+            if block_size and name != "aikd.images":
+                offenders.append(f"{name}:{node.lineno} sets PIL's block size")
+    assert offenders == []
 
 
 def test_no_import_cycle(graph):
@@ -138,11 +194,10 @@ def test_lower_layers_import_only_what_is_below_them(graph, layer):
 
 
 def test_every_command_module_has_the_same_shape():
-    import importlib
-
     from aikd.cli import COMMANDS as REGISTERED
+    from aikd.cli import command_module
 
-    for command, (module_name, _) in REGISTERED.items():
-        assert module_name == f"aikd.commands.{command}"
-        module = importlib.import_module(module_name)
-        assert callable(module.add_arguments) and callable(module.run), module_name
+    for command in REGISTERED:
+        module = command_module(command)
+        assert module.__name__ == f"aikd.commands.{command}"
+        assert callable(module.add_arguments) and callable(module.run), module.__name__

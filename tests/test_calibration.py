@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from aikd import calibration as cal
-from aikd import evaluate as ev
-from aikd import protocols
 from aikd.cli import main
+from aikd.evaluation import calibration as cal
+from aikd.evaluation import metrics as ev
+from aikd.evaluation import protocols
 from aikd.io import read_labels, save_embeddings, write_csv, write_qualities
 
 DIM = 32
@@ -326,7 +326,7 @@ def test_python_api_gives_the_same_columns(few_faces, tiny_model, calib_file, fi
 
 def test_a_calibrated_checkpoint_and_its_onnx_export_carry_the_calibration(tmp_path, few_faces, tiny_checkpoint,
                                                                             calib_file, capsys):
-    from aikd.export import read_metadata
+    from aikd.inference.onnx_format import read_metadata
     from aikd.models import load_quality_model
 
     calibrated = tmp_path / "best_calibrated.pt"

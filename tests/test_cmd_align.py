@@ -111,7 +111,7 @@ def test_detect_then_align_then_detect_again(face_photos, tmp_path):
     assert main(["detect", str(face_photos), "-o", str(landmarks_file)]) == 0
     output = tmp_path / "aligned"
     assert main(["align", str(face_photos), "--landmarks", str(landmarks_file), "-o", str(output)]) == 0
-    from aikd.detect import get_detector
+    from aikd.detectors import get_detector
     from aikd.images import load_image
 
     detector = get_detector("retinaface")

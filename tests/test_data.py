@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from aikd.align import ARCFACE_TEMPLATE, Misalignment, align_face
-from aikd.data import (
+from aikd.models import Preprocessing
+from aikd.training.data import (
     TRAIN_STREAM,
     VAL_STREAM,
     DataConfig,
@@ -27,8 +28,7 @@ from aikd.data import (
     read_index,
     split_by_label,
 )
-from aikd.models import Preprocessing
-from aikd.synthetic import SyntheticFaces
+from aikd.training.synthetic import SyntheticFaces
 
 COLUMNS = "path,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5"
 GOOD = [40.0, 50.0, 70.0, 50.0, 55.0, 70.0, 43.0, 90.0, 68.0, 90.0]
@@ -249,7 +249,7 @@ def test_loader_resumes_mid_epoch_and_splits_ranks(synthetic_index):
 # ----------------------------------------------------------------------------------------------- large index
 INDEX_SCRIPT = """
 import resource, sys, time
-from aikd.data import read_index
+from aikd.training.data import read_index
 start = time.perf_counter()
 index = read_index(sys.argv[1], sys.argv[2], sys.argv[3], check_images=False)
 print(len(index), time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from aikd.detect import DETECTORS, Detector, Face, as_rgb, box_iou, get_detector, nms
+from aikd.detectors import DETECTORS, Detector, Face, as_rgb, box_iou, get_detector, nms
 
 pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")

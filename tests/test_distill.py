@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.distill import (
+from aikd.models import build_backbone, build_model, weights_fingerprint
+from aikd.models.forward import quality_forward
+from aikd.training.distill import (
     DistillationLoss,
     LossConfig,
     StudentConfig,
     TeacherConfig,
     build_task,
-    quality_forward,
     set_trainable,
     teacher_embeddings,
 )
-from aikd.models import build_backbone, build_model, weights_fingerprint
-from aikd.train import Trainer
+from aikd.training.train import Trainer
 
 
 def _tiny_task(**student):

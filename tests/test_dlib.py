@@ -321,7 +321,7 @@ def test_training_crops_are_aligned_on_the_models_template(tmp_path):
     from PIL import Image
 
     from aikd.align import Misalignment
-    from aikd.data import DistillationDataset, IndexReport, TrainingIndex
+    from aikd.training.data import DistillationDataset, IndexReport, TrainingIndex
 
     preprocessing = get_spec("dlib-r29").preprocessing
     image = np.random.default_rng(0).integers(0, 256, (200, 180, 3), dtype=np.uint8)
@@ -350,7 +350,7 @@ def dlib_tools():
 def _real_faces(shared_faces) -> dict[str, np.ndarray]:
     import cv2
 
-    from aikd.samples import sample_photos
+    from aikd.demo.samples import sample_photos
 
     photos = sample_photos()
     for path in shared_faces:  # 112x112 LFW crops: enlarged and framed so that dlib's detector finds them
@@ -393,8 +393,8 @@ def test_aikds_chip_gives_nearly_dlibs_descriptor(dlib_tools):
     """RetinaFace's points on the registered template against dlib's own landmarks and chip (bench/dlib_template.py
     measures 0.08-0.15; re-cropping dlib's chip 1-2 px off gives 0.05-0.12; dlib's same-person threshold is 0.6)."""
     pytest.importorskip("onnxruntime")
-    from aikd.detect import get_detector
-    from aikd.samples import sample_photos
+    from aikd.demo.samples import sample_photos
+    from aikd.detectors import get_detector
 
     dlib, detector, landmarker, recogniser = dlib_tools
     model, retinaface = load_fr_model("dlib"), get_detector("retinaface")
@@ -416,11 +416,11 @@ def test_embed_label_and_train_on_a_dat_file_through_the_command_line(tmp_path, 
     import csv
 
     from aikd.cli import main
-    from aikd.degradations import degrade
+    from aikd.demo.degradations import degrade
+    from aikd.demo.samples import sample_photos
+    from aikd.demo.showcase import write_png
     from aikd.io import load_embeddings, read_labels
     from aikd.models import load_quality_model
-    from aikd.samples import sample_photos
-    from aikd.showcase import write_png
 
     points = [220, 230, 290, 230, 255, 270, 228, 310, 282, 310]  # a face near the middle of each photo
     photos, rng = tmp_path / "photos", np.random.default_rng(0)

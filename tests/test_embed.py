@@ -113,7 +113,7 @@ def test_resume_embeds_only_what_is_missing(tmp_path, backbone_file, face_folder
     out = tmp_path / "e.npz"
     base = ["embed", "--weights", str(path), "-o", str(out), "--device", "cpu"]
     assert main([base[0], str(folder / "a.jpg"), str(folder / "b.png"), *base[1:]]) == 0
-    from aikd.inference import Engine
+    from aikd.inference.engine import Engine
 
     seen: list[int] = []
     original = Engine.__call__

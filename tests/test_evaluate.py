@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from aikd import evaluate as ev
+from aikd.evaluation import metrics as ev
 
 
 # ------------------------------------------------------------------------------ brute-force references
@@ -77,7 +77,7 @@ def synthetic_scores(seed, n_mated=400, n_nonmated=4000, ties=False):
 
 # --------------------------------------------------------------------------------------------- basics
 def test_evaluate_does_not_import_torch():
-    code = ("import sys; import aikd.evaluate, aikd.protocols, aikd.report; "
+    code = ("import sys; import aikd.evaluation.metrics, aikd.evaluation.protocols, aikd.evaluation.report; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

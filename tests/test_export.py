@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aikd.cli import main
-from aikd.export import check_onnx, export_onnx, relative_difference
+from aikd.inference.export import check_onnx, export_onnx, relative_difference
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

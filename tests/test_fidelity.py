@@ -14,18 +14,18 @@ import torch
 import torch.multiprocessing as mp
 
 from aikd.config import load_config
-from aikd.distill import (
+from aikd.models import build_model, list_models, read_checkpoint
+from aikd.models.batchnorm import SynchronisedBatchNorm1d, SynchronisedBatchNorm2d
+from aikd.models.forward import quality_forward
+from aikd.training.distill import (
     AIKDTask,
     LossConfig,
     StudentConfig,
     TeacherConfig,
     build_task,
-    quality_forward,
     set_trainable,
 )
-from aikd.models import build_model, list_models, read_checkpoint
-from aikd.models.batchnorm import SynchronisedBatchNorm1d, SynchronisedBatchNorm2d
-from aikd.train import TrainConfig, Trainer, TrainingDiverged, train
+from aikd.training.train import TrainConfig, Trainer, TrainingDiverged, train
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 SMALL = ["data.synthetic.count=72", "data.synthetic.image_size=96", "data.val_fraction=0.125",

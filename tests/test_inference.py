@@ -10,10 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from aikd.inference import Engine, l2_normalise
+from aikd.inference.engine import InferenceOptions, l2_normalise
 from aikd.models import Preprocessing, build_model, calibrate_batchnorm
 from aikd.models.folding import FoldedIResNet, _NormConvNorm, fold_batchnorm
 from aikd.runtime import resolve_device
+
+
+def _engine(model: nn.Module, preprocessing: Preprocessing | None = None, own_model: bool = False, **options):
+    """The engine ``InferenceOptions(**options)`` builds for ``model``."""
+    return InferenceOptions(**options).engine(model, preprocessing=preprocessing, own_model=own_model)
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -93,8 +98,8 @@ def test_consuming_fold_gives_the_same_model_and_frees_the_source(faces_batch):
 
 def test_an_engine_owning_its_model_scores_the_same(shifted_model):
     faces = np.random.default_rng(3).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
-    expected = Engine(shifted_model, device="cpu")(list(faces))
-    own = Engine(copy.deepcopy(shifted_model), device="cpu", own_model=True)(list(faces))
+    expected = _engine(shifted_model, device="cpu")(list(faces))
+    own = _engine(copy.deepcopy(shifted_model), device="cpu", own_model=True)(list(faces))
     for ours, theirs in zip(own, expected, strict=True):
         np.testing.assert_array_equal(ours, theirs)
 
@@ -105,7 +110,7 @@ def test_engine_prepares_exactly_as_the_models_preprocessing():
     faces = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((112, 112, 3), (200, 80, 3), (80, 200, 3),
                                                                           (50, 70, 3), (300, 300, 3))]
     preprocessing = Preprocessing()
-    engine = Engine(nn.Identity(), device="cpu", fold=False, preprocessing=preprocessing)
+    engine = _engine(nn.Identity(), device="cpu", fold=False, preprocessing=preprocessing)
     ours = np.stack([engine.prepare(face) for face in faces]).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(ours, preprocessing(faces).numpy())
     bgr = Preprocessing(channel_order="BGR")
@@ -125,7 +130,7 @@ def test_engine_paths_agree(shifted_model):
         plain_embedding, plain_quality = shifted_model(torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2))
     for fold in (True, False):
         for channels_last in (True, False):
-            engine = Engine(shifted_model, device="cpu", fold=fold, channels_last=channels_last)
+            engine = _engine(shifted_model, device="cpu", fold=fold, channels_last=channels_last)
             embedding, quality = engine(faces)
             assert quality.dtype == np.float32 and quality.shape == (5,)
             np.testing.assert_allclose(quality, plain_quality.numpy(), atol=1e-5)
@@ -134,10 +139,10 @@ def test_engine_paths_agree(shifted_model):
 
 def test_bf16_keeps_head_in_fp32_and_stays_close(shifted_model):
     faces = _faces(8)
-    _, reference = Engine(shifted_model, device="cpu")(faces)
+    _, reference = _engine(shifted_model, device="cpu")(faces)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "emulated and slower" on CPUs without native bf16
-        engine = Engine(shifted_model, device="cpu", precision="bf16")
+        engine = _engine(shifted_model, device="cpu", precision="bf16")
     embedding, quality = engine(faces)
     assert quality.dtype == np.float32 and embedding.dtype == np.float32
     assert engine.model.quality_head.l1.weight.dtype == torch.float32
@@ -148,14 +153,14 @@ def test_bf16_keeps_head_in_fp32_and_stays_close(shifted_model):
 def test_onnxruntime_backend_matches_torch(shifted_model):
     pytest.importorskip("onnxruntime")
     faces = _faces(3)
-    embedding, quality = Engine(shifted_model, device="cpu")(faces)
-    ort_embedding, ort_quality = Engine(shifted_model, device="cpu", backend="onnxruntime")(faces)
+    embedding, quality = _engine(shifted_model, device="cpu")(faces)
+    ort_embedding, ort_quality = _engine(shifted_model, device="cpu", backend="onnxruntime")(faces)
     np.testing.assert_allclose(ort_quality, quality, atol=1e-5)
     np.testing.assert_allclose(ort_embedding, embedding, atol=1e-4)
 
 
 def test_backbone_only_engine(shifted_model):
-    embedding, quality = Engine(shifted_model.feature_extractor, device="cpu")(_faces(2))
+    embedding, quality = _engine(shifted_model.feature_extractor, device="cpu")(_faces(2))
     assert quality is None and embedding.shape == (2, 512)
 
 
@@ -168,11 +173,11 @@ def test_devices_and_option_errors(shifted_model):
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda:0")
         with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-            Engine(shifted_model, device="cpu", precision="fp16")
+            _engine(shifted_model, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="--precision must be one of"):
-        Engine(shifted_model, device="cpu", precision="int4")
+        _engine(shifted_model, device="cpu", precision="int4")
     with pytest.raises(ValueError, match="onnxruntime runs fp32"):
-        Engine(shifted_model, device="cpu", backend="onnxruntime", precision="bf16")
+        _engine(shifted_model, device="cpu", backend="onnxruntime", precision="bf16")
 
 
 def test_l2_normalise():
@@ -184,9 +189,9 @@ def test_l2_normalise():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fp16_close_to_fp32(shifted_model):
     faces = _faces(16)
-    _, reference = Engine(shifted_model, device="cpu")(faces)
-    _, fp32 = Engine(shifted_model, device="cuda")(faces)
-    _, fp16 = Engine(shifted_model, device="cuda", precision="fp16")(faces)
+    _, reference = _engine(shifted_model, device="cpu")(faces)
+    _, fp32 = _engine(shifted_model, device="cuda")(faces)
+    _, fp16 = _engine(shifted_model, device="cuda", precision="fp16")(faces)
     np.testing.assert_allclose(fp32, reference, atol=1e-4)
     assert np.abs(fp16 - reference).max() < 0.05 * (reference.max() - reference.min()) + 1e-3
 
@@ -194,14 +199,14 @@ def test_cuda_fp16_close_to_fp32(shifted_model):
 def test_engines_take_either_layout_and_name_a_wrong_shape(shifted_model):
     pytest.importorskip("onnxruntime")
     faces = np.stack(_faces(3))  # (N, H, W, C), as Preprocessing.normalise gives them
-    for engine in (Engine(shifted_model, device="cpu"), Engine(shifted_model, device="cpu", backend="onnxruntime")):
+    for engine in (_engine(shifted_model, device="cpu"), _engine(shifted_model, device="cpu", backend="onnxruntime")):
         embedding, quality = engine(faces)
         first_embedding, first_quality = engine(np.ascontiguousarray(faces.transpose(0, 3, 1, 2)))
         np.testing.assert_array_equal(first_quality, quality)
         np.testing.assert_array_equal(first_embedding, embedding)
         with pytest.raises(ValueError, match=r"faces of shape \(3, 64, 64, 3\).*\(N, 112, 112, 3\)"):
             engine(np.zeros((3, 64, 64, 3), np.float32))
-    onnx_engine = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    onnx_engine = _engine(shifted_model, device="cpu", backend="onnxruntime")
     prepared = onnx_engine.prepare(np.full((112, 112, 3), 90, np.uint8))
     assert prepared.shape == (3, 112, 112)  # what onnxruntime takes, without a transpose per batch
     np.testing.assert_array_equal(prepared, Preprocessing().normalise(np.full((112, 112, 3), 90, np.uint8),
@@ -242,8 +247,8 @@ def test_scoring_an_onnx_file_never_imports_torch(shifted_model, tmp_path):
     import subprocess
     import sys
 
-    from aikd.export import export_onnx
-    from aikd.showcase import write_png
+    from aikd.demo.showcase import write_png
+    from aikd.inference.export import export_onnx
 
     export_onnx(shifted_model, tmp_path / "m.onnx")
     faces = tmp_path / "faces"
@@ -263,17 +268,17 @@ def test_onnxruntime_runs_a_cpu_batch_as_two_halves_with_the_same_outputs(shifte
     """Two halves at once on half the cores each (throughput with decode threads about): the same outputs as
     the faces one by one, and on a single core the batch runs whole."""
     pytest.importorskip("onnxruntime")
-    import aikd.inference as inference
+    import aikd.inference.onnx_format as inference
 
     faces = np.stack(_faces(5))
     monkeypatch.setattr(inference, "available_cores", lambda: 2)
-    engine = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    engine = _engine(shifted_model, device="cpu", backend="onnxruntime")
     assert engine.session.halves
     embedding, quality = engine(faces)
     singles = [engine(faces[i:i + 1]) for i in range(len(faces))]
     np.testing.assert_allclose(quality, np.concatenate([q for _, q in singles]), atol=1e-6)
     np.testing.assert_allclose(embedding, np.concatenate([e for e, _ in singles]), atol=1e-5)
     monkeypatch.setattr(inference, "available_cores", lambda: 1)
-    whole = Engine(shifted_model, device="cpu", backend="onnxruntime")
+    whole = _engine(shifted_model, device="cpu", backend="onnxruntime")
     assert not whole.session.halves
     np.testing.assert_allclose(whole(faces)[1], quality, atol=1e-6)

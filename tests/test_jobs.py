@@ -8,7 +8,8 @@ from PIL import Image
 
 from aikd.images import collect_inputs
 from aikd.io import write_csv
-from aikd.jobs import ItemResult, check_output, errors_path, finish_job, journal_dir, read_journal, run_job
+from aikd.pipeline.jobs import ItemResult, finish_job, read_journal, run_job
+from aikd.pipeline.outputs import check_output, errors_path, journal_dir
 
 
 @pytest.fixture
@@ -76,11 +77,11 @@ def test_process_batch_count_mismatch_is_a_bug(tmp_path, folder):
 def test_provenance_settings_do_not_decide_the_same_job(tmp_path):
     """``weights`` (an ONNX graph's source weights) follows from ``model``: a journal recorded without it resumes,
     while a different model is still refused."""
-    from aikd.jobs import _settings_path, check_same_job, journal_dir
+    from aikd.pipeline.outputs import check_same_job, journal_dir, settings_path
 
     out = tmp_path / "s.csv"
     journal_dir(out).mkdir(parents=True)
-    _settings_path(out).write_text(json.dumps({"command": "score", "model": "onnx:aa"}), encoding="utf-8")
+    settings_path(out).write_text(json.dumps({"command": "score", "model": "onnx:aa"}), encoding="utf-8")
     check_same_job(out, {"command": "score", "model": "onnx:aa", "weights": "bb"})
     with pytest.raises(ValueError, match="model = 'onnx:aa', this run has model = 'onnx:cc'"):
         check_same_job(out, {"command": "score", "model": "onnx:cc", "weights": "bb"})

@@ -17,7 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from aikd.distill import (
+from aikd.models import IResNet, build_model, list_models, needs_nchw_backward, to_training_layout
+from aikd.models.irnet import IRNet
+from aikd.models.layout import NCHWBackwardConv2d
+from aikd.models.swin import SwinFace
+from aikd.models.vit import FaceViT
+from aikd.runtime import describe_cpu
+from aikd.training.distill import (
     AIKDTask,
     DistillationLoss,
     LossConfig,
@@ -27,12 +33,6 @@ from aikd.distill import (
     build_task,
     set_trainable,
 )
-from aikd.models import IResNet, build_model, list_models, needs_nchw_backward, to_training_layout
-from aikd.models.irnet import IRNet
-from aikd.models.layout import NCHWBackwardConv2d
-from aikd.models.swin import SwinFace
-from aikd.models.vit import FaceViT
-from aikd.runtime import describe_cpu
 
 # Relative gradient error allowed for one convolution against float64 (float32 gives ~1e-7, the bug 0.3-1.0).
 REPRODUCER_TOLERANCE = 1e-3

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from aikd.cli import main
-from aikd.data import read_index
 from aikd.io import write_csv
 from aikd.names import NameIndex, match_names, normalise_name
+from aikd.training.data import read_index
 
 FIVE_POINTS = [38.3, 51.7, 73.5, 51.5, 56.0, 71.7, 41.5, 92.4, 70.7, 92.2]
 LANDMARK_HEADER = ["path"] + [f"{axis}{i}" for i in range(1, 6) for axis in "xy"]

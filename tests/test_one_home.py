@@ -172,7 +172,8 @@ def test_label_shards_under_torchrun(tmp_path, method):
 
 def test_onnx_export_carries_its_preprocessing_and_scores_with_it(tmp_path, tiny_model, face_folder):
     pytest.importorskip("onnxruntime")
-    from aikd.export import export_onnx, read_metadata
+    from aikd.inference.export import export_onnx
+    from aikd.inference.onnx_format import read_metadata
 
     folder, good, _ = face_folder
     tiny_model.preprocessing = Preprocessing(channel_order="BGR", mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))

@@ -40,11 +40,11 @@ def test_bin_set_scored_embedded_and_evaluated(tmp_path, tiny_checkpoint):
 
 
 def _degraded_sample_photos(folder: Path) -> list[str]:
-    """The sample photos, each also blurred, noisy, downscaled and dark (aikd.degradations), as PNG files."""
-    from aikd.degradations import degrade
-    from aikd.detect import get_detector
-    from aikd.samples import sample_photos
-    from aikd.showcase import write_png
+    """The sample photos, each also blurred, noisy, downscaled and dark (aikd.demo.degradations), as PNG files."""
+    from aikd.demo.degradations import degrade
+    from aikd.demo.samples import sample_photos
+    from aikd.demo.showcase import write_png
+    from aikd.detectors import get_detector
 
     detector, rng, names = get_detector("retinaface"), np.random.default_rng(0), []
     for name, photo in sample_photos().items():

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from aikd import protocols as pr
+from aikd.evaluation import protocols as pr
 
 LFW_PAIRS = """2\t2
 Abel_Pacheco\t1\t4
@@ -55,7 +55,7 @@ def test_lfw_bad_lines_are_reported_with_line_numbers(tmp_path, caplog):
     assert "3 bad line(s)" in message and "pairs.txt" in message
     assert "line 3: expected 3 tokens" in message and "found 5" in message
     assert "line 5: image number 'one'" in message and "line 6:" in message
-    with caplog.at_level(logging.WARNING, logger="aikd.protocols"):
+    with caplog.at_level(logging.WARNING, logger="aikd.evaluation.protocols"):
         pairs = pr.read_lfw_pairs(path, strict=False)
     assert len(pairs) == 2 and pairs.lines.tolist() == [2, 4]
     assert "line 3" in caplog.text and "skipped" in caplog.text
@@ -212,7 +212,7 @@ def test_resolve_reports_unknown_names_with_line_numbers(tmp_path, caplog):
     assert "2 pair(s) naming images without an embedding" in str(err.value)
     assert "line 4: image 'Dean_Barker/Dean_Barker_0001.jpg'" in str(err.value)
     assert "line 7:" in str(err.value)
-    with caplog.at_level(logging.WARNING, logger="aikd.protocols"):
+    with caplog.at_level(logging.WARNING, logger="aikd.evaluation.protocols"):
         resolved = pr.resolve(pairs, known, strict=False)
     assert len(resolved) == 4 and resolved.lines.tolist() == [2, 3, 5, 8]
     assert [known[i] for i in resolved.first[:1]] == ["Abel_Pacheco/Abel_Pacheco_0001.jpg"]

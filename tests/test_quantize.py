@@ -1,4 +1,4 @@
-"""aikd export --int8 (aikd.quantize): the quantised graph runs where an fp32 export runs, keeps its metadata,
+"""aikd export --int8 (aikd.inference.quantize): the quantised graph runs where an fp32 export runs, keeps its metadata,
 agrees with fp32 on a real model (dlib-r29 with a trained quality head; skipped where dlib's weights package is
 absent), warns when it does not, and refuses bad calibration input with the file named."""
 
@@ -20,7 +20,7 @@ def _smooth_faces(folder, count: int, size: int = 112, seed: int = 0) -> None:
     """``count`` seeded smooth random RGB PNGs (upsampled noise: structure for the tiny model to see)."""
     import cv2
 
-    from aikd.showcase import write_png
+    from aikd.demo.showcase import write_png
 
     rng = np.random.default_rng(seed)
     for index in range(count):
@@ -52,7 +52,7 @@ def _export_int8(source, faces, output, capsys, *extra: str) -> str:
 
 
 def test_int8_graph_keeps_the_metadata_and_records_calibration(tiny_int8, capsys):
-    from aikd.export import read_metadata
+    from aikd.inference.onnx_format import read_metadata
 
     faces, checkpoint, fp32, int8 = tiny_int8
     err = _export_int8(checkpoint, faces, int8, capsys)
@@ -76,13 +76,13 @@ def test_int8_graph_keeps_the_metadata_and_records_calibration(tiny_int8, capsys
 
 
 def test_int8_graph_runs_through_the_engine_and_aikd_score(tiny_int8, tmp_path, capsys):
-    from aikd.inference import Engine
+    from aikd.inference.engine import OnnxEngine
     from aikd.io import read_labels
 
     faces, checkpoint, _, int8 = tiny_int8
     if not int8.exists():
         _export_int8(checkpoint, faces, int8, capsys)
-    engine = Engine.from_onnx(int8, "cpu")
+    engine = OnnxEngine(int8, "cpu")
     assert engine.precision == "int8" and engine.record()["precision"] == "int8"
     batch = np.stack([engine.prepare(np.full((112, 112, 3), v, np.uint8)) for v in (40, 120, 200)])
     embeddings, qualities = engine(batch)
@@ -96,7 +96,7 @@ def test_int8_graph_runs_through_the_engine_and_aikd_score(tiny_int8, tmp_path, 
 
 
 def test_low_agreement_warns_at_export_and_at_every_use(tiny_int8, tmp_path, capsys):
-    from aikd.export import read_metadata
+    from aikd.inference.onnx_format import read_metadata
 
     faces, _, fp32, _ = tiny_int8
     int8 = tmp_path / "strict.int8.onnx"
@@ -114,8 +114,8 @@ def test_low_agreement_warns_at_export_and_at_every_use(tiny_int8, tmp_path, cap
 
 def test_the_stem_can_stay_fp32(tiny_int8):
     """``fp32_input_conv``: the convolution that reads the pixels keeps fp32 weights and reads the image itself."""
+    from aikd.inference.quantize import QuantizeOptions, load_faces, quantize_graph
     from aikd.models import Preprocessing
-    from aikd.quantize import QuantizeOptions, load_faces, quantize_graph
 
     faces, _, fp32, _ = tiny_int8
     _, pixels = load_faces(faces, Preprocessing())
@@ -174,9 +174,9 @@ def dlib_student(tmp_path_factory):
     except ValueError:
         pytest.skip("face-recognition-models (dlib's weights) is not installed")
     pytest.importorskip("retinaface")
-    from aikd.detect import get_detector
-    from aikd.samples import lfw_subset_faces, sample_photos
-    from aikd.showcase import write_aligned_face_set
+    from aikd.demo.samples import lfw_subset_faces, sample_photos
+    from aikd.demo.showcase import write_aligned_face_set
+    from aikd.detectors import get_detector
 
     root = tmp_path_factory.mktemp("dlib")
     photos = {**sample_photos(), **lfw_subset_faces(12)}
@@ -191,9 +191,9 @@ def dlib_student(tmp_path_factory):
 
 def _trained_student(teacher, folder):
     """dlib-r29 + a quality head fitted (full batch, Adam) to the certainty ratio of ``folder``'s faces."""
+    from aikd.inference.quantize import load_faces
     from aikd.labelers.certainty import certainty_ratio
     from aikd.models import QualityHead, QualityModel
-    from aikd.quantize import load_faces
 
     keys, faces = load_faces(folder, teacher.preprocessing)
     with torch.no_grad():
@@ -212,8 +212,8 @@ def _trained_student(teacher, folder):
 
 
 def test_int8_agrees_with_fp32_on_dlibs_real_model(dlib_student, tmp_path, capsys):
-    from aikd.export import read_metadata
-    from aikd.quantize import load_faces, measure_agreement
+    from aikd.inference.onnx_format import read_metadata
+    from aikd.inference.quantize import load_faces, measure_agreement
 
     checkpoint, calibration, evaluation = dlib_student
     fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"

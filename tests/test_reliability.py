@@ -213,7 +213,7 @@ def test_folder_links_are_followed_once(tmp_path, tiny_checkpoint):
 
 
 def test_training_index_survives_a_folder_link_loop(tmp_path):
-    from aikd.data import read_index
+    from aikd.training.data import read_index
 
     faces(tmp_path / "images", ["a.jpg", "b.jpg"])
     os.symlink(".", tmp_path / "images" / "self")
@@ -226,7 +226,7 @@ def test_training_index_survives_a_folder_link_loop(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- outputs
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, tiny_checkpoint, face_folder, capsys):
-    from aikd.jobs import OutputLock
+    from aikd.pipeline.outputs import OutputLock
 
     folder, good, _ = face_folder
     out = tmp_path / "s.csv"
@@ -267,7 +267,7 @@ def test_outputs_aikd_must_not_write(tmp_path, tiny_checkpoint, face_folder, cap
 
 def test_disk_full_stops_with_one_line_and_keeps_the_journal(tmp_path, tiny_checkpoint, face_folder, capsys,
                                                             monkeypatch):
-    from aikd import jobs
+    from aikd.pipeline import jobs
 
     folder, good, _ = face_folder
     real_append, calls = jobs.Journal.append, []

@@ -19,10 +19,11 @@ from PIL import Image
 
 from aikd.align import ARCFACE_TEMPLATE, align_face
 from aikd.cli import main
+from aikd.inference.scorer import score_images
 from aikd.io import load_embeddings, read_labels, write_csv, write_qualities
-from aikd.jobs import journal_dir, read_journal
 from aikd.models import load_quality_model
-from aikd.score import score_images
+from aikd.pipeline.jobs import read_journal
+from aikd.pipeline.outputs import journal_dir
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -255,7 +256,7 @@ def test_sigkill_then_resume_scores_every_image_once(tmp_path, tiny_checkpoint, 
     assert main([*command[3:], "--resume", "--precision", "bf16"]) == 2
     assert set(read_journal(out)) == done_before
 
-    from aikd.inference import Engine
+    from aikd.inference.engine import Engine
 
     scored: list[int] = []
     original = Engine.__call__

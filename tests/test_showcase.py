@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from aikd.degradations import KINDS, LEVELS, degrade, face_box
-from aikd.showcase import (
+from aikd.demo.degradations import KINDS, LEVELS, degrade, face_box
+from aikd.demo.showcase import (
     alignment_sensitivity,
     image_key,
     parse_key,

@@ -9,7 +9,8 @@ from aikd.align import ARCFACE_TEMPLATE, align_face
 from aikd.commands.options import add_crop_arguments, crop_options
 from aikd.images import ImageInput
 from aikd.io import write_csv
-from aikd.sources import make_prepare
+from aikd.pipeline.crops import FaceCropper
+from aikd.preprocessing import Preprocessing
 
 
 def _args(*argv):
@@ -31,16 +32,18 @@ def _landmarks_file(tmp_path, rows):
     return path
 
 
-def test_default_resizes(photo, tmp_path):
-    prepare = make_prepare(_args(), [ImageInput(tmp_path / "a.png", "a.png")])
-    assert prepare(photo, None).shape == (112, 112, 3)
+def test_default_takes_the_image_whole_and_preprocessing_alone_resizes(photo, tmp_path):
+    item = ImageInput(tmp_path / "a.png", "a.png")
+    crop = FaceCropper(_args(), Preprocessing(), [item])(photo, item)
+    assert crop is photo
+    assert Preprocessing().normalise(crop).shape == (112, 112, 3)
 
 
 def test_landmarks_align_and_report_missing(photo, tmp_path):
     points = ARCFACE_TEMPLATE * 1.3 + 20
     items = [ImageInput(tmp_path / "a.png", "a.png"), ImageInput(tmp_path / "b.png", "b.png")]
     args = _args("--landmarks", str(_landmarks_file(tmp_path, [("a.png", points)])))
-    prepare = make_prepare(args, items)
+    prepare = FaceCropper(args, items=items)
     np.testing.assert_array_equal(prepare(photo, items[0]), align_face(photo, points))
     with pytest.raises(ValueError, match="no landmarks for this image in .*lm.csv"):
         prepare(photo, items[1])
@@ -50,9 +53,9 @@ def test_misalignment_is_deterministic_per_key(photo, tmp_path):
     points = ARCFACE_TEMPLATE * 1.3 + 20
     items = [ImageInput(tmp_path / k, k) for k in ("a.png", "b.png")]
     lm = str(_landmarks_file(tmp_path, [("a.png", points), ("b.png", points)]))
-    first = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items)
-    again = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items[::-1])
-    other_seed = make_prepare(_args("--landmarks", lm, "--misalign", "3", "--seed", "2"), items)
+    first = FaceCropper(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items=items)
+    again = FaceCropper(_args("--landmarks", lm, "--misalign", "3", "--seed", "1"), items=items[::-1])
+    other_seed = FaceCropper(_args("--landmarks", lm, "--misalign", "3", "--seed", "2"), items=items)
     np.testing.assert_array_equal(first(photo, items[0]), again(photo, items[0]))
     assert not np.array_equal(first(photo, items[0]), first(photo, items[1]))
     assert not np.array_equal(first(photo, items[0]), other_seed(photo, items[0]))

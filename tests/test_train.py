@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 
 from aikd.cli import main
 from aikd.config import load_config
-from aikd.evaluate import quality_metrics
+from aikd.evaluation.metrics import quality_metrics
 from aikd.models import QualityModel, load_quality_model, read_checkpoint
-from aikd.train import LoopConfig, OptimConfig, Plan, TrainConfig, lr_factor, train
+from aikd.training.train import LoopConfig, OptimConfig, Plan, TrainConfig, lr_factor, train
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 SMALL = ["data.synthetic.count=72", "data.synthetic.image_size=96", "data.val_fraction=0.125", "data.batch_size=8",

@@ -384,7 +384,8 @@ def test_transformer_quality_models_export_to_onnx_with_parity(family):
     """``aikd export`` of a quality model on a transformer backbone: the graph gives the torch model's outputs."""
     import io
 
-    from aikd.export import check_onnx, export_onnx, read_metadata
+    from aikd.inference.export import check_onnx, export_onnx
+    from aikd.inference.onnx_format import read_metadata
     from aikd.models import QualityHead, QualityModel
 
     torch.manual_seed(0)

@@ -1,32 +1,50 @@
 """aikd: alignment-invariant face image quality assessment (AI-KD, Babnik et al., IWBF 2024).
 
-Heavy modules (torch) load on first use, so ``import aikd.evaluation.metrics`` stays numpy-only.
+    from aikd import load_quality_model, score_images
+    qualities = score_images(load_quality_model("best.pt"), ["a.jpg", "b.png"])
+
+Heavy modules (torch) load on first use of a name that needs them, so ``import aikd.evaluation.metrics`` stays
+numpy-only.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from aikd.version import __version__
 
-# public name -> module that defines it
-_LAZY = {
-    "QualityModel": "aikd.models",
-    "build_model": "aikd.models",
-    "load_quality_model": "aikd.models",
-    "load_backbone": "aikd.models",
-    "load_fr_model": "aikd.models",
-    "score_images": "aikd.inference.scorer",
-    "load_calibration": "aikd.calibration",
-    "align_face": "aikd.align",
-    "ARCFACE_TEMPLATE": "aikd.align",
-}
-
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "QualityModel",
+    "Scorer",
+    "__version__",
+    "align_face",
+    "build_model",
+    "load_backbone",
+    "load_calibration",
+    "load_fr_model",
+    "load_quality_model",
+    "score_images",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    # Plain imports inside the function: the import graph stays visible to readers and tests, and torch loads
+    # only when a name that needs it is first used.
+    if name in ("QualityModel", "build_model", "load_quality_model", "load_backbone", "load_fr_model"):
+        from aikd import models
+
+        return getattr(models, name)
+    if name in ("score_images", "Scorer"):
+        from aikd.inference import scorer
+
+        return getattr(scorer, name)
+    if name == "load_calibration":
+        from aikd.evaluation.calibration import load_calibration
+
+        return load_calibration
+    if name in ("align_face", "ARCFACE_TEMPLATE"):
+        from aikd import align
+
+        return getattr(align, name)
     raise AttributeError(f"module 'aikd' has no attribute {name!r}")

@@ -1,36 +1,64 @@
 """The ``aikd`` command line: one console script, one subcommand per job.
 
 Each subcommand lives in its own module of :mod:`aikd.commands`, which provides ``add_arguments(parser)`` and
-``run(args) -> int``.
-Only the chosen subcommand's module is imported, so ``aikd --help`` and ``aikd evaluate`` never pay for
-torch start-up.
+``run(args) -> int``. Only the chosen subcommand's module is imported (:func:`command_module`, plain imports), so
+``aikd --help`` and ``aikd evaluate`` never pay for torch start-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from aikd import __version__
+from aikd.version import __version__
 
-# name -> (module, one-line help). The order is the order of a typical workflow.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "detect": ("aikd.commands.detect", "find faces and their 5 landmarks in photos -> landmarks.csv"),
-    "align": ("aikd.commands.align", "write 112x112 aligned (or deliberately misaligned) face crops"),
-    "label": ("aikd.commands.label", "make quality labels with a training-free FIQA technique"),
-    "train": ("aikd.commands.train", "distil a FIQA technique into an alignment-invariant quality model (AI-KD)"),
-    "score": ("aikd.commands.score", "score face images of any alignment -> scores.csv"),
-    "embed": ("aikd.commands.embed", "face-recognition embeddings of images -> emb.npz"),
-    "evaluate": ("aikd.commands.evaluate", "ERC/EDC curves, pAUC tables and plots for FIQA methods"),
-    "calibrate": ("aikd.commands.calibrate", "map quality scores to expected FNMR at an FMR -> calib.json"),
-    "export": ("aikd.commands.export", "export a quality model to ONNX and check parity"),
-    "demo": ("aikd.commands.demo", "AI-KD on dlib's real face recogniser and sample photos, with a report"),
-    "models": ("aikd.commands.models", "list the registered model architectures"),
+# name -> one-line help. The order is the order of a typical workflow.
+COMMANDS: dict[str, str] = {
+    "detect": "find faces and their 5 landmarks in photos -> landmarks.csv",
+    "align": "write 112x112 aligned (or deliberately misaligned) face crops",
+    "label": "make quality labels with a training-free FIQA technique",
+    "train": "distil a FIQA technique into an alignment-invariant quality model (AI-KD)",
+    "score": "score face images of any alignment -> scores.csv",
+    "embed": "face-recognition embeddings of images -> emb.npz",
+    "evaluate": "ERC/EDC curves, pAUC tables and plots for FIQA methods",
+    "calibrate": "map quality scores to expected FNMR at an FMR -> calib.json",
+    "export": "export a quality model to ONNX and check parity",
+    "demo": "AI-KD on dlib's real face recogniser and sample photos, with a report",
+    "models": "list the registered model architectures",
 }
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of subcommand ``name`` (``aikd.commands.NAME``), imported now and only now."""
+    if name == "detect":
+        from aikd.commands import detect as module
+    elif name == "align":
+        from aikd.commands import align as module
+    elif name == "label":
+        from aikd.commands import label as module
+    elif name == "train":
+        from aikd.commands import train as module
+    elif name == "score":
+        from aikd.commands import score as module
+    elif name == "embed":
+        from aikd.commands import embed as module
+    elif name == "evaluate":
+        from aikd.commands import evaluate as module
+    elif name == "calibrate":
+        from aikd.commands import calibrate as module
+    elif name == "export":
+        from aikd.commands import export as module
+    elif name == "demo":
+        from aikd.commands import demo as module
+    elif name == "models":
+        from aikd.commands import models as module
+    else:
+        raise ValueError(f"unknown command {name!r}")
+    return module
 
 EXIT_CODES = """exit status:
   0  everything done
@@ -42,6 +70,8 @@ EXIT_CODES = """exit status:
   130  interrupted (Ctrl-C); what was done is kept: --resume continues"""
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+# Commands that decode photos in several threads.
+DECODING_COMMANDS = frozenset({"detect", "align", "label", "score", "embed", "export", "demo"})
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -54,13 +84,13 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"aikd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub_parser = sub.add_parser(
             name, help=help_text, description=help_text, epilog=EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name == selected:
-            importlib.import_module(module_name).add_arguments(sub_parser)
+            command_module(name).add_arguments(sub_parser)
     return parser
 
 
@@ -95,8 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
+    module = command_module(args.command)
     _show_warnings()
+    if args.command in DECODING_COMMANDS:  # process-wide settings belong to the entry point, not the library
+        from aikd.images import use_large_image_blocks
+
+        use_large_image_blocks()
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
@@ -117,6 +151,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"aikd {args.command}: error: unexpected failure: {type(err).__name__}: {err} (set AIKD_DEBUG=1 "
              "to see where; what was done is kept: --resume continues)")
         return EXIT_STOPPED
-    finally:
-        if "aikd.pipeline.jobs" in sys.modules:  # the outputs this command locked (jobs is imported only by those)
-            sys.modules["aikd.pipeline.jobs"].release_claims()

@@ -5,8 +5,10 @@ One home for what ``train``, ``score``, ``embed`` and ``label`` all need:
 - :func:`resolve_device`: ``auto`` is the first CUDA device if there is one, else the CPU; names are checked;
   for a process that runs an ONNX file alone, against onnxruntime's providers and without importing torch
   (:class:`PlainDevice`: torch's import is most of such a process's start-up);
-- :func:`autocast_dtype` / :func:`autocast`: ``fp32``/``off``, ``fp16``, ``bf16`` or ``auto`` (fp16 on CUDA,
-  bf16 on CPUs with native bf16, else fp32: emulated bf16 is slower than fp32);
+- :data:`PRECISIONS` and :func:`autocast_dtype` / :func:`autocast`: the one list of precisions (``fp32``,
+  ``bf16``, ``fp16``) and the one rule for them (fp16 needs CUDA; bf16 on a CPU without native bf16 is emulated and
+  slower, and says so); training also takes ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32) and
+  ``off``;
 - :func:`seed_everything`: Python, numpy and torch;
 - :class:`Distributed` and :func:`join_torchrun` / :func:`distributed`: this process's place in a
   ``torchrun`` job (gloo on the CPU, NCCL on GPUs, ``cuda`` meaning the local rank's GPU);
@@ -25,6 +27,7 @@ import functools
 import os
 import platform
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,9 +55,10 @@ __all__ = [
     "release_freed_memory",
     "resolve_device",
     "seed_everything",
+    "use_fastest_convolutions",
 ]
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a model runs in: scoring, embedding, labelling and training alike
 
 
 # ------------------------------------------------------------------------------------------------------- CPU
@@ -200,26 +204,31 @@ def _onnxruntime_device(name: Any, option: str) -> PlainDevice:
 
 
 # ------------------------------------------------------------------------------------------------- precision
-def autocast_dtype(precision: str | bool, device: torch.device, option: str = "--precision") -> torch.dtype | None:
-    """The autocast dtype of a precision setting on ``device``; ``None`` means float32.
+def autocast_dtype(precision: str | bool, device: torch.device | PlainDevice,
+                   option: str = "--precision") -> torch.dtype | None:
+    """The autocast dtype of a precision setting on ``device``; ``None`` means float32. The one rule of precisions.
 
-    ``auto`` is fp16 on CUDA (the paper's AMP), bf16 on CPUs with native bf16 arithmetic and float32 on other
-    CPUs, where bf16 is emulated and slower. ``off`` (and YAML's boolean reading of it) means fp32.
+    One of :data:`PRECISIONS`, or (training's settings) ``auto``: fp16 on CUDA (the paper's AMP), bf16 on CPUs with
+    native bf16 arithmetic and float32 on other CPUs, where bf16 is emulated and slower; ``off`` (and YAML's boolean
+    reading of it) means fp32. bf16 asked for on a CPU without native bf16 runs, with a warning that it is slower.
 
     Raises:
-        ValueError: an unknown setting, or fp16 asked for on the CPU.
+        ValueError: an unknown setting, or fp16 asked for on the CPU (``option`` names the setting).
     """
     import torch
 
     setting = "fp32" if precision in ("off", False) else str(precision)
-    if setting not in PRECISIONS:
-        raise ValueError(f"{option}: expected one of {', '.join(PRECISIONS)} or off, got {precision!r}")
     if setting == "auto":
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if cpu_has_bf16() else None
+    if setting not in PRECISIONS:
+        raise ValueError(f"{option}: expected one of {', '.join(PRECISIONS)}, auto or off, got {precision!r}")
     if setting == "fp16" and device.type != "cuda":
         raise ValueError(f"{option} fp16 needs a CUDA device; on the CPU use bf16")
+    if setting == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        warnings.warn(f"{option} bf16: this CPU has no native bf16 arithmetic, so bf16 is emulated and slower than "
+                      "fp32", RuntimeWarning, stacklevel=2)
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
 
 
@@ -228,6 +237,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     import torch
 
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def use_fastest_convolutions() -> None:
+    """Let cuDNN benchmark its convolution kernels on first use, where a CUDA device is present: a scoring run feeds
+    one input size, so the fastest kernel for it is found once and used for every batch. Process-wide
+    (``torch.backends.cudnn.benchmark``): only command entry points call it, never the library.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
 
 
 def seed_everything(seed: int) -> None:

@@ -4,9 +4,10 @@ The convention, for every command alike: a command module turns the parsed comma
 typed options (:mod:`aikd.commands.options` for what several commands share), calls the library, and
 prints; everything it calls lives outside this package and never imports it. :mod:`aikd.cli` dispatches.
 
-    detect   aikd.detectors, aikd.detectors          label    aikd.labelers, aikd.models
-    align    aikd.align, aikd.pipeline.crops             train    aikd.training.train, aikd.training.distill, aikd.training.data
-    score    aikd.inference.scorer, aikd.inference.engine           embed    aikd.inference.engine
-    evaluate aikd.evaluation.report, aikd.evaluation.metrics           export   aikd.inference.export
-    demo     the other commands                   models   aikd.models.registry
+    detect    aikd.detectors                    label     aikd.pipeline.labelling, aikd.labelers
+    align     aikd.pipeline.crops               train     aikd.training
+    score     aikd.pipeline.scoring             embed     aikd.pipeline.embedding
+    evaluate  aikd.evaluation.report            calibrate aikd.evaluation.calibration
+    export    aikd.inference.export, .quantize  demo      aikd.demo
+    models    aikd.models.registry
 """

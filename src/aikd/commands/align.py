@@ -39,8 +39,9 @@ from aikd.commands.options import (
 )
 from aikd.images import ImageInput, collect_inputs
 from aikd.io import atomic_write
-from aikd.pipeline.jobs import ItemResult, JobOptions, claim_output, finish_job, journal_dir, run_job
-from aikd.pipeline.crops import make_prepare
+from aikd.pipeline.crops import FaceCropper
+from aikd.pipeline.jobs import ItemResult, JobOptions, finish_job, run_job
+from aikd.pipeline.outputs import claimed_output, journal_dir
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
 
@@ -97,13 +98,12 @@ def _encode(crop: np.ndarray, suffix: str) -> bytes:
     return encoded.tobytes()
 
 
-def _claim_output_folder(output: Path, job: JobOptions, settings: dict, inputs: list[Path]) -> None:
+def _output_folder_job(output: Path, job: JobOptions) -> JobOptions:
+    """How the output folder may be claimed: an empty folder (e.g. made by mkdir) is no output to protect."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output} is a file; -o names the folder to write the crops to")
     fresh = output.is_dir() and not any(output.iterdir()) and not journal_dir(output).exists()
-    if fresh:  # an empty folder (e.g. made by mkdir) is no output to protect
-        job = replace(job, resume=False, overwrite=True)
-    claim_output(output, job, settings, inputs=inputs)
+    return replace(job, resume=False, overwrite=True) if fresh else job
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,9 +113,8 @@ def run(args: argparse.Namespace) -> int:
     output: Path = args.output
     suffix = FORMATS[args.format]
     targets = _targets(items, output, suffix)
-    _claim_output_folder(output, job, {"command": "align", "crop": crop.record(), "format": args.format},
-                         protected_inputs(args, items))
-    prepare = make_prepare(crop, items, workers=job.workers)  # 112x112 ArcFace crops
+    claim = _output_folder_job(output, job)
+    prepare = FaceCropper(crop, items=items, workers=job.workers)  # 112x112 ArcFace crops
 
     def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         results = []
@@ -130,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         return {key: ItemResult(rows=[[target.relative_to(output).as_posix()]])
                 for key, target in targets.items() if target.is_file()}
 
-    results = run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
-                      resume=job.resume, prepare=prepare, load_previous=load_previous, desc="align")
-    return finish_job(items, results, output, lambda good: None, verb="aligned").exit_code
+    settings = {"command": "align", "crop": crop.record(), "format": args.format}
+    with claimed_output(output, settings, resume=claim.resume, overwrite=claim.overwrite,
+                        inputs=protected_inputs(args, items)):
+        results = run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
+                          resume=job.resume, prepare=prepare, load_previous=load_previous, desc="align")
+        return finish_job(items, results, output, lambda good: None, verb="aligned").exit_code

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from aikd.evaluation import calibration as cal
 from aikd.evaluation import metrics as ev
-from aikd.evaluation import protocols
-from aikd.evaluation import report
-from aikd.pipeline.jobs import OutputLock, check_output, check_output_path
+from aikd.evaluation import protocols, report
+from aikd.pipeline.outputs import OutputLock, check_output, check_output_path
 
 __all__ = ["add_arguments", "run"]
 

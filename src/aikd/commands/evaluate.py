@@ -4,7 +4,8 @@
     aikd evaluate --embeddings adience.npz --pairs adience.csv --protocol identity --oracle -o report/
     aikd evaluate --suite suite.yaml -o report/
 
-The report, its outputs and the suite format: :mod:`aikd.evaluation.report`; the metrics: :mod:`aikd.evaluation.metrics`.
+The report, its outputs and the suite format: :mod:`aikd.evaluation.report`; the metrics:
+:mod:`aikd.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import sys
 from pathlib import Path
 
 from aikd.evaluation import metrics as ev
-from aikd.evaluation import protocols
-from aikd.evaluation import report
+from aikd.evaluation import protocols, report
 
 __all__ = ["add_arguments", "run"]
 

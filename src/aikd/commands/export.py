@@ -5,7 +5,8 @@
     aikd export --checkpoint runs/r100/best.pt --int8 --calibration-images aligned/ -o aikd.int8.onnx
     aikd export --checkpoint aikd.onnx --int8 --calibration-images aligned/ -o aikd.int8.onnx   # from an export
 
-See :mod:`aikd.inference.export` for the graph, the metadata and the parity check, :mod:`aikd.inference.quantize` for int8.
+The graph and its parity check: :mod:`aikd.inference.export`; its metadata: :mod:`aikd.inference.onnx_format`;
+int8: :mod:`aikd.inference.quantize`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import io
 import sys
 from pathlib import Path
 
-from aikd.inference.export import OPSET, check_onnx, export_onnx, relative_difference
-from aikd.io import atomic_write
+from aikd.inference.export import check_onnx, export_onnx, relative_difference
+from aikd.inference.onnx_format import OPSET
 from aikd.inference.quantize import CALIBRATION_METHODS, MIN_FACES, SPEARMAN_BAR
+from aikd.io import atomic_write
 
 __all__ = ["add_arguments", "run"]
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         handle.write(data)
     import onnx
 
-    from aikd.inference.export import metadata_from_properties
+    from aikd.inference.onnx_format import metadata_from_properties
 
     proto = onnx.load_model_from_string(data)  # parsed once for both the metadata and the opset
     metadata = metadata_from_properties({e.key: e.value for e in proto.metadata_props}, str(args.output))
@@ -93,7 +95,7 @@ def _check_int8_arguments(args: argparse.Namespace) -> None:
 
 def _read_onnx(path: Path) -> bytes:
     """An fp32 aikd export to quantise; refused (naming the file) when it is not one."""
-    from aikd.inference.export import read_metadata
+    from aikd.inference.onnx_format import read_metadata
 
     try:
         data = path.read_bytes()
@@ -136,7 +138,7 @@ def _quantise(data: bytes, args: argparse.Namespace) -> bytes:
     result = quantize_onnx(data, args.calibration_images, options, source=str(args.checkpoint))
     print(f"int8 vs fp32: {result.agreement.summary()}; calibrated on {result.calibration_faces} faces",
           file=sys.stderr)
-    from aikd.inference.export import read_metadata
+    from aikd.inference.onnx_format import read_metadata
 
     warning = int8_warning(read_metadata(result.graph), str(args.output))
     if warning:

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aikd.images import ImageInput
-from aikd.pipeline.jobs import JobOptions
+from aikd.inference.engine import InferenceOptions
 from aikd.pipeline.crops import CropOptions
+from aikd.pipeline.jobs import JobOptions
 
 __all__ = [
     "add_crop_arguments",
@@ -102,7 +103,8 @@ def crop_options(args: argparse.Namespace) -> CropOptions:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
-    from aikd.inference.engine import BACKENDS, CPU_BATCH, GPU_BATCH, PRECISIONS
+    from aikd.inference.engine import BACKENDS, CPU_BATCH, GPU_BATCH
+    from aikd.runtime import PRECISIONS
 
     group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -117,15 +119,14 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run the model as stored instead of with BatchNorm folded into convolutions")
 
 
-def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput]) -> list[Path]:
-    """Every file a command reads (images, list files, landmarks, labels, model weights): -o must be none."""
+def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput] = ()) -> list[Path]:
+    """Every file a command reads (the images ``items``, list files, landmarks, labels, model weights): no output may
+    be one of them."""
     named = [*getattr(args, "inputs", [])]
     named += [getattr(args, name, None) for name in ("landmarks", "labels", "checkpoint", "weights", "calibration")]
     return [item.path for item in items] + [Path(p) for p in named if p and str(p).lower() != "none"]
 
 
-def inference_options(args: argparse.Namespace):  # -> aikd.inference.engine.InferenceOptions (imports torch)
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
     """The :class:`~aikd.inference.engine.InferenceOptions` of :func:`add_inference_arguments`."""
-    from aikd.inference.engine import InferenceOptions
-
     return InferenceOptions(args.device, args.precision, args.backend, args.fold, args.batch_size)

@@ -82,6 +82,7 @@ __all__ = [
     "check_fr_model",
     "check_quality_model",
     "load_calibration",
+    "resolve_calibration",
     "needed_nonmated",
     "plot_reliability",
     "summary",
@@ -370,7 +371,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON, checkpoint ``extra``, ONNX metadata); :meth:`from_dict` reads it back."""
-        from aikd import __version__
+        from aikd.version import __version__
 
         mapping = {"interpolation": "linear", "outside": "clamp", "quality": _floats(self.quality),
                    "expected_fnmr": _floats(self.fnmr), "lower": _floats(self.lower), "upper": _floats(self.upper)}
@@ -601,15 +602,48 @@ def _reliability(data: CalibrationSet, fitter: _Fitter, options: CalibrationOpti
 
 # ------------------------------------------------------------------------------------------ provenance
 def run_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The run record aikd wrote beside an output (``S.csv`` -> ``S.run.json``), or ``{}``."""
-    from aikd.pipeline.jobs import record_path
+    """The run record aikd wrote beside an output (``S.csv`` -> ``S.run.json``), or ``{}`` where there is none or
+    it cannot be read (provenance is advisory here: a warning is judged on what can be known)."""
+    from aikd.pipeline.outputs import read_run_record
 
-    record = record_path(Path(path))
     try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_run_record(Path(path)) or {}
+    except ValueError:
         return {}
-    return data if isinstance(data, dict) else {}
+
+
+def resolve_calibration(requested: Any, carried: Mapping[str, Any] | None, fingerprints: Sequence[str | None],
+                        model: str, fr_model: str | os.PathLike | None = None) -> Calibration | None:
+    """The calibration a scoring run applies: the one home of this rule (``aikd score``, the Python API, the service).
+
+    Args:
+        requested: a calib.json path, its data or a :class:`Calibration`; ``True``: the one the model carries;
+            ``None``/``False``: none.
+        carried: the calibration the model file carries (plain data), if any.
+        fingerprints: the quality model's fingerprints (the weights, and an exported graph's own).
+        model: the model's name in messages (its file).
+        fr_model: the FR model the expected FNMR is wanted for (a name, or its embeddings): warned about when the
+            calibration was made with another.
+
+    Raises:
+        ValueError: ``True`` for a model that carries none, an unreadable calibration, or ``fr_model`` without one.
+    """
+    calibration = None
+    if requested is True:
+        if not carried:
+            raise ValueError(f"{model} carries no calibration (aikd calibrate --checkpoint writes one into a "
+                             "checkpoint); give a calib.json")
+        calibration = load_calibration(carried, f"{model}: calibration")
+    elif requested is not None and requested is not False:
+        calibration = load_calibration(requested)
+        if carried:
+            log.warning("note: the calibration given replaces the one %s carries", model)
+        check_quality_model(calibration, fingerprints, model)
+    if fr_model is not None:
+        if calibration is None:
+            raise ValueError("--fr-model checks a calibration: give --calibration or a calibrated checkpoint")
+        check_fr_model(calibration, fr_model)
+    return calibration
 
 
 def check_quality_model(calibration: Calibration, fingerprints: Sequence[str | None], model: str) -> bool:

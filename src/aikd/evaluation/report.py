@@ -76,8 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from aikd.evaluation import metrics as ev
-from aikd.evaluation import protocols
-from aikd.evaluation import tables
+from aikd.evaluation import protocols, tables
 from aikd.io import atomic_write, load_embeddings, read_labels, write_csv
 from aikd.names import NameIndex
 
@@ -442,7 +441,8 @@ def plot_edc(outcome: Outcome, settings: Settings, fmr: float, mode: str, stem: 
 def write_tables(rows: Sequence[tuple], settings: Settings, output: Path,
                  sources: Mapping[str, str] | None = None) -> list[Path]:
     """Paper-layout tables of normalised pAUC: one per FR model (and FMR, convention, discard limit), and with
-    several FR models (or ``sources``) the suite table of every FR model side by side (:mod:`aikd.evaluation.tables`)."""
+    several FR models (or ``sources``) the suite table of every FR model side by side
+    (:mod:`aikd.evaluation.tables`)."""
     records = [dict(zip(PAUC_HEADER, row, strict=True)) for row in rows]
     written = []
     text = ["# Normalised pAUC", "", "Lower is better; 1.0 is no better than not discarding. "

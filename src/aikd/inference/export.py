@@ -6,13 +6,9 @@ The graph takes ``image`` (N, 3, 112, 112) float32 faces preprocessed as the mod
 :class:`~aikd.models.Preprocessing` says (RGB, ``(x / 255 - 0.5) / 0.5``) and returns ``embedding``
 (N, 512, not L2-normalised) and ``quality`` (N,). The batch axis is dynamic.
 
-The file carries its preprocessing, so a consumer needs nothing else: the model's ``metadata_props`` hold
-``aikd.preprocessing`` (JSON: input size, colour order, mean, std, embedding size), ``aikd.alignment``
-(JSON: the five-point template in input pixels, left eye, right eye, nose, left and right mouth corner,
-for photos that are not yet aligned), ``aikd.arch``, ``aikd.outputs``, ``aikd.version``, ``aikd.fingerprint``
-(the exported torch weights' fingerprint) and, for a calibrated model (``aikd calibrate --checkpoint``),
-``aikd.calibration`` (the calib.json content), so ``aikd score --checkpoint model.onnx`` adds its columns.
-:func:`read_metadata` reads them back; the onnxruntime engine (``aikd score --checkpoint model.onnx``)
+The file carries its preprocessing, so a consumer needs nothing else: the metadata keys and the graph's input
+and output names are defined in :mod:`aikd.inference.onnx_format`, which also reads them back
+(:func:`~aikd.inference.onnx_format.read_metadata`); the onnxruntime engine (``aikd score --checkpoint model.onnx``)
 preprocesses by them.
 
 By default the exported graph is the BatchNorm-folded model (:func:`aikd.models.folding.fold_batchnorm`):
@@ -30,13 +26,14 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from aikd.inference.onnx_format import INPUT_NAME, OPSET, OnnxSession, output_names, with_metadata
 from aikd.io import atomic_write
+from aikd.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,17 +41,13 @@ if TYPE_CHECKING:
 # torch is imported by the functions that export or run torch: reading an exported graph's metadata (what
 # scoring an ONNX file needs) does without it.
 
-__all__ = ["INPUT_NAME", "OPSET", "check_onnx", "export_onnx", "metadata_from_properties", "read_metadata",
-           "relative_difference"]
-
-OPSET = 17
-INPUT_NAME = "image"
+__all__ = ["check_onnx", "export_onnx", "relative_difference"]
 
 
 def _output_names(model: nn.Module) -> list[str]:
     from aikd.models import QualityModel
 
-    return ["embedding", "quality"] if isinstance(model, QualityModel) else ["embedding"]
+    return output_names(isinstance(model, QualityModel))
 
 
 def export_onnx(
@@ -63,6 +56,7 @@ def export_onnx(
     input_size: tuple[int, int] | None = None,
     fold: bool = True,
     opset: int = OPSET,
+    preprocessing: Preprocessing | None = None,
 ) -> None:
     """Export ``model`` (a :class:`QualityModel` or a backbone) to ONNX with a dynamic batch axis.
 
@@ -72,6 +66,7 @@ def export_onnx(
         input_size: (height, width); defaults to ``model.preprocessing.input_size`` or 112x112.
         fold: export the BatchNorm-folded model (same outputs up to float rounding, fewer operators).
         opset: ONNX opset version.
+        preprocessing: what the metadata records; default ``model.preprocessing`` (a bare backbone has none).
     """
     import torch
 
@@ -80,9 +75,8 @@ def export_onnx(
     highest = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
     if not 7 <= int(opset) <= highest:
         raise ValueError(f"--opset {opset}: this torch exports ONNX opsets 7 to {highest}")
-    if input_size is None:
-        preprocessing = getattr(model, "preprocessing", None)
-        input_size = tuple(preprocessing.input_size) if preprocessing is not None else (112, 112)
+    preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
+    input_size = tuple(input_size or preprocessing.input_size)
     prepared = fold_batchnorm(model) if fold else _eval_copy(model)
     prepared = prepared.cpu().float()
     names = _output_names(model)
@@ -96,7 +90,7 @@ def export_onnx(
             input_names=[INPUT_NAME], output_names=names,
             dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *names]},
         )
-    data = _with_metadata(buffer.getvalue(), model, tuple(input_size), names)
+    data = _with_metadata(buffer.getvalue(), model, preprocessing, tuple(input_size), names)
     if isinstance(destination, (str, os.PathLike)):
         with atomic_write(destination, "wb") as handle:
             handle.write(data)
@@ -104,15 +98,12 @@ def export_onnx(
         destination.write(data)
 
 
-def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], names: list[str]) -> bytes:
+def _with_metadata(graph: bytes, model: nn.Module, preprocessing: Preprocessing, input_size: tuple[int, int],
+                   names: list[str]) -> bytes:
     """The exported graph with aikd's metadata (preprocessing, alignment template, arch, version) added."""
-    import onnx
-
-    from aikd import __version__
     from aikd.models import weights_fingerprint
-    from aikd.preprocessing import Preprocessing
+    from aikd.version import __version__
 
-    preprocessing = getattr(model, "preprocessing", None) or Preprocessing()
     template = preprocessing.alignment_points().round(4).tolist()
     values = {
         "aikd.preprocessing": json.dumps({**preprocessing.to_dict(), "input_size": list(input_size)}),
@@ -125,61 +116,7 @@ def _with_metadata(graph: bytes, model: nn.Module, input_size: tuple[int, int], 
     }
     if getattr(model, "calibration", None):
         values["aikd.calibration"] = json.dumps(model.calibration)
-    proto = onnx.load_model_from_string(graph)
-    del proto.metadata_props[:]
-    for key, value in values.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    return proto.SerializeToString()
-
-
-def read_metadata(onnx_model: str | os.PathLike | bytes, source: str | None = None) -> dict[str, Any]:
-    """aikd's metadata of an exported graph: ``preprocessing`` (a :class:`~aikd.models.Preprocessing`),
-    ``alignment``, ``arch``, ``outputs``, ``version``, ``fingerprint`` (of the torch weights exported),
-    ``calibration`` (plain data of the model's calibration, :mod:`aikd.evaluation.calibration`, or ``None``), ``precision``
-    (``fp32``, or ``int8`` for a graph from :mod:`aikd.inference.quantize`) and ``int8`` (that graph's calibration and
-    measured agreement, else ``None``).
-
-    Args:
-        onnx_model: the file or its bytes.
-        source: the name errors give (default: the file's path, or ``<bytes>``).
-
-    Raises:
-        ValueError: not an ONNX file, or one without aikd's metadata (exported elsewhere).
-    """
-    import onnx
-
-    source = source or ("<bytes>" if isinstance(onnx_model, bytes) else str(onnx_model))
-    try:
-        data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
-        proto = onnx.load_model_from_string(data)
-    except OSError as err:
-        raise ValueError(f"{source}: cannot read ({err.strerror})") from None
-    except Exception as err:  # DecodeError: not an ONNX model
-        raise ValueError(f"{source}: not an ONNX model ({type(err).__name__})") from None
-    return metadata_from_properties({entry.key: entry.value for entry in proto.metadata_props}, source)
-
-
-def metadata_from_properties(props: Mapping[str, str], source: str) -> dict[str, Any]:
-    """:func:`read_metadata` from a graph's metadata properties as already read (e.g. by an onnxruntime
-    session's ``get_modelmeta().custom_metadata_map``, which spares parsing the graph a second time)."""
-    from aikd.preprocessing import Preprocessing
-
-    if "aikd.preprocessing" not in props:
-        raise ValueError(f"{source}: has no aikd metadata (not exported by aikd export); its preprocessing "
-                         "is unknown")
-    try:
-        return {"preprocessing": Preprocessing.from_dict(json.loads(props["aikd.preprocessing"])),
-                "alignment": json.loads(props.get("aikd.alignment", "null")),
-                "arch": props.get("aikd.arch") or None,
-                "outputs": json.loads(props.get("aikd.outputs", '["embedding", "quality"]')),
-                "version": props.get("aikd.version"),
-                "fingerprint": props.get("aikd.fingerprint"),
-                "calibration": json.loads(props.get("aikd.calibration", "null")),
-                "precision": props.get("aikd.precision", "fp32"),
-                "int8": json.loads(props["aikd.int8"]) if "aikd.int8" in props else None}
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{source}: malformed aikd metadata ({err})") from None
+    return with_metadata(graph, values)
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -207,7 +144,6 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
         ValueError: the graph fails the ONNX checker or gives outputs of the wrong shape.
     """
     import onnx
-    import onnxruntime as ort
     import torch
 
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
@@ -215,7 +151,7 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
         onnx.checker.check_model(onnx.load_model_from_string(data), full_check=True)
     except Exception as err:  # DecodeError (not a model at all), ValidationError, shape-inference errors
         raise ValueError(f"the graph fails the ONNX checker: {type(err).__name__}: {err}") from None
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    session = OnnxSession(data)
     reference = _eval_copy(model).cpu().float()
     names = _output_names(model)
     size = tuple(getattr(getattr(model, "preprocessing", None), "input_size", (112, 112)))
@@ -229,7 +165,7 @@ def check_onnx(model: nn.Module, onnx_model: str | os.PathLike | bytes, batch_si
         if not all(torch.isfinite(value).all() for value in expected):
             raise ValueError("the model's outputs are not finite (NaN or infinite) on test faces: its weights are "
                              "broken; nothing to export")
-        got = session.run(names, {INPUT_NAME: faces.numpy()})
+        got = session.run(np.ascontiguousarray(faces.numpy()))
         for name, want, have in zip(names, expected, got, strict=True):
             if have.shape != tuple(want.shape):
                 raise ValueError(f"ONNX output {name} has shape {have.shape}, torch gives {tuple(want.shape)}")

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from aikd.evaluation.metrics import spearman
-from aikd.inference.export import INPUT_NAME, read_metadata
+from aikd.inference.onnx_format import INPUT_NAME, OnnxSession, read_metadata, with_metadata
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -291,12 +291,9 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def _run(graph: bytes, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, qualities) of ``faces`` through ``graph`` on onnxruntime's CPU provider."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    outputs = [session.run(["embedding", "quality"], {INPUT_NAME: faces[i:i + BATCH]})
-               for i in range(0, len(faces), BATCH)]
+    """(embeddings, qualities) of ``faces`` through ``graph`` on the CPU."""
+    session = OnnxSession(graph)
+    outputs = [session.run(np.ascontiguousarray(faces[i:i + BATCH])) for i in range(0, len(faces), BATCH)]
     return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
 
@@ -342,17 +339,7 @@ def quantize_onnx(graph: bytes, folder: str | os.PathLike, options: QuantizeOpti
 
 
 def _with_int8_record(graph: bytes, record: dict[str, Any]) -> bytes:
-    import onnx
-
-    proto = onnx.load_model_from_string(graph)
-    values = {"aikd.precision": "int8", "aikd.int8": json.dumps(record)}
-    kept = [entry for entry in proto.metadata_props if entry.key not in values]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in values.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    return proto.SerializeToString()
+    return with_metadata(graph, {"aikd.precision": "int8", "aikd.int8": json.dumps(record)}, keep_others=True)
 
 
 def int8_warning(metadata: dict[str, Any], source: str) -> str | None:

@@ -15,93 +15,18 @@ Every labeller implements :class:`Labeler`. A labeller works in up to two passes
 2. :meth:`Labeler.label_set` sees every image of the run at once (CR-FIQA needs all identities' centres;
    imported labels need the whole set to normalise) and returns :class:`SetLabels`.
 
-``aikd label`` (:mod:`aikd.labelers.cli`) runs the passes through the resumable batch-job runner.
+``aikd label`` runs the passes through the resumable file pipeline (:mod:`aikd.pipeline`).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
-
-import numpy as np
-
-if TYPE_CHECKING:
-    import torch
+from aikd.labelers.base import BatchLabels, Labeler, SetLabels
 
 __all__ = ["LABELERS", "BatchLabels", "Labeler", "SetLabels", "labeler_class"]
 
 
-@dataclass
-class BatchLabels:
-    """What a labeller computed for one batch of N faces.
-
-    Attributes:
-        quality: (N,) float64 qualities, or ``None`` when they need the whole set (:meth:`Labeler.label_set`).
-        extras: extra output columns, each (N,), named as in :attr:`Labeler.columns`.
-        embeddings: (N, D) float32 embeddings to keep for :meth:`Labeler.label_set`, else ``None``.
-    """
-
-    quality: np.ndarray | None = None
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-    embeddings: np.ndarray | None = None
-
-
-@dataclass
-class SetLabels:
-    """Qualities of a whole set of N images.
-
-    Attributes:
-        quality: (N,) float64; entries of failed images are NaN.
-        extras: extra output columns, each (N,).
-        errors: index -> reason, for the images that could not be labelled.
-    """
-
-    quality: np.ndarray
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-
-
-class Labeler:
-    """A training-free FIQA technique that makes quality labels (higher = better for recognition).
-
-    Class attributes:
-        name: the ``--method`` name.
-        columns: extra output columns written after ``quality``.
-        needs_images: ``False`` when labels come from :meth:`label_set` alone (no image is decoded).
-        needs_model: whether an FR model is needed.
-        set_pass: whether :meth:`label_set` gives the qualities (after :meth:`label_batch` if
-            ``needs_images``); otherwise :meth:`label_batch` gives them.
-    """
-
-    name: ClassVar[str] = ""
-    columns: tuple[str, ...] = ()
-    needs_images: ClassVar[bool] = True
-    needs_model: ClassVar[bool] = True
-    set_pass: ClassVar[bool] = False
-
-    def label_batch(self, faces: torch.Tensor, keys: Sequence[str]) -> BatchLabels:
-        """First pass over one batch of faces (model input) with their image keys."""
-        raise NotImplementedError(f"{self.name} labels the whole set at once")
-
-    def label_set(self, keys: Sequence[str], embeddings: np.ndarray | None) -> SetLabels:
-        """Second pass over every image of the run (only for ``set_pass`` labellers).
-
-        Args:
-            keys: image keys of all images that passed the first pass, in input order.
-            embeddings: their (N, D) embeddings from :meth:`label_batch`, or ``None``.
-        """
-        raise NotImplementedError(f"{self.name} labels one batch at a time")
-
-
-# --method name -> "module:class"; modules load on first use.
-LABELERS: dict[str, str] = {
-    "serfiq": "aikd.labelers.serfiq:SerFiq",
-    "magnitude": "aikd.labelers.magnitude:Magnitude",
-    "certainty": "aikd.labelers.certainty:CertaintyRatio",
-    "import": "aikd.labelers.imported:ImportedLabels",
-}
+# The --method names; each labeller's module (and what it needs) loads on first use, by a plain import below.
+LABELERS: tuple[str, ...] = ("serfiq", "magnitude", "certainty", "import")
 
 
 def labeler_class(name: str) -> type[Labeler]:
@@ -110,7 +35,20 @@ def labeler_class(name: str) -> type[Labeler]:
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
-    if name not in LABELERS:
-        raise ValueError(f"unknown labelling method {name!r}; choose one of: {', '.join(LABELERS)}")
-    module_name, class_name = LABELERS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    if name == "serfiq":
+        from aikd.labelers.serfiq import SerFiq
+
+        return SerFiq
+    if name == "magnitude":
+        from aikd.labelers.magnitude import Magnitude
+
+        return Magnitude
+    if name == "certainty":
+        from aikd.labelers.certainty import CertaintyRatio
+
+        return CertaintyRatio
+    if name == "import":
+        from aikd.labelers.imported import ImportedLabels
+
+        return ImportedLabels
+    raise ValueError(f"unknown labelling method {name!r}; choose one of: {', '.join(LABELERS)}")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aikd.labelers import BatchLabels, Labeler, SetLabels
+from aikd.labelers.base import BatchLabels, Labeler, SetLabels
 
 __all__ = ["CertaintyOptions", "CertaintyRatio", "certainty_ratio", "identity_from_folder"]
 

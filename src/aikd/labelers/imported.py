@@ -28,7 +28,7 @@ import numpy as np
 
 from aikd.evaluation.metrics import average_ranks
 from aikd.io import read_labels
-from aikd.labelers import Labeler, SetLabels
+from aikd.labelers.base import Labeler, SetLabels
 from aikd.names import NameIndex
 
 __all__ = ["NORMALISATIONS", "ImportOptions", "ImportedLabels", "normalise_labels"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aikd.labelers import BatchLabels, Labeler
+from aikd.labelers.base import BatchLabels, Labeler
 
 __all__ = ["Magnitude", "embedding_magnitude"]
 

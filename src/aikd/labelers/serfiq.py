@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.labelers import BatchLabels, Labeler
+from aikd.labelers.base import BatchLabels, Labeler
 
 __all__ = ["SerFiq", "SerFiqOptions", "dropout_masks", "mean_pairwise_distance", "serfiq_quality"]
 

@@ -26,7 +26,8 @@ class QualityModel(nn.Module):
         preprocessing: the input preprocessing the model expects, when known.
 
     Attributes:
-        calibration: the calibration a checkpoint carries (plain data, :mod:`aikd.evaluation.calibration`), else ``None``.
+        calibration: the calibration a checkpoint carries (plain data, :mod:`aikd.evaluation.calibration`), else
+            ``None``.
     """
 
     def __init__(

@@ -1,18 +1,22 @@
-"""How input photos become model-input crops: as they come, aligned by landmarks, or detected first.
+"""How a photo becomes the model's input crop: as it comes, aligned by landmarks, or detected first.
 
-Shared by ``score``, ``embed``, ``label`` and ``align`` (:class:`CropOptions`, built once from the command line):
+Shared by ``score``, ``embed``, ``label``, ``align``, the Python API and the service (:class:`CropOptions`, built
+once; :class:`FaceCropper`, one per model):
 
-- as they come (the default): the image is resized to the model's input size (AI-KD is alignment-invariant;
-  for FR embeddings this assumes already aligned crops, hence ``--aligned`` as an explicit synonym);
+- as it comes (the default): the image is taken whole; the model's :class:`~aikd.preprocessing.Preprocessing`
+  resizes it to its input size (AI-KD is alignment-invariant; for FR embeddings this assumes already aligned
+  crops, hence ``--aligned`` as an explicit synonym);
 - ``landmarks``: five-point alignment with landmarks from a CSV/pickle, matched by image name
-  (:class:`aikd.names.NameIndex`);
-- ``detect``: landmarks from the face detector (most confident face);
+  (:class:`aikd.names.NameIndex`), or given with an image in memory;
+- ``detect``: landmarks from the face detector; the most confident face (``best``, as ``aikd score --detect``),
+  the largest one, or every face;
 - ``misalign P`` with ``seed S``: the landmarks are jittered by U[-P, P] px before alignment, with noise
   determined by (seed, image key) alone, so resuming or sharding a run does not change it.
 
 Crops are made for the model: at its input size and on its own five-point template
-(:meth:`aikd.models.Preprocessing.alignment_points`, the ArcFace template scaled to the input size unless the
-model says otherwise), never at a fixed 112: a 128x128 model gets a 128x128 alignment, not a resampled one.
+(:meth:`aikd.preprocessing.Preprocessing.align`, the ArcFace template scaled to the input size unless the model
+says otherwise), never at a fixed 112: a 128x128 model gets a 128x128 alignment, not a resampled one. Resizing
+is never done here: :class:`~aikd.preprocessing.Preprocessing` alone resizes.
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aikd.align import ALIGNED_SIZE, align_face, as_landmarks, misalign
-from aikd.images import ImageInput, match_landmarks, resize_image
+from aikd.align import align_face, as_landmarks, misalign
+from aikd.images import ImageInput, match_landmarks
 from aikd.io import read_landmarks
 
 if TYPE_CHECKING:  # no torch for aikd align
     from aikd.preprocessing import Preprocessing
 
-__all__ = ["CropOptions", "Prepare", "make_prepare"]
+__all__ = ["FACE_CHOICES", "CropOptions", "FaceCrop", "FaceCropper", "Prepare"]
 
 Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
+FACE_CHOICES = ("best", "largest", "all")  # which detected faces: most confident, largest box, every one
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class CropOptions:
 
     Attributes:
         landmarks: align with the landmarks in this file (CSV or the official pickle).
-        detect: detect the most confident face and align it.
+        detect: detect faces and align them.
         detector: the detector for ``detect``.
         detect_threshold: its confidence threshold.
         misalign: jitter every landmark coordinate by U[-misalign, misalign] pixels before aligning.
@@ -80,6 +85,100 @@ class CropOptions:
                 "misalign": self.misalign, "seed": self.seed}
 
 
+@dataclass(frozen=True)
+class FaceCrop:
+    """One face of a photo, cropped for the model.
+
+    Attributes:
+        crop: uint8 RGB: the aligned face at the model's input size, or (as-is) the image itself.
+        landmarks: (5, 2) the landmarks in the photo's pixels (detected or given; before any misalignment
+            jitter), or ``None`` as-is.
+        box: ``(x1, y1, x2, y2)`` of a detected face, else ``None``.
+        detector_score: the detector's confidence of a detected face, else ``None``.
+    """
+
+    crop: np.ndarray
+    landmarks: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+    detector_score: float | None = None
+
+
+class FaceCropper:
+    """The per-image crop step of one model: ``cropper.faces(image, key)`` for an image in memory, or
+    ``cropper(image, item)`` (a :data:`Prepare`) for the file pipeline, which wants exactly one face.
+
+    Args:
+        options: how to crop.
+        preprocessing: the model's input size and alignment template (default: 112x112 ArcFace).
+        items: every input of a file run: a landmarks file is matched to their keys once, up front.
+        workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
+    """
+
+    def __init__(self, options: CropOptions, preprocessing: Preprocessing | None = None,
+                 items: Sequence[ImageInput] = (), workers: int = 0) -> None:
+        self.options = options
+        self._align = _aligner(preprocessing) if options.mode != "as-is" else None
+        self._by_key: dict[str, np.ndarray] = {}
+        if options.mode == "landmarks":
+            table = read_landmarks(options.landmarks)
+            matched, missing = match_landmarks(items, table.paths, table.landmarks)
+            unmatched = set(missing)
+            self._by_key = {item.key: matched[i] for i, item in enumerate(items) if i not in unmatched}
+        self._detector = None
+        if options.mode == "detect":
+            from aikd.detectors import thread_local_detector
+
+            self._detector = thread_local_detector(options.detector, single_threaded=workers > 0,
+                                                   score_threshold=options.detect_threshold)
+
+    def faces(self, image: np.ndarray, key: str = "", choose: str = "best",
+              landmarks: np.ndarray | None = None) -> list[FaceCrop]:
+        """The face crops of ``image`` (uint8 RGB) as the options say; ``landmarks`` given with the image align it
+        whatever the mode. An empty list when detection finds no face.
+
+        Args:
+            key: the image's key: finds its row of a landmarks file, and seeds its misalignment noise.
+            choose: with detection, one of :data:`FACE_CHOICES`.
+
+        Raises:
+            ValueError: no landmarks for ``key`` in the landmarks file, bad landmarks, or an unknown ``choose``.
+        """
+        if choose not in FACE_CHOICES:
+            raise ValueError(f"faces must be one of {', '.join(FACE_CHOICES)}, got {choose!r}")
+        if landmarks is not None:
+            return [self._aligned(image, as_landmarks(landmarks), key)]
+        if self.options.mode == "as-is":
+            return [FaceCrop(image)]
+        if self.options.mode == "landmarks":
+            if key not in self._by_key:
+                raise ValueError(f"no landmarks for this image in {self.options.landmarks}")
+            return [self._aligned(image, as_landmarks(self._by_key[key]), key)]
+        found = self._detector().detect(image)
+        if choose == "largest" and found:
+            found = [max(found, key=lambda face: (face.box[2] - face.box[0]) * (face.box[3] - face.box[1]))]
+        elif choose == "best":
+            found = found[:1]
+        return [self._aligned(image, as_landmarks(face.landmarks), key if index == 0 else f"{key}#{index}",
+                              face.box, face.confidence) for index, face in enumerate(found)]
+
+    def __call__(self, image: np.ndarray, item: ImageInput) -> np.ndarray:
+        """The one face crop of a file's image (the file pipeline's crop step).
+
+        Raises:
+            ValueError: no face found, or no landmarks for it (the reason goes to the errors file).
+        """
+        found = self.faces(image, item.key)
+        if not found:
+            raise ValueError("no face found")
+        return found[0].crop
+
+    def _aligned(self, image: np.ndarray, landmarks: np.ndarray, key: str, box: Any = None,
+                 score: float | None = None) -> FaceCrop:
+        align = self._align or _aligner(None)
+        crop = align(image, _jitter(landmarks, key, self.options.misalign, self.options.seed))
+        return FaceCrop(crop, landmarks, box, score)
+
+
 def _jitter(landmarks: np.ndarray, key: str, max_shift: float, seed: int) -> np.ndarray:
     if max_shift <= 0:
         return landmarks
@@ -95,49 +194,3 @@ def _aligner(preprocessing: Preprocessing | None) -> Callable[[np.ndarray, np.nd
     if height != width:  # said before the first image rather than for each one
         raise ValueError(f"five-point alignment makes square crops; the model's input is {height}x{width}")
     return preprocessing.align
-
-
-def make_prepare(options: CropOptions, items: Sequence[ImageInput], preprocessing: Preprocessing | None = None,
-                 workers: int = 0) -> Prepare:
-    """The per-image preparation ``options`` ask for, for the model's input (runs in the decode threads).
-
-    Args:
-        options: how to crop.
-        items: every input of the run (landmarks are matched to them once, up front).
-        preprocessing: the model's input size and alignment template (default: 112x112 ArcFace).
-        workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
-    """
-    if options.mode == "landmarks":
-        align = _aligner(preprocessing)
-        table = read_landmarks(options.landmarks)
-        matched, missing = match_landmarks(items, table.paths, table.landmarks)
-        by_key = {item.key: matched[i] for i, item in enumerate(items)}
-        missing_keys = {items[i].key for i in missing}
-        source = str(options.landmarks)
-
-        def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
-            if item.key in missing_keys:
-                raise ValueError(f"no landmarks for this image in {source}")
-            landmarks = as_landmarks(by_key[item.key])
-            return align(image, _jitter(landmarks, item.key, options.misalign, options.seed))
-
-        return prepare
-    if options.mode == "detect":
-        from aikd.detectors import thread_local_detector
-
-        align = _aligner(preprocessing)
-        detector_for_thread = thread_local_detector(options.detector, single_threaded=workers > 0,
-                                                    score_threshold=options.detect_threshold)
-
-        def prepare(image: np.ndarray, item: ImageInput) -> np.ndarray:
-            faces = detector_for_thread().detect(image)
-            if not faces:
-                raise ValueError("no face found")
-            landmarks = as_landmarks(faces[0].landmarks)
-            return align(image, _jitter(landmarks, item.key, options.misalign, options.seed))
-
-        return prepare
-    if preprocessing is None:
-        return lambda image, item: resize_image(image, ALIGNED_SIZE)
-    return lambda image, item: preprocessing.resize(image)
-

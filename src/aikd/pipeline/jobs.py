@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from aikd.images import MAX_PIXELS, ImageError, ImageInput, input_pixels, load_input
 from aikd.io import atomic_write, write_csv
+from aikd.pipeline.outputs import errors_path, journal_dir, record_path, settings_path
 
 if TYPE_CHECKING:  # jobs stay torch-free: detect and align never load torch
     from aikd.runtime import Distributed
 
-__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOptions", "JobSummary", "OutputLock",
-           "check_output", "check_output_path", "check_same_job", "claim_output", "errors_path", "finish_job",
-           "finish_sharded", "record_path", "release_claims", "run_job"]
+__all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOptions", "JobSummary", "Prepare",
+           "finish_job", "finish_sharded", "read_journal", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -97,15 +97,6 @@ class JobOptions:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
-
-
-def errors_path(output: Path) -> Path:
-    """``scores.csv`` -> ``scores.errors.csv`` (``landmarks.csv`` -> ``landmarks.errors.csv``)."""
-    return output.with_name(f"{output.stem}.errors.csv")
-
-
-def journal_dir(output: Path) -> Path:
-    return output.with_name(f"{output.name}.partial")
 
 
 # ------------------------------------------------------------------------------------------------ journal
@@ -213,17 +204,6 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
-def _large_image_blocks() -> None:
-    """Let PIL allocate large images in 64 MB blocks. With its 16 MB default, glibc serves each decode thread
-    from the thread's own heap arena and keeps the freed blocks there: two threads that decode 88 Mpixel
-    photos one after the other still held 2.8 GB here, instead of the 1.8 GB of one thread. 64 MB blocks are
-    mapped and unmapped directly, so memory returns to the system after each photo."""
-    from PIL import Image
-
-    if Image.core.get_block_size() < 64 << 20:
-        Image.core.set_block_size(64 << 20)
-
-
 def _load(item: ImageInput, prepare: Prepare | None, budget: PixelBudget | None = None
           ) -> tuple[np.ndarray | None, str | None]:
     try:
@@ -243,7 +223,6 @@ def _decoded(items: Iterable[ImageInput], prepare: Prepare | None, workers: int,
             yield (item, *_load(item, prepare))
         return
     budget = PixelBudget()
-    _large_image_blocks()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aikd-decode") as pool:
         pending: deque[tuple[ImageInput, Future]] = deque()
         source = iter(items)
@@ -260,171 +239,6 @@ def _decoded(items: Iterable[ImageInput], prepare: Prepare | None, workers: int,
 
 
 # -------------------------------------------------------------------------------------------- the runner
-def check_output(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to silently replace a finished output or an interrupted run's journal, or a path that is not a
-    plain output (a device, a link)."""
-    partial = journal_dir(output)
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pass one")
-    if partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl")):
-        shutil.rmtree(partial, ignore_errors=True)  # a run that stopped before its first result: nothing to keep
-    if output.is_symlink() or (output.exists() and not (output.is_file() or output.is_dir())):
-        raise ValueError(f"{output} is a link or a special file, not an output aikd writes; choose another -o")
-    if overwrite:
-        shutil.rmtree(partial, ignore_errors=True)
-    elif not resume and partial.exists():
-        raise ValueError(f"{output}: an interrupted run left its journal {partial}; pass --resume to continue "
-                         "it or --overwrite to start over")
-    elif not resume and output.exists():
-        raise ValueError(f"{output} exists; pass --resume to continue or --overwrite to start over")
-
-
-def record_path(output: Path) -> Path:
-    """``scores.csv`` -> ``scores.run.json``: what defines a finished output (command, model, settings)."""
-    return output.with_name(f"{output.stem}.run.json")
-
-
-def _settings_path(output: Path) -> Path:
-    return journal_dir(output) / "settings.json"
-
-
-def _recorded_settings(output: Path) -> dict[str, Any] | None:
-    for path in (_settings_path(output), record_path(output)):
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{path}: unreadable run record ({err}); pass --overwrite to start over") from None
-    return None
-
-
-# Recorded for provenance, not compared on --resume: they follow from what is compared (``weights``, the torch
-# weights an ONNX graph came from, follows from the graph's own fingerprint, ``model``), and a record written before
-# such a key existed is still the same job.
-PROVENANCE_SETTINGS = frozenset({"weights"})
-
-
-def check_same_job(output: Path, settings: dict[str, Any]) -> None:
-    """On ``--resume``: refuse to add to an output made by another model or with other settings."""
-    if not (output.exists() or journal_dir(output).exists()):
-        return
-    recorded = _recorded_settings(output)
-    if recorded is None:
-        raise ValueError(f"--resume: {output} has no record of the model and settings that made it (written by "
-                         "another program or an older aikd), so it cannot be continued safely; pass --overwrite")
-    changed = [change for change in _differences(recorded, settings) if change[0] not in PROVENANCE_SETTINGS]
-    if changed:
-        key, before, now = changed[0]
-        raise ValueError(f"--resume: {output} was made with {key} = {before!r}, this run has {key} = {now!r}; "
-                         "resume with the same model and options, or pass --overwrite to start over, or choose "
-                         "another -o")
-
-
-def _differences(recorded: Any, settings: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted key, recorded, now)`` of every setting that differs, nested dicts walked (``crop.mode``)."""
-    if not (isinstance(recorded, dict) and isinstance(settings, dict)):
-        return [] if recorded == settings else [(prefix, recorded, settings)]
-    found = []
-    for key in sorted(set(recorded) | set(settings)):
-        found += _differences(recorded.get(key), settings.get(key), f"{prefix}.{key}" if prefix else key)
-    return found
-
-
-class OutputLock:
-    """An exclusive lock on an output (``.NAME.lock`` beside it, ``flock``): one run writes it at a time.
-
-    The lock file is left in place (removing it would race with a run waiting for it); the lock itself ends
-    with the process, however it ends.
-    """
-
-    def __init__(self, output: Path) -> None:
-        import fcntl
-
-        output.parent.mkdir(parents=True, exist_ok=True)
-        self.path = output.with_name(f".{output.name}.lock")
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            owner = self.handle.read().strip() or "another process"
-            self.handle.close()
-            raise ValueError(f"{output} is being written by another aikd run ({owner}); wait for it to finish, "
-                             "or choose another -o") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"pid {os.getpid()}")
-        self.handle.flush()
-
-    def release(self) -> None:
-        self.handle.close()
-
-
-MAX_OUTPUT_NAME = 240  # bytes: room for the side files' suffixes (.partial, .lock, .errors.csv) within NAME_MAX
-
-
-def check_output_path(output: Path, inputs: Sequence[Path | str] = ()) -> None:
-    """Refuse an output path aikd cannot or must not write: a name too long for its side files, a parent that
-    is a file, or one of the run's own inputs."""
-    if len(os.fsencode(output.name)) > MAX_OUTPUT_NAME:
-        raise ValueError(f"-o: the name {output.name[:40]}... is {len(os.fsencode(output.name))} bytes; aikd needs "
-                         f"at most {MAX_OUTPUT_NAME} (its side files add a suffix within the 255-byte limit)")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"-o: {parent} is a file, not a folder, so {output} cannot be written")
-            break
-    target = output.resolve()
-    clash = next((Path(p) for p in inputs if Path(p).resolve() == target), None)
-    if clash is not None:
-        raise ValueError(f"-o {output} is one of this run's inputs ({clash}); write the output somewhere else")
-
-
-def claim_output(output: Path, job: JobOptions, settings: dict[str, Any], dist: Distributed | None = None,
-                 inputs: Sequence[Path | str] = ()) -> OutputLock | None:
-    """Everything a per-image command checks before it writes ``output``: a sound path that is none of the
-    ``inputs`` (images, landmarks, labels...), an exclusive lock, no result replaced or mixed
-    (:func:`check_output`, :func:`check_same_job`), and ``settings`` recorded in a new journal.
-
-    Under torchrun rank 0 does it and every rank gets its refusal. Returns the lock (rank 0; ``None`` on the
-    others). It is held until :func:`release_claims` (``aikd``'s entry point calls it after every command) or
-    the end of the process, whatever the caller keeps.
-    """
-    claimed: list[OutputLock] = []
-
-    def claim() -> None:
-        check_output_path(output, inputs)
-        lock = OutputLock(output)
-        try:
-            check_output(output, job.resume, job.overwrite)
-            if job.resume:
-                check_same_job(output, settings)
-            journal = journal_dir(output)
-            journal.mkdir(parents=True, exist_ok=True)
-            if not _settings_path(output).exists():
-                _settings_path(output).write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
-        except BaseException:
-            lock.release()
-            raise
-        claimed.append(lock)
-        _CLAIMS.append(lock)
-
-    if dist is None:
-        claim()
-    else:
-        dist.from_main(claim)
-    return claimed[0] if claimed else None
-
-
-_CLAIMS: list[OutputLock] = []  # locks of this process's outputs, held until release_claims()
-
-
-def release_claims() -> None:
-    """Release every output lock this process holds (a command is over)."""
-    while _CLAIMS:
-        _CLAIMS.pop().release()
-
-
 def run_job(
     items: Sequence[ImageInput],
     process_batch: Callable[[list[np.ndarray], list[ImageInput]], list[ItemResult]],
@@ -518,7 +332,7 @@ def finish_job(
         write_csv(errors_file, ("path", "reason"), bad)
     elif errors_file.exists():
         errors_file.unlink()  # from an earlier run whose failures are now fixed
-    settings = _settings_path(output)
+    settings = settings_path(output)
     if settings.exists():
         with atomic_write(record_path(output)) as handle:
             handle.write(settings.read_text(encoding="utf-8"))

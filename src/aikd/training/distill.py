@@ -48,8 +48,8 @@ from aikd.models import (
     weights_fingerprint,
 )
 from aikd.models.checkpoint import NAMED_WEIGHTS
+from aikd.models.forward import embed, quality_forward
 from aikd.models.layout import to_training_layout
-from aikd.runtime import autocast
 
 __all__ = [
     "AIKDTask",
@@ -61,8 +61,6 @@ __all__ = [
     "TeacherConfig",
     "build_task",
     "cache_key",
-    "embed",
-    "quality_forward",
     "set_trainable",
     "teacher_embeddings",
 ]
@@ -153,49 +151,6 @@ class DistillationLoss(nn.Module):
         consistency_loss = (1.0 - cosine).mean()
         loss = quality_loss + self.consistency_weight * consistency_loss
         return {"loss": loss, "quality_loss": quality_loss, "consistency_loss": consistency_loss}
-
-
-# ----------------------------------------------------------------------------------------------- forward
-AMP_REGIONS = ("paper", "trunk")
-
-
-def embed(backbone: nn.Module, faces: torch.Tensor, amp_dtype: torch.dtype | None,
-          regions: str = "paper") -> torch.Tensor:
-    """Embeddings of ``faces``, with autocast (``amp_dtype``) over the regions ``regions`` names.
-
-    ``paper``: the convolutional trunk in float32, ``fc`` and ``features`` under autocast. The paper's code
-    builds its backbone with ``fp16=False``, so arcface_torch's inner ``autocast(False)`` keeps the trunk in
-    float32 while the outer autocast covers the embedding layers (and the quality head).
-    ``trunk``: the trunk under autocast, ``fc`` and ``features`` in float32 (arcface_torch's own mixed
-    precision; much faster, since the trunk is nearly all of the arithmetic).
-    Without ``amp_dtype`` everything runs in float32 either way. The result is float32.
-    """
-    if regions not in AMP_REGIONS:
-        raise ValueError(f"train.amp_regions: expected one of {', '.join(AMP_REGIONS)}, got {regions!r}")
-    if amp_dtype is None:
-        return backbone(faces).float()
-    if not hasattr(backbone, "forward_trunk"):
-        with autocast(faces.device, amp_dtype):
-            return backbone(faces).float()
-    if regions == "trunk":
-        with autocast(faces.device, amp_dtype):
-            trunk = backbone.forward_trunk(faces)
-        return backbone.forward_embedding_from_trunk(trunk.float())
-    trunk = backbone.forward_trunk(faces)
-    with autocast(faces.device, amp_dtype):
-        return backbone.forward_embedding_from_trunk(trunk).float()
-
-
-def quality_forward(
-    model: QualityModel, faces: torch.Tensor, amp_dtype: torch.dtype | None = None, regions: str = "paper"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embedding, quality)`` of a :class:`QualityModel`, float32; the head runs under autocast with the
-    ``paper`` regions (as the paper's code), in float32 with ``trunk``."""
-    embedding = embed(model.feature_extractor, faces, amp_dtype, regions)
-    if amp_dtype is not None and regions == "paper":
-        with autocast(faces.device, amp_dtype):
-            return embedding, model.quality_head(embedding).squeeze(-1).float()
-    return embedding, model.quality_head(embedding).squeeze(-1)
 
 
 # -------------------------------------------------------------------------------------------------- task

@@ -53,6 +53,12 @@ from torch import nn
 from tqdm import tqdm
 
 from aikd.config import config_to_dict, save_config
+from aikd.evaluation.metrics import quality_metrics
+from aikd.io import atomic_write, write_csv
+from aikd.models import read_checkpoint, save_checkpoint
+from aikd.models.batchnorm import synchronise_batchnorm
+from aikd.models.forward import quality_forward
+from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
 from aikd.training.data import (
     VAL_STREAM,
     DataConfig,
@@ -71,14 +77,8 @@ from aikd.training.distill import (
     TeacherConfig,
     build_task,
     cache_key,
-    quality_forward,
     teacher_embeddings,
 )
-from aikd.evaluation.metrics import quality_metrics
-from aikd.io import atomic_write, write_csv
-from aikd.models import read_checkpoint, save_checkpoint
-from aikd.models.batchnorm import synchronise_batchnorm
-from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
 
 __all__ = [
     "LoopConfig",
