@@ -32,7 +32,6 @@ The last line printed is one JSON object: ``paper_img_s``, ``paper_startup_s``, 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -48,6 +47,7 @@ import torch
 from PIL import Image
 
 from aikd.evaluation.metrics import spearman
+from aikd.io import read_labels
 from aikd.models import build_model, calibrate_batchnorm, get_spec, save_checkpoint
 from aikd.models.registry import describe
 from aikd.runtime import cpu_has_bf16, describe_cpu
@@ -112,11 +112,8 @@ def run_process(command: list[str]) -> tuple[float, float]:
 
 
 def read_scores(path: Path) -> dict[str, float]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle)
-        header = next(rows)
-        column = header.index("quality")
-        return {Path(row[0]).name: float(row[column]) for row in rows}
+    """File name -> quality of a score file (aikd's reader: every format aikd writes)."""
+    return {Path(key).name: quality for key, quality in read_labels(path).as_dict().items()}
 
 
 class Paths:

@@ -37,6 +37,15 @@ def normalise_name(name: str) -> str:
     return posixpath.normpath(text).lstrip("/") if text else ""
 
 
+def identity_from_folder(name: str) -> str | None:
+    """The identity of an image in an identity-organised tree: its parent folder, as a path (``Abel/Abel_0001.jpg``
+    -> ``Abel``; ``train/Abel/1.jpg`` -> ``train/Abel``, so two ``Abel`` folders under different roots stay two
+    identities); ``None`` for a name with no folder. The one home of this rule: labelling (CR-FIQA's identity
+    centres), protocols (identity lists) and calibration (pair lists) all use it."""
+    parent = posixpath.dirname(normalise_name(name))
+    return parent or None
+
+
 def _tails(name: str) -> list[str]:
     """Trailing component runs, longest first, without the whole name: ``a/b/c`` -> ``b/c``, ``c``."""
     parts = name.split("/")

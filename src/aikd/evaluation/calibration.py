@@ -54,7 +54,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ import numpy as np
 from aikd.evaluation import metrics as ev
 from aikd.evaluation import protocols
 from aikd.io import atomic_write
-from aikd.names import normalise_name
+from aikd.names import identity_from_folder
 
 __all__ = [
     "DEFAULT_BINS",
@@ -250,7 +249,7 @@ def pair_identities(first: np.ndarray, second: np.ndarray, mated: np.ndarray, na
     from scipy.sparse.csgraph import connected_components
 
     n = len(names)
-    folders = [posixpath.basename(posixpath.dirname(normalise_name(name))) for name in names]
+    folders = [identity_from_folder(name) or "" for name in names]
     _, folder = np.unique(folders, return_inverse=True)
     named = np.array([bool(f) for f in folders])
     clash = (~mated) & named[first] & named[second] & (folder[first] == folder[second])

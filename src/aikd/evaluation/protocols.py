@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import posixpath
 import re
 import string
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from aikd.io import UnsafePickleError, open_text, safe_pickle_load
-from aikd.names import NameIndex, normalise_name
+from aikd.names import NameIndex, identity_from_folder
 
 __all__ = [
     "LFW_PATTERN",
@@ -355,11 +354,12 @@ def read_csv_pairs(path: str | Path, strict: bool = True) -> PairList:
 
 def identity_list_from_names(names: Sequence[str], source: str, strict: bool = True,
                              lines: Sequence[int] | None = None) -> IdentityList:
-    """Images whose identity is the name of their parent folder (``Alice/001.jpg`` -> ``Alice``)."""
+    """Images whose identity is their parent folder (``Alice/001.jpg`` -> ``Alice``;
+    :func:`aikd.names.identity_from_folder`)."""
     line_numbers = list(lines) if lines is not None else list(range(1, len(names) + 1))
     kept, identities, kept_lines, issues = [], [], [], []
     for name, line_no in zip(names, line_numbers, strict=True):
-        parent = posixpath.basename(posixpath.dirname(normalise_name(name)))
+        parent = identity_from_folder(name)
         if parent:
             kept.append(name)
             identities.append(parent)

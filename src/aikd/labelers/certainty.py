@@ -26,13 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 import torch
 from torch import nn
 
 from aikd.labelers.base import BatchLabels, Labeler, SetLabels
+from aikd.names import identity_from_folder
 
 __all__ = ["CertaintyOptions", "CertaintyRatio", "certainty_ratio", "identity_from_folder"]
 
@@ -106,12 +106,6 @@ def certainty_ratio(embeddings: np.ndarray, identities: Sequence[str],
             errors[int(index)] = f"identity {identity!r}: its centre is the zero vector"
     ratio = ccs / (nnccs + 1.0 + options.epsilon)
     return CertaintyResult(ratio, ccs, nnccs, errors)
-
-
-def identity_from_folder(key: str) -> str | None:
-    """The identity of an image key in an identity-organised tree: its parent folder (``None`` at the top)."""
-    parent = PurePosixPath(key.replace("\\", "/")).parent.as_posix()
-    return None if parent in (".", "/", "") else parent
 
 
 class CertaintyRatio(Labeler):
