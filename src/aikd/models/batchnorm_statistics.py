@@ -1,9 +1,10 @@
 """BatchNorm calibration for randomly initialised networks (benchmarks, demos, parity checks).
 
 A fresh iResNet keeps BatchNorm's default running statistics (mean 0, variance 1), which normalise
-nothing: in eval mode activations grow block after block and an iResNet-100 gives qualities around 1e10
-(see NOTES.md). Re-estimating the running statistics on a few random batches, as in the usual "BN
-recalibration" after weight surgery, makes eval-mode activations look like a trained network's.
+nothing: in eval mode activations grow block after block and an iResNet-100's qualities explode
+(measured: docs/speed.md, "Random weights in benchmarks"). Re-estimating the running statistics on a few
+random batches, as in the usual "BN recalibration" after weight surgery, makes eval-mode activations look
+like a trained network's.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ Input: ``(pixel - mean) / 256`` per channel with dlib's means (122.782, 117.001,
 0..1 scale mean = m / 255 and std = 256 / 255 (:data:`DLIB_PREPROCESSING`). dlib crops the chip from its own
 five landmarks (eye corners, base of the nose) with ``get_face_chip(image, shape, 150, 0.25)``; aikd aligns its
 five points (eye centres, nose tip, mouth corners) onto :data:`DLIB_TEMPLATE`, where they fall in dlib's chips
-on average. The two chips differ as two landmark detectors do: on the sample photos aikd's chip gives a
-descriptor 0.08-0.15 from dlib's (dlib calls faces the same person below 0.6), about what re-cropping dlib's
-own chip one or two pixels off gives (0.05-0.12); see ``bench/dlib_template.py``.
+on average. The two chips differ as two landmark detectors do: aikd's chip gives a descriptor about as far
+from dlib's as re-cropping dlib's own chip one or two pixels off does, well below 0.6, where dlib stops calling
+faces the same person (measured by ``bench/dlib_template.py``: docs/models.md).
 
 The forward pass is split as the other backbones: :meth:`DlibResNet.forward_trunk` gives the pooled 256
 features, :meth:`DlibResNet.forward_embedding_from_trunk` applies dropout (SER-FIQ) and ``fc``.

@@ -103,7 +103,8 @@ class WindowAttention(nn.Module):
             windows = mask.shape[0]
             q, k, v = (t.reshape(groups // windows, windows, *t.shape[1:]) for t in (q, k, v))
             bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (windows, heads, N, N)
-        # Written out: with an additive mask, torch's fused attention takes a slower path on the CPU (2x here).
+        # Written out: with an additive mask, torch's fused attention takes a slower path on the CPU
+        # (measured: docs/speed.md).
         attention = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)).softmax(dim=-1)
         x = (attention @ v).reshape(groups, self.heads, tokens, -1)
         return self.proj(x.transpose(1, 2).reshape(groups, tokens, dim))
