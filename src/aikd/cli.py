@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "ERC/EDC curves, pAUC tables and plots for FIQA methods",
     "calibrate": "map quality scores to expected FNMR at an FMR -> calib.json",
     "export": "export a quality model to ONNX and check parity",
+    "serve": "face quality over HTTP: batched, calibrated, with a page to try it",
     "demo": "AI-KD on dlib's real face recogniser and sample photos, with a report",
     "models": "list the registered model architectures",
 }
@@ -52,6 +53,8 @@ def command_module(name: str) -> ModuleType:
         from aikd.commands import calibrate as module
     elif name == "export":
         from aikd.commands import export as module
+    elif name == "serve":
+        from aikd.commands import serve as module
     elif name == "demo":
         from aikd.commands import demo as module
     elif name == "models":
