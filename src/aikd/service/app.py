@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aikd.service.auth import ApiKeys, read_api_keys
 from aikd.service.core import QualityService
 from aikd.service.errors import ServiceError, error_body
-from aikd.service.inputs import parse_images, read_body
+from aikd.service.inputs import check_length, parse_images, read_body
 from aikd.service.metrics import CONTENT_TYPE, Metrics
 from aikd.service.options import ServiceOptions
 from aikd.service.results import select_best
@@ -109,10 +109,11 @@ def create_app(options: ServiceOptions, service: QualityService | None = None) -
             return _refused(ServiceError("internal", "internal error (the server's log says more)"), metrics)
 
     async def score(request: Request) -> tuple[list[dict[str, Any]], Any]:
+        length, limit = request.headers.get("content-length"), options.limits.max_body_bytes
+        check_length(length, limit)  # before a place in the queue is taken: a body too large is refused at once
         ticket = service.admit()
         try:
-            body = await read_body(request.stream(), request.headers.get("content-length"),
-                                   options.limits.max_body_bytes)
+            body = await read_body(request.stream(), length, limit)
             uploads, request_options = parse_images(body, request.headers.get("content-type", ""),
                                                     request.query_params, options.limits)
             del body

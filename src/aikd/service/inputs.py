@@ -33,7 +33,7 @@ from aikd.pipeline.crops import FACE_CHOICES
 from aikd.service.errors import ServiceError
 from aikd.service.options import Limits
 
-__all__ = ["OPTION_NAMES", "RequestOptions", "Upload", "parse_images", "read_body"]
+__all__ = ["OPTION_NAMES", "RequestOptions", "Upload", "check_length", "parse_images", "read_body"]
 
 OPTION_NAMES = ("detect", "faces", "crops", "k", "name")
 MAX_NAME = 256  # characters of a name kept (names are only echoed back)
@@ -104,6 +104,27 @@ def _name(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ body
+def check_length(content_length: str | None, limit: int) -> None:
+    """Refuse a body whose declared length passes ``limit``, before reading any of it.
+
+    Raises:
+        ServiceError: ``body_too_large`` (with ``Connection: close``: the rest of the body is not read), or
+            ``bad_request`` for a ``Content-Length`` that is no number.
+    """
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise ServiceError("bad_request", "Content-Length is not a number") from None
+    if declared > limit:
+        raise _too_large(f"the body has {declared} bytes; the limit is {limit}")
+
+
+def _too_large(message: str) -> ServiceError:
+    return ServiceError("body_too_large", message, {"Connection": "close"})
+
+
 async def read_body(stream: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
     """The request body, read up to ``limit`` bytes.
 
@@ -111,18 +132,12 @@ async def read_body(stream: AsyncIterator[bytes], content_length: str | None, li
         ServiceError: ``body_too_large`` (from ``Content-Length`` before reading, or once the stream passes the
             limit), ``bad_request`` (an unreadable ``Content-Length``).
     """
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise ServiceError("bad_request", "Content-Length is not a number") from None
-        if declared > limit:
-            raise ServiceError("body_too_large", f"the body has {declared} bytes; the limit is {limit}")
+    check_length(content_length, limit)
     body = bytearray()
     async for chunk in stream:
         body += chunk
         if len(body) > limit:
-            raise ServiceError("body_too_large", f"the body passes the limit of {limit} bytes")
+            raise _too_large(f"the body passes the limit of {limit} bytes")
     return bytes(body)
 
 
