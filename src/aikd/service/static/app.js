@@ -171,7 +171,6 @@ function newCard(name, bitmap) {
   faces.className = "faces";
   faces.textContent = "scoring…";
   card.append(title, canvas, faces);
-  $("results").prepend(card);
   return card;
 }
 
@@ -181,6 +180,7 @@ async function score(files) {
   const bitmaps = await Promise.all(images.map((file) => createImageBitmap(file).catch(() => null)));
   const cards = images.map((file, i) => newCard(file.name || `photo ${i + 1}`,
     bitmaps[i] || { width: 1, height: 1 }));
+  $("results").prepend(...cards); // the newest photos first, in the order they were given
   const form = new FormData();
   images.forEach((file, i) => form.append("file", file, file.name || `photo-${i + 1}.png`));
   const query = new URLSearchParams({ detect: $("detect").checked, faces: $("faces").value, crops: "true" });
