@@ -438,14 +438,14 @@ def test_a_client_that_leaves_mid_request_does_not_hurt_the_next(server, photos)
 def test_a_slow_or_failing_model_is_a_json_error_not_a_hang(checkpoint, photos):
     from aikd.service.core import QualityService
 
-    options = ServiceOptions(checkpoint, limits=Limits(request_timeout_s=0.5))
+    options = ServiceOptions(checkpoint, limits=Limits(request_timeout_s=1.5))
     service = QualityService(options)
     real = service.batcher._infer
-    mode = {"now": "ok"}
+    mode, release = {"now": "ok"}, threading.Event()
 
     def model(faces):
         if mode["now"] == "slow":
-            time.sleep(1.0)
+            release.wait(30)  # held until the request has timed out
         if mode["now"] == "broken":
             raise RuntimeError("out of memory (simulated)")
         return real(faces)
@@ -456,10 +456,10 @@ def test_a_slow_or_failing_model_is_a_json_error_not_a_hang(checkpoint, photos):
         mode["now"] = "slow"
         expect_error(httpx.post(f"{base}/v1/quality", content=data, headers=image), 503, "timeout")
         mode["now"] = "broken"
+        release.set()
         body = expect_error(httpx.post(f"{base}/v1/quality", content=data, headers=image), 500, "internal")
         assert "out of memory" not in json.dumps(body)
         mode["now"] = "ok"
-        time.sleep(1.0)  # the slow pass ends
         assert httpx.post(f"{base}/v1/quality", content=data, headers=image).status_code == 200
 
 
