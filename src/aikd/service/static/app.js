@@ -35,7 +35,7 @@ async function describeModel() {
       `fingerprint ${String(model.model).slice(0, 12)}`];
     if (info.calibration) parts.push(`calibrated at FMR ${info.calibration.fmr}`);
     else parts.push("not calibrated (raw quality only)");
-    if (info.decision) parts.push(`decision: ${info.decision.rule} (${info.decision.threshold})`);
+    if (info.decision) parts.push(`decision: ${info.decision.rule} (${Number(info.decision.threshold).toPrecision(4)})`);
     if (!info.detect.available) {
       $("detect").checked = false;
       $("detect").disabled = true;
