@@ -280,6 +280,18 @@ def test_model_health_readiness_metrics_and_the_page(server):
         assert name in text, name
 
 
+def test_readiness_probes_that_come_together_share_one_inference(server):
+    import asyncio
+
+    async def probes() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return [r.status_code for r in await asyncio.gather(*(client.get(f"{server}/readyz") for _ in range(16)))]
+
+    passes = metric(server, "aikd_batch_faces_count")
+    assert asyncio.run(probes()) == [200] * 16
+    assert metric(server, "aikd_batch_faces_count") - passes < 16
+
+
 def test_requests_of_concurrent_clients_share_forward_passes(checkpoint, photos):
     data = (photos / "noise.jpg").read_bytes()
     with running(ServiceOptions(checkpoint, batching=BatchOptions(max_wait_ms=50, workers=2))) as (base, _):
@@ -364,6 +376,8 @@ def test_each_fault_is_a_json_error_with_a_code_and_the_next_request_succeeds(se
         (lambda: httpx.post(f"{url}?faces=some", content=good, headers=image), 400, "bad_option"),
         (lambda: httpx.post(f"{url}?colour=blue", content=good, headers=image), 400, "bad_option"),
         (lambda: post_files(url, {f"{i}.jpg": good for i in range(Limits().max_images + 1)}), 413,
+         "too_many_images"),
+        (lambda: httpx.post(url, json={"images": [{"data": "AAAA"}] * (Limits().max_images + 1)}), 413,
          "too_many_images"),
         (lambda: httpx.get(url), 405, "method_not_allowed"),
     ]

@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from aikd.service.app import create_app
 
     options = service_options(args)
+    if not _loopback(args.host) and options.api_key_file is None:
+        print(f"aikd serve: warning: {args.host} lets other machines in and no --api-key-file is given: anyone who "
+              "reaches this port can use it", file=sys.stderr, flush=True)
     if options.inference.device_backend(options.checkpoint) == "torch":
         from aikd.runtime import use_fastest_convolutions
 
@@ -106,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
     server.run(sockets=[sock])
     print("aikd serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from aikd.images import ImageError, decode_image
+from aikd.io import shortest_float32
 from aikd.pipeline.crops import CropOptions
 from aikd.pipeline.faces import FacePipeline, PreparedFace
 from aikd.service.batching import Batcher, Ticket
@@ -74,6 +75,7 @@ class QualityService:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="aikd-prepare")
         self.architecture = _architecture(self.engine)
         self._builtin_face: np.ndarray | None = None
+        self._ready_check: asyncio.Future | None = None
 
     def _calibration(self) -> Any:
         """The calibration to apply (:func:`~aikd.evaluation.calibration.resolve_calibration`), or ``None``."""
@@ -162,11 +164,17 @@ class QualityService:
 
     # -------------------------------------------------------------------------------------------- checks
     async def ready(self) -> dict[str, Any]:
-        """A real inference on a built-in face photo, through the worker and model threads (``/readyz``).
+        """A real inference on a built-in face photo, through the worker and model threads (``/readyz``); callers
+        that come while one runs share its answer, so probes cannot pile work up.
 
         Raises:
             ServiceError: ``not_ready`` when it fails or takes longer than 10 s.
         """
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.ensure_future(self._check_ready())
+        return await asyncio.shield(self._ready_check)
+
+    async def _check_ready(self) -> dict[str, Any]:
         detect = True in self.pipelines
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -180,7 +188,7 @@ class QualityService:
         quality = scored[0].quality
         if quality is None or not math.isfinite(quality):
             raise ServiceError("not_ready", f"the built-in face got a non-finite quality ({quality})")
-        return {"status": "ready", "quality": quality, "detected": detect,
+        return {"status": "ready", "quality": shortest_float32(quality), "detected": detect,
                 "seconds": round(time.perf_counter() - started, 4)}
 
     def _prepare_builtin(self, detect: bool) -> PreparedImage:

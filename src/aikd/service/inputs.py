@@ -159,7 +159,7 @@ def parse_images(body: bytes, content_type: str, query: Mapping[str, str], limit
         uploads, fields = _multipart(body, boundary, limits)
         values.update(fields)
     elif kind == "application/json":
-        uploads, fields = _json_images(body)
+        uploads, fields = _json_images(body, limits.max_images)
         values.update(fields)
     elif kind.startswith("image/") or kind == "application/octet-stream":
         uploads = [Upload(_name(values.get("name", "image")), body)] if body else []
@@ -239,7 +239,7 @@ def _multipart(body: bytes, boundary: bytes, limits: Limits) -> tuple[list[Uploa
     return uploads, fields
 
 
-def _json_images(body: bytes) -> tuple[list[Upload], dict[str, Any]]:
+def _json_images(body: bytes, most: int) -> tuple[list[Upload], dict[str, Any]]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as err:
@@ -247,6 +247,8 @@ def _json_images(body: bytes) -> tuple[list[Upload], dict[str, Any]]:
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise ServiceError("bad_json", "expected {\"images\": [{\"name\": ..., \"data\": base64}, ...]}")
     images = document.pop("images")
+    if len(images) > most:  # before any is decoded
+        raise ServiceError("too_many_images", f"{len(images)} images; the limit is {most} a request")
     uploads = []
     for index, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("data"), str):
