@@ -12,6 +12,7 @@ uvicorn. SIGTERM or Ctrl-C stops taking connections, answers the requests in fli
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     from aikd.service.app import create_app
 
     options = service_options(args)
+    # The model thread shares the cores with the event loop and the worker threads: OpenMP threads that spin-wait
+    # between forward passes would take their CPU. Unless the user chose otherwise, they sleep; read when torch loads,
+    # which has not happened yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not _loopback(args.host) and options.api_key_file is None:
         print(f"aikd serve: warning: {args.host} lets other machines in and no --api-key-file is given: anyone who "
               "reaches this port can use it", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ __all__ = ["QualityService"]
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 10.0
+_NO_CROP = np.zeros((0, 0, 3), np.uint8)
 
 
 class QualityService:
@@ -114,7 +115,7 @@ class QualityService:
         pipeline = self._pipeline(options.detect)
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare_upload, pipeline, index,
-                                                               upload, options.faces)
+                                                               upload, options)
                                           for index, upload in enumerate(uploads)))
         scored = await ticket.infer([face for image in prepared for face in image.faces])
         results, offset = [], 0
@@ -130,7 +131,8 @@ class QualityService:
                 self.metrics.images.inc()
         return results
 
-    def _prepare_upload(self, pipeline: FacePipeline, index: int, upload: Upload, choose: str) -> PreparedImage:
+    def _prepare_upload(self, pipeline: FacePipeline, index: int, upload: Upload,
+                        options: RequestOptions) -> PreparedImage:
         """Decode, crop and preprocess one upload (in a worker thread)."""
         if upload.error is not None:
             return PreparedImage(index, upload.name, error=upload.error)
@@ -138,10 +140,10 @@ class QualityService:
             image = decode_image(upload.data, upload.name, self.options.limits.max_pixels)
         except ImageError as err:
             return PreparedImage(index, upload.name, error=ServiceError(image_error_code(err), str(err)))
-        return self._prepare_array(pipeline, index, upload.name, image, choose)
+        return self._prepare_array(pipeline, index, upload.name, image, options.faces, options.crops)
 
-    def _prepare_array(self, pipeline: FacePipeline, index: int, name: str, image: np.ndarray,
-                       choose: str) -> PreparedImage:
+    def _prepare_array(self, pipeline: FacePipeline, index: int, name: str, image: np.ndarray, choose: str,
+                       crops: bool = False) -> PreparedImage:
         height, width = image.shape[:2]
         prepared = PreparedImage(index, name, width, height)
         try:
@@ -156,8 +158,9 @@ class QualityService:
         if not faces:
             prepared.error = ServiceError("no_face", "no face found in the image")
             return prepared
-        # Keep the face as the model sees it (its input size), not the photo: a request holds little once prepared.
-        resize = self.engine.preprocessing.resize
+        # Keep the face as the model sees it (its input size) where it is asked for, else nothing: a request holds
+        # little once prepared.
+        resize = self.engine.preprocessing.resize if crops else lambda _: _NO_CROP
         prepared.faces = [PreparedFace(dataclasses.replace(face.crop, crop=resize(face.crop.crop)), face.model_input)
                           for face in faces]
         return prepared
