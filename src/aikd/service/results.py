@@ -129,15 +129,12 @@ def image_result(image: PreparedImage, scored: Sequence[ScoredFace], calibration
         result["error"] = image.error.to_dict()
         return result
     faces = [_face(face, calibration, decision, crops) for face in scored]
-    result["faces"] = faces
     first = faces[0]
     if first.get("error"):
-        result["error"] = first["error"]
-        return result
-    for key in ("quality", "expected_fnmr", "quality_100", "decision"):
-        if key in first:
-            result[key] = first[key]
-    return result
+        return {**result, "faces": faces, "error": first["error"]}
+    head = {key: first[key] for key in ("quality", "expected_fnmr", "quality_100", "decision") if key in first}
+    return {**{key: value for key, value in result.items() if key not in ("quality", "faces", "error")}, **head,
+            "faces": faces, "error": None}
 
 
 def select_best(results: Sequence[dict[str, Any]], k: int) -> list[int]:
