@@ -313,6 +313,60 @@ def test_requests_of_concurrent_clients_share_forward_passes(checkpoint, photos)
         assert passes < 24, "no two requests shared a forward pass"
 
 
+def fake_faces(count: int) -> list:
+    from aikd.pipeline.crops import FaceCrop
+    from aikd.pipeline.faces import PreparedFace
+
+    return [PreparedFace(FaceCrop(np.zeros((1, 1, 3), np.uint8)), np.array([float(i)])) for i in range(count)]
+
+
+def echo_model(sizes: list[int], meet: threading.Barrier | None = None):
+    """A fake forward pass: quality = the face's number; with ``meet``, it returns only when passes meet there."""
+    from aikd.pipeline.faces import ScoredFace
+
+    def model(faces):
+        sizes.append(len(faces))
+        if meet is not None:
+            meet.wait()
+        return [ScoredFace(face.crop, float(face.model_input[0]), np.zeros(2, np.float32)) for face in faces]
+
+    return model
+
+
+def test_the_batcher_splits_a_large_request_and_keeps_its_order():
+    import asyncio
+
+    from aikd.service.batching import Batcher
+
+    sizes: list[int] = []
+    batcher = Batcher(echo_model(sizes), BatchOptions(max_wait_ms=0), max_batch=4)
+    try:
+        scored = asyncio.run(batcher.infer(fake_faces(10)))
+    finally:
+        batcher.close(10)
+    assert [face.quality for face in scored] == list(range(10)) and sizes == [4, 4, 2]
+
+
+def test_two_model_threads_run_two_passes_at_once():
+    import asyncio
+
+    from aikd.service.batching import Batcher
+
+    sizes: list[int] = []
+    batcher = Batcher(echo_model(sizes, threading.Barrier(2, timeout=10)), BatchOptions(max_wait_ms=0, model_threads=2),
+                      max_batch=3)
+    faces = fake_faces(6)
+
+    async def two_requests():
+        return await asyncio.gather(batcher.infer(faces[:3]), batcher.infer(faces[3:]))
+
+    try:
+        first, second = asyncio.run(two_requests())
+    finally:
+        batcher.close(10)
+    assert [face.quality for face in first + second] == list(range(6)) and sizes == [3, 3]
+
+
 # --------------------------------------------------------------------------------------------------- keys
 def test_api_keys_guard_v1_and_are_never_logged(checkpoint, photos, tmp_path, caplog, capfd):
     keys = tmp_path / "keys.txt"

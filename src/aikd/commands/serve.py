@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     group.add_argument("--queue-size", type=int, default=batching.queue_size,
                        help="requests held at once; one more is answered 429 (default: %(default)s)")
+    group.add_argument("--model-threads", type=int, default=batching.model_threads,
+                       help="forward passes at once, each on its own batch; torch then runs each pass on cores / N "
+                            "threads (default: %(default)s)")
     add_crop_arguments(parser)
     add_inference_arguments(parser)  # --batch-size: faces per forward pass at most; --workers: preparing threads
     for action in parser._actions:  # aikd score's file-job options are refused by run(): keep them out of --help
@@ -74,7 +77,7 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
         raise ValueError(f"{given[0]} is for file jobs; aikd serve takes images in requests (--detect finds faces)")
     crop = crop_options(args)
     limits = Limits(int(args.max_body_mb * MiB), args.max_images, args.max_pixels, args.request_timeout)
-    batching = BatchOptions(args.max_wait_ms, args.queue_size, args.workers)
+    batching = BatchOptions(args.max_wait_ms, args.queue_size, args.workers, args.model_threads)
     return ServiceOptions(args.checkpoint, args.arch, inference_options(args), crop.detect, crop.detector,
                           crop.detect_threshold, crop.misalign, crop.seed, args.calibration, args.reject_above,
                           args.api_key_file, limits, batching)
@@ -82,23 +85,27 @@ def service_options(args: argparse.Namespace) -> ServiceOptions:
 
 def run(args: argparse.Namespace) -> int:
     """``aikd serve``: runs until SIGTERM or Ctrl-C; 0 after a clean drain."""
+    # The model threads share the cores with the event loop and the worker threads: OpenMP threads that spin-wait
+    # between forward passes would take their CPU. Unless the user chose otherwise, they sleep (read when torch loads,
+    # which has not happened yet).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from aikd.images import use_large_image_blocks
     from aikd.service.app import create_app
 
     options = service_options(args)
-    # The model thread shares the cores with the event loop and the worker threads: OpenMP threads that spin-wait
-    # between forward passes would take their CPU. Unless the user chose otherwise, they sleep; read when torch loads,
-    # which has not happened yet.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not _loopback(args.host) and options.api_key_file is None:
         print(f"aikd serve: warning: {args.host} lets other machines in and no --api-key-file is given: anyone who "
               "reaches this port can use it", file=sys.stderr, flush=True)
     if options.inference.device_backend(options.checkpoint) == "torch":
-        from aikd.runtime import use_fastest_convolutions
+        import torch
+
+        from aikd.runtime import available_cores, use_fastest_convolutions
 
         use_fastest_convolutions()
+        if options.batching.model_threads > 1:  # the cores shared by the passes that run at once
+            torch.set_num_threads(max(1, available_cores() // options.batching.model_threads))
     use_large_image_blocks()
     app = create_app(options)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", server_header=False,

@@ -59,12 +59,14 @@ class BatchOptions:
             (it never waits when nothing else is on its way, so a lone client pays nothing).
         queue_size: requests held at once (reading, decoding, waiting for or in the model); one more is answered
             429 with ``Retry-After``.
-        workers: threads that decode, detect, align and preprocess (off the event loop, beside the model thread).
+        workers: threads that decode, detect, align and preprocess (off the event loop, beside the model threads).
+        model_threads: forward passes that run at once, each on its own batch.
     """
 
     max_wait_ms: float = 10.0
     queue_size: int = 64
     workers: int = 2
+    model_threads: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -73,6 +75,8 @@ class BatchOptions:
             raise ValueError(f"--queue-size must be at least 1, got {self.queue_size}")
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1 for aikd serve, got {self.workers}")
+        if self.model_threads < 1:
+            raise ValueError(f"--model-threads must be at least 1, got {self.model_threads}")
 
 
 @dataclass(frozen=True)
