@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/dlib_template.py
 	$(PY) bench/models.py
 	$(PY) bench/int8.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info
