@@ -3,7 +3,9 @@
 What a user of the paper's ``inference.py`` runs: the iResNet and MLP head modules alone (no aikd package
 import), the release checkpoint through ``torch.load``, PIL decode in the main process, ``ToTensor`` (HWC uint8
 -> CHW float / 255) and ``Normalize(0.5, 0.5)``, eager fp32 in eval mode, fixed-size batches, no worker threads,
-BatchNorm not folded, the default (NCHW) layout.
+BatchNorm not folded, the default (NCHW) layout. ``--device cuda`` runs it as the paper's code does on a GPU:
+``model.cuda()``, each batch ``.cuda()`` (a plain blocking copy), the qualities back with ``.cpu()``, torch's default
+cuDNN settings (no autotuning; float32 convolutions in TF32 where the GPU has it).
 
 A model the paper's code has no module for (``bench/int8.py``'s dlib-r29 student) comes as an aikd checkpoint
 (``.pt``): aikd's loader builds it (the only aikd import), and it runs the same way, with ``Normalize`` taking the
@@ -11,9 +13,12 @@ model's own mean, std and channel order.
 
     python bench/paper_path.py FOLDER CHECKPOINT.pth OUT.csv --arch-blocks 3,13,30,3 --batch-size 32
     python bench/paper_path.py FOLDER best.pt OUT.csv          # an aikd checkpoint, e.g. the dlib-r29 student
+    python bench/paper_path.py FOLDER CHECKPOINT.pth OUT.csv --device cuda
 
-Writes ``name,quality`` rows, then prints one JSON line: ``startup_s`` (process start to model ready, as
-measured from inside: imports, weights read, model built) and ``images``.
+Writes ``path,quality`` rows (file names; aikd's score readers take the file), then prints one JSON line:
+``startup_s`` (process start to model ready, as measured from inside: imports, weights read, model built, moved to
+the device), ``images``, and where the time of the loop went: ``decode_s`` (open, decode, ToTensor, Normalize,
+stack) and ``model_s`` (copy to the device, forward, qualities back).
 """
 
 from __future__ import annotations
@@ -88,21 +93,30 @@ def main() -> int:
     parser.add_argument("output", type=Path)
     parser.add_argument("--arch-blocks", default="3,13,30,3", help="iResNet blocks per stage (r100)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     args = parser.parse_args()
     model, transform = load_model(args.checkpoint, tuple(int(n) for n in args.arch_blocks.split(",")))
+    model = model.to(args.device)
     ready = time.perf_counter() - STARTED
     paths = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     rows = []
+    decode_s = model_s = 0.0
     with torch.no_grad():
         for start in range(0, len(paths), args.batch_size):
+            started = time.perf_counter()
             batch = paths[start:start + args.batch_size]
             images = [Image.open(p).convert("RGB") for p in batch]
             faces = torch.stack([to_tensor_normalised(image, transform["mean"], transform["std"]) for image in images])
             if transform["bgr"]:
                 faces = faces.flip(1)
-            rows += [f"{p.name},{float(q):.9g}" for p, q in zip(batch, qualities(model, faces), strict=True)]
-    args.output.write_text("name,quality\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    print(json.dumps({"startup_s": round(ready, 3), "images": len(paths)}))
+            decoded = time.perf_counter()
+            scores = qualities(model, faces.to(args.device)).cpu()
+            model_s += time.perf_counter() - decoded
+            decode_s += decoded - started
+            rows += [f"{p.name},{float(q):.9g}" for p, q in zip(batch, scores, strict=True)]
+    args.output.write_text("path,quality\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    print(json.dumps({"startup_s": round(ready, 3), "images": len(paths), "decode_s": round(decode_s, 3),
+                      "model_s": round(model_s, 3)}))
     return 0
 
 

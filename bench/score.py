@@ -102,13 +102,19 @@ _LAUNCHER = ("import os, subprocess, sys, time; start = time.perf_counter(); chi
 
 def run_process(command: list[str]) -> tuple[float, float]:
     """Run ``command`` to its end; ``(wall seconds, peak RSS in MB)`` of that process alone."""
+    wall, peak_mb, _ = run_process_output(command)
+    return wall, peak_mb
+
+
+def run_process_output(command: list[str]) -> tuple[float, float, str]:
+    """:func:`run_process`, and what the process printed on stdout."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", _LAUNCHER, *command], capture_output=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr.decode()[-2000:]}"
                          f"{done.stdout.decode()[-500:]}")
     _, wall, peak_kb = done.stderr.decode().strip().splitlines()[-1].split()
-    return float(wall), int(peak_kb) / 1024  # kB on Linux
+    return float(wall), int(peak_kb) / 1024, done.stdout.decode()  # kB on Linux
 
 
 def read_scores(path: Path) -> dict[str, float]:

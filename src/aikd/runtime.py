@@ -243,11 +243,18 @@ def use_fastest_convolutions() -> None:
     """Let cuDNN benchmark its convolution kernels on first use, where a CUDA device is present: a scoring run feeds
     one input size, so the fastest kernel for it is found once and used for every batch. Process-wide
     (``torch.backends.cudnn.benchmark``): only command entry points call it, never the library.
+
+    It also keeps ``--precision fp32`` what it says on a GPU: torch lets cuDNN run float32 convolutions as TF32 by
+    default (inputs rounded to 10-bit mantissas), which moves iResNet qualities by about 1e-3 relative to the CPU's
+    (docs/gpu.md); aikd's fp32 is exact, and its fast GPU precisions are bf16 and fp16. The legacy ``allow_tf32``
+    switch sets cuDNN's convolution and RNN flags together (mixing it with the newer ``fp32_precision`` settings
+    makes torch refuse to read either).
     """
     import torch
 
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def seed_everything(seed: int) -> None:
