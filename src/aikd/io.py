@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import pickle
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -43,12 +44,15 @@ __all__ = [
     "LandmarkTable",
     "UnsafePickleError",
     "atomic_write",
+    "check_archive",
     "csv_rows",
+    "is_stream",
     "load_embeddings",
     "open_text",
     "read_labels",
     "quality_format",
     "read_landmarks",
+    "readable_file",
     "safe_pickle_load",
     "safe_pickle_loads",
     "save_embeddings",
@@ -84,6 +88,46 @@ def csv_rows(handle: IO[str], path: str | os.PathLike, what: str = "CSV file") -
             yield row
     except csv.Error as err:
         raise ValueError(f"{path}: not a text {what} ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------ streams
+MAX_STREAM_BYTES = 1 << 30  # a pipe read into memory (--landmarks <(...)): far above a 3.3 M-row landmarks file
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a pipe or a character device (``<(cmd)``, ``/dev/stdin``): readable once only."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+@contextlib.contextmanager
+def readable_file(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
+    """``path`` as a file that can be read more than once: itself, or for a stream (:func:`is_stream`) a temporary
+    copy of what it gives, read once (at most :data:`MAX_STREAM_BYTES`) and removed afterwards.
+
+    Readers open an input more than once (a header first, then the columns); a pipe gives its data only to the
+    first reader, so every image would otherwise fail as having no landmarks.
+
+    Raises:
+        ValueError: the stream gives more than :data:`MAX_STREAM_BYTES`.
+    """
+    if not is_stream(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="aikd-stream-") as folder:
+        copy = Path(folder) / (Path(path).name or "stream")
+        total = 0
+        with open(path, "rb") as source, open(copy, "wb") as target:
+            while block := source.read(1 << 20):
+                total += len(block)
+                if total > MAX_STREAM_BYTES:
+                    raise ValueError(f"{path}: the {what} stream gives more than {MAX_STREAM_BYTES} bytes; save it to "
+                                     "a file")
+                target.write(block)
+        yield copy
 
 
 # --------------------------------------------------------------------------------------------- atomic writes
@@ -150,9 +194,15 @@ _SAFE_GLOBALS = {("builtins", name) for name in _DATA_BUILTINS} | {
     (module, name)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
     for name in ("_reconstruct", "scalar", "_frombuffer")
-} | {("numpy.dtypes", name) for name in dir(getattr(np, "dtypes", None)) if name.endswith("DType")}
+} | {("numpy.dtypes", name) for name in dir(getattr(np, "dtypes", None)) if name.endswith("DType")
+     and not name.startswith(("Void", "Object", "StringDType", "DateTime", "TimeDelta"))}
 
 _SAFE_RECONSTRUCT_BASES = {list, dict, tuple, set, frozenset, np.ndarray}
+# What numpy data in the official formats is made of: booleans, integers, floats, complex numbers and fixed-width
+# strings, each element at most this many bytes. A dtype is a size too: numpy.dtype('V2000000000') is 2 GB per
+# element, and numpy's scalar() allocates it from a 66-byte pickle.
+_DATA_KINDS = frozenset("biufcUS")
+MAX_PICKLE_ITEMSIZE = 1 << 16
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -168,6 +218,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _checked_reconstructor
         if (module, name) == ("collections", "defaultdict"):
             return _plain_defaultdict
+        if (module, name) == ("numpy", "dtype"):
+            return _bounded_dtype
+        if name == "scalar":
+            return _bounded_scalar(super().find_class(module, name))
         found = super().find_class(module, name)
         return _from_data(found) if module == "builtins" or (module, name) == ("collections", "OrderedDict") \
             else found
@@ -188,6 +242,34 @@ def _from_data(constructor: type) -> Any:
             if not isinstance(value, (*_DATA_ARGUMENTS, int)):
                 raise UnsafePickleError(f"refused {constructor.__name__} of a {type(value).__name__}")
         return constructor(*args, **kwargs)
+
+    return build
+
+
+def _bounded_dtype(*args: Any, **kwargs: Any) -> np.dtype:
+    """``numpy.dtype`` for the data kinds of the official formats only, each element of a bounded size (checked on
+    the descriptor, before anything of that size exists)."""
+    return _check_dtype(np.dtype(*args, **kwargs))
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _DATA_KINDS or dtype.fields or dtype.subdtype \
+            or dtype.itemsize > MAX_PICKLE_ITEMSIZE:
+        raise UnsafePickleError(f"refused numpy dtype {str(dtype)[:40]!r}: only booleans, numbers and strings of at "
+                                f"most {MAX_PICKLE_ITEMSIZE} bytes per element")
+    return dtype
+
+
+def _bounded_scalar(scalar: Any) -> Any:
+    """``numpy``'s scalar constructor, its dtype checked again when called: a dtype's state (set after it was
+    built) can change its size, and a scalar given no data would be allocated at that size."""
+
+    def build(dtype: Any, data: Any = None) -> Any:
+        _check_dtype(dtype)
+        if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+            raise UnsafePickleError(f"refused a numpy scalar of {str(dtype)[:40]!r} without its {dtype.itemsize} "
+                                    "bytes")
+        return scalar(dtype, data)
 
     return build
 
@@ -328,7 +410,7 @@ def _read_csv_columns(path: Path, wanted: Sequence[str], what: str) -> tuple[lis
 def _read_csv_fast(path: Path, columns: Sequence[str], dtype: type) -> tuple[np.ndarray, np.ndarray] | None:
     """Names and numeric columns of a well-formed CSV through numpy's C parser; ``None`` for the slow path.
 
-    Building Python objects per cell costs about 3 GB and half a minute for 3.3 M landmark rows (VGGFace2);
+    Building Python objects per cell costs gigabytes and tens of seconds for a VGGFace2-sized file (docs/speed.md);
     ``np.loadtxt`` parses straight into arrays. Any irregularity (a missing column, a cell that is not a
     number, ragged rows) returns ``None`` and the tolerant reader takes over and reports it.
     """
@@ -359,7 +441,8 @@ def read_landmarks(path: str | os.PathLike) -> LandmarkTable:
     or (10,) as x1, y1, ..., x5, y5. Names listed more than once are warned about (:func:`warn_repeated`);
     every consumer uses the first row of each.
     """
-    table = _read_landmarks(Path(path))
+    with readable_file(path, "landmarks") as readable:
+        table = _read_landmarks(readable)
     warn_repeated(table.paths, path)
     return table
 
@@ -400,7 +483,8 @@ def read_labels(path: str | os.PathLike, column: str = "quality", fmt: str | Non
     order, repeated names included; repeats are warned about (:func:`warn_repeated`) and every consumer uses
     the first row of each.
     """
-    table = _read_labels(Path(path), column, quality_format(path, fmt))
+    with readable_file(path, "labels") as readable:
+        table = _read_labels(readable, column, quality_format(path, fmt))
     warn_repeated(table.paths, path)
     return table
 
@@ -492,6 +576,52 @@ def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Seq
                 handle.write(json.dumps({"path": key, "quality": q, **(extra[i] if extra else {})}) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------ archives
+MAX_INFLATION = 20  # a compressed member may declare at most this many bytes per compressed byte (npz of floats: ~1.1)
+MIN_BOMB_BYTES = 1 << 20  # members smaller than this are never a memory problem, whatever their ratio
+
+
+def check_archive(path: str | os.PathLike, what: str) -> None:
+    """Refuse a zip archive (``.npz``, a ``torch.save`` ``.pt``) whose members would inflate far beyond their
+    compressed size, from the sizes its directory declares, before anything is decompressed.
+
+    Readers produce no more than a member's declared size (Python's zipfile and torch's reader both stop there),
+    so the declared sizes bound what reading can cost. A ``.npy`` member's own header (shape x item size) must
+    fit its declared size too. A file that is no zip archive is left to its reader.
+
+    Raises:
+        ValueError: a decompression bomb (the message names the file, the member and the sizes).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                inflated = info.compress_type != zipfile.ZIP_STORED
+                if inflated and info.file_size > max(MIN_BOMB_BYTES, MAX_INFLATION * info.compress_size):
+                    ratio = info.file_size // max(1, info.compress_size)
+                    raise ValueError(f"{path}: {what} member {info.filename!r} would inflate from "
+                                     f"{info.compress_size} to {info.file_size} bytes ({ratio}:1); refused as a "
+                                     "decompression bomb")
+                if info.filename.endswith(".npy"):
+                    _check_npy_header(archive, info, path, what)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+
+
+def _check_npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Any, what: str) -> None:
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(member, max_header_size=10_000)
+        except (ValueError, OSError, EOFError):
+            return  # not a readable .npy: np.load says why
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > info.file_size:
+        raise ValueError(f"{path}: {what} array {info.filename!r} declares {needed} bytes of data but holds "
+                         f"{info.file_size}; refused")
+
+
 # ------------------------------------------------------------------------------------------- embedding files
 def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: np.ndarray) -> None:
     """Write an embedding file: ``.npz`` with ``paths`` (str) and ``embeddings`` (N, D float32)."""
@@ -503,13 +633,19 @@ def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: n
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """Read an embedding file written by :func:`save_embeddings` (no pickled objects are loaded)."""
+    """Read an embedding file written by :func:`save_embeddings` (no pickled objects are loaded; the declared
+    sizes are checked first, :func:`check_archive`). Names listed more than once are warned about.
+
+    Raises:
+        ValueError: not such a file, a decompression bomb, or values beyond float32's range (naming the file).
+    """
+    check_archive(path, "embedding file")
     try:
         with np.load(path, allow_pickle=False) as data:
             found = set(data.files)
             if found >= {"paths", "embeddings"}:
                 paths = [str(p) for p in data["paths"]]
-                embeddings = np.asarray(data["embeddings"], dtype=np.float32)
+                embeddings = _as_float32(data["embeddings"], path)
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: cannot read embedding file ({err})") from None
     except ValueError as err:  # object arrays (pickled Python objects) are never loaded
@@ -520,4 +656,16 @@ def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         raise ValueError(f"{path}: embedding file lacks array(s) {', '.join(sorted(missing))}")
     if embeddings.ndim != 2 or len(embeddings) != len(paths):
         raise ValueError(f"{path}: embeddings {embeddings.shape} do not match {len(paths)} paths")
+    warn_repeated(paths, path)
     return paths, embeddings
+
+
+def _as_float32(values: np.ndarray, path: Any) -> np.ndarray:
+    """``values`` as float32; values beyond its range are refused with the file named (not a raw RuntimeWarning)."""
+    if values.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: embeddings of type {values.dtype}, not numbers")
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4 and values.size:
+        finite = values[np.isfinite(values)]
+        if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
+            raise ValueError(f"{path}: embedding values up to {np.abs(finite).max():.3g} exceed float32's range")
+    return np.asarray(values, dtype=np.float32)

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["Preprocessing"]
 
 ImageBatch = np.ndarray | Sequence[np.ndarray]
+# Far above any face model's input (112, 150, 224), far below what a file's metadata could make aikd allocate per
+# face: a file's metadata claiming a 12000x12000 input made aikd allocate gigabytes before anything refused it.
+MAX_INPUT_SIDE = 1024
+MAX_EMBEDDING_SIZE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,12 @@ class Preprocessing:
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.input_size) != 2 or min(self.input_size) < 1:
-            raise ValueError(f"preprocessing.input_size must be (height, width), got {self.input_size}")
+        if len(self.input_size) != 2 or min(self.input_size) < 1 or max(self.input_size) > MAX_INPUT_SIDE:
+            raise ValueError(f"preprocessing.input_size must be (height, width) of 1 to {MAX_INPUT_SIDE} pixels, "
+                             f"got {self.input_size}")
+        if not 1 <= int(self.embedding_size) <= MAX_EMBEDDING_SIZE:
+            raise ValueError(f"preprocessing.embedding_size must be 1 to {MAX_EMBEDDING_SIZE}, got "
+                             f"{self.embedding_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"preprocessing.mean/std must be 3 values with std > 0, "
                              f"got mean={self.mean}, std={self.std}")

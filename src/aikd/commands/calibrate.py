@@ -16,10 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from aikd.commands.options import SEED, count
 from aikd.evaluation import calibration as cal
 from aikd.evaluation import metrics as ev
 from aikd.evaluation import protocols, report
-from aikd.pipeline.outputs import OutputLock, check_output, check_output_path
+from aikd.pipeline.outputs import claimed_files
 
 __all__ = ["add_arguments", "run"]
 
@@ -44,14 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--fmr", type=float, default=ev.DEFAULT_FMR,
                      help="target FMR of the fixed threshold (default: %(default)g); the set needs at least "
                           "10/FMR non-mated comparisons")
-    fit.add_argument("--bootstrap", type=int, default=cal.DEFAULT_BOOTSTRAP,
+    fit.add_argument("--bootstrap", type=count(0, 100_000), default=cal.DEFAULT_BOOTSTRAP,
                      help="bootstrap replicates over identities for the band (default: %(default)s; 0: none)")
     fit.add_argument("--confidence", type=float, default=cal.DEFAULT_CONFIDENCE,
                      help="level of the band and intervals (default: %(default)s)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the held-out split")
+    fit.add_argument("--seed", type=SEED, default=0, help="seed of the bootstrap and the held-out split")
     fit.add_argument("--holdout", type=float, default=cal.DEFAULT_HOLDOUT,
                      help="share of identities held out for the reliability diagram (default: %(default)s)")
-    fit.add_argument("--bins", type=int, default=cal.DEFAULT_BINS,
+    fit.add_argument("--bins", type=count(1, 10_000), default=cal.DEFAULT_BINS,
                      help="quantile bins of the reliability diagram (default: %(default)s)")
     fit.add_argument("--target-fnmr", type=float, metavar="F",
                      help="recommend the reject threshold whose kept mated comparisons reach FNMR F at the FMR")
@@ -64,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", type=Path, metavar="DIR",
                      help="folder of the reliability plot (PNG and SVG; default: beside -o)")
     out.add_argument("--no-plots", action="store_true", help="write no plot")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output (and plots)")
+    out.add_argument("--force", action="store_true",
+                     help="attach a calibration fitted on another quality model's scores to --checkpoint anyway "
+                          "(refused without it; recorded in the file, and every use of it warns)")
     out.add_argument("-o", "--output", type=Path, required=True,
                      help="calibration file (calib.json), or with --checkpoint the calibrated checkpoint. "
                           "expected_fnmr and quality_100 are specific to this FR model, FMR and set")
@@ -114,11 +118,21 @@ def _quality_model(scores: Path) -> dict[str, str | None]:
     return info
 
 
-def _write_checkpoint(checkpoint: Path, arch: str | None, calibration: cal.Calibration, output: Path) -> None:
+def _write_checkpoint(checkpoint: Path, arch: str | None, calibration: cal.Calibration, output: Path,
+                      force: bool = False) -> None:
+    """``checkpoint`` written to ``output`` carrying ``calibration``; refused when the calibration was fitted on
+    another quality model's scores, unless ``force`` (then the file records that it was forced)."""
     from aikd.models import load_quality_model, read_checkpoint, save_checkpoint, weights_fingerprint
 
     model = load_quality_model(checkpoint, arch=arch)
-    cal.check_quality_model(calibration, [weights_fingerprint(model)], str(checkpoint))
+    fingerprint = weights_fingerprint(model)
+    if not cal.same_quality_model(calibration, [fingerprint]):
+        if not force:
+            raise ValueError(f"the calibration was fitted on scores of another quality model "
+                             f"({calibration.quality_model_fingerprint}) than {checkpoint} ({fingerprint}): its "
+                             "expected FNMR would not hold for this model's scores; calibrate this model, or pass "
+                             "--force to attach it anyway (recorded in the file)")
+        calibration = cal.forced(calibration, fingerprint)
     _, meta = read_checkpoint(checkpoint)
     extra = {**meta.get("extra", {}), "calibration": calibration.to_dict()}
     save_checkpoint(output, model, model.arch, model.preprocessing, extra)
@@ -130,22 +144,17 @@ def run(args: argparse.Namespace) -> int:
     _check_usage(args)
     output: Path = args.output
     inputs = [p for p in (args.scores, args.embeddings, args.pairs, args.calibration, args.checkpoint) if p]
-    check_output_path(output, inputs)
-    lock = OutputLock(output)
-    try:
-        check_output(output, resume=False, overwrite=args.overwrite)
+    stem = (args.plot if args.plot is not None else output.parent) / f"{output.stem}.reliability"
+    plots = [] if args.no_plots else [("--plot", stem.with_suffix(f"{stem.suffix}.{kind}")) for kind in ("png", "svg")]
+    with claimed_files([("-o", output), *plots], args.overwrite, inputs):
         calibration = cal.load_calibration(args.calibration) if args.calibration else _fit(args, options)
         if args.checkpoint is not None:
-            _write_checkpoint(args.checkpoint, args.arch, calibration, output)
+            _write_checkpoint(args.checkpoint, args.arch, calibration, output, args.force)
         else:
             calibration.save(output)
         written = [output]
-        if not args.no_plots:
-            folder = args.plot if args.plot is not None else output.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            written += cal.plot_reliability(calibration, folder / f"{output.stem}.reliability")
-    finally:
-        lock.release()
+        if plots:
+            written += cal.plot_reliability(calibration, stem)
     print(cal.summary(calibration))
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aikd.commands.options import add_input_arguments, add_job_arguments, job_options, protected_inputs
+from aikd.commands.options import add_input_arguments, add_job_arguments, count, job_options, protected_inputs
 from aikd.images import collect_inputs
 
 __all__ = ["add_arguments", "run"]
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # 0.5: at 0.9 a profile sample face (scored 0.896) was missed, which 0.5 found.
     parser.add_argument("--threshold", type=float, default=0.5, metavar="T",
                         help="minimum detector confidence of a face (default: %(default)s)")
-    parser.add_argument("--max-size", type=int, default=640, metavar="PX",
+    parser.add_argument("--max-size", type=count(0, 100_000), default=640, metavar="PX",
                         help="photos whose longer side exceeds PX are downscaled for detection (points are "
                              "mapped back); 0 never downscales (default: %(default)s)")
     add_job_arguments(parser, batch_size=32)

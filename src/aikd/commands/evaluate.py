@@ -11,11 +11,15 @@ The report, its outputs and the suite format: :mod:`aikd.evaluation.report`; the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+from aikd.commands.options import count
 from aikd.evaluation import metrics as ev
 from aikd.evaluation import protocols, report
+from aikd.pipeline.outputs import check_new_file, claimed_files
 
 __all__ = ["add_arguments", "run"]
 
@@ -48,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add the theoretical-best curve to the CSV files as a method (needs no scores)")
     parser.add_argument("--skip-bad-pairs", action="store_true",
                         help="skip bad protocol lines and unknown images (reported on stderr); default: fail")
-    parser.add_argument("--max-points", type=int, default=2000, help="most points per curve in erc.csv")
+    parser.add_argument("--max-points", type=count(2, 1_000_000), default=2000, help="most points per curve in erc.csv")
     parser.add_argument("--no-plots", action="store_true", help="write the CSV files and tables only")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier report in the folder")
 
 
 def _job_from_args(args: argparse.Namespace) -> report.Job:
@@ -79,8 +84,28 @@ def run(args: argparse.Namespace) -> int:
         jobs, suite = [_job_from_args(args)], {}
     settings = report.Settings.make(args.fmr, args.discard_limit, args.threshold, args.oracle,
                                     not args.skip_bad_pairs, suite)
-    rows, written = report.write_report(jobs, settings, args.output, args.max_points, plots=not args.no_plots,
-                                        sources=suite.get("source"))
+    inputs = [path for job in jobs for path in (job.embeddings, job.pairs, *job.scores.values()) if path]
+    rows, written = _write(jobs, settings, args, inputs + ([args.suite] if args.suite else []), suite.get("source"))
     print(report.summary(rows))
     print(f"wrote {len(written)} files to {args.output}", file=sys.stderr)
     return 0
+
+
+def _write(jobs: list[report.Job], settings: report.Settings, args: argparse.Namespace, inputs: list[Path],
+           sources: dict[str, str] | None) -> tuple[list[tuple], list[Path]]:
+    """The report, written into a staging folder inside -o, then moved into place under the output policy: no
+    file replaced without --overwrite, never one of the inputs (a score file named tables.md in -o included)."""
+    output: Path = args.output
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"-o {output} is a file; -o names the folder the report is written to")
+    for name in ("erc.csv", "pauc.csv"):  # known before any work: refuse at once
+        check_new_file(output / name, "-o", args.overwrite, inputs)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".aikd-evaluate-", dir=output) as staging:
+        rows, staged = report.write_report(jobs, settings, Path(staging), args.max_points, plots=not args.no_plots,
+                                           sources=sources)
+        targets = [output / path.relative_to(staging) for path in staged]
+        with claimed_files([("-o", target) for target in targets], args.overwrite, inputs):
+            for source, target in zip(staged, targets, strict=True):
+                os.replace(source, target)
+    return rows, targets

@@ -20,6 +20,7 @@ from aikd.inference.export import check_onnx, export_onnx, relative_difference
 from aikd.inference.onnx_format import OPSET
 from aikd.inference.quantize import CALIBRATION_METHODS, MIN_FACES, SPEARMAN_BAR
 from aikd.io import atomic_write
+from aikd.pipeline.outputs import claimed_files
 
 __all__ = ["add_arguments", "run"]
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="backbone architecture when the checkpoint does not record it (e.g. r100)")
     parser.add_argument("-o", "--output", type=Path, default=Path("aikd.onnx"), help="ONNX file (default: %(default)s)")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     parser.add_argument("--no-fold", dest="fold", action="store_false",
                         help="export the plain graph with its BatchNorm nodes instead of the folded one")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -58,16 +60,18 @@ def run(args: argparse.Namespace) -> int:
         import onnx  # noqa: F401
     except ImportError:
         raise ValueError("aikd export needs the onnx package (pip install 'aikd[onnx]')") from None
-    if args.checkpoint.suffix.lower() == ".onnx":
-        data = _read_onnx(args.checkpoint)
-    else:
-        data = _export_checked(args)
-        if data is None:
-            return 1
-    if args.int8:
-        data = _quantise(data, args)
-    with atomic_write(args.output, "wb") as handle:
-        handle.write(data)
+    inputs = [args.checkpoint, *(_images(args.calibration_images) if args.calibration_images else [])]
+    with claimed_files([("-o", args.output)], args.overwrite, inputs):
+        if args.checkpoint.suffix.lower() == ".onnx":
+            data = _read_onnx(args.checkpoint)
+        else:
+            data = _export_checked(args)
+            if data is None:
+                return 1
+        if args.int8:
+            data = _quantise(data, args)
+        with atomic_write(args.output, "wb") as handle:
+            handle.write(data)
     import onnx
 
     from aikd.inference.onnx_format import metadata_from_properties
@@ -81,6 +85,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(folder: Path) -> list[Path]:
+    """The calibration images (an output must be none of them)."""
+    from aikd.images import collect_inputs
+
+    try:
+        return [item.path for item in collect_inputs([folder])]
+    except ValueError:
+        return []  # no images: --int8 says so with its own message
+
+
 def _check_int8_arguments(args: argparse.Namespace) -> None:
     if args.int8 and args.calibration_images is None:
         raise ValueError("--int8 needs --calibration-images DIR: aligned face crops to calibrate on")
@@ -89,8 +103,6 @@ def _check_int8_arguments(args: argparse.Namespace) -> None:
     if args.checkpoint.suffix.lower() == ".onnx" and not args.int8:
         raise ValueError(f"--checkpoint {args.checkpoint}: already an ONNX file; --int8 quantises one, "
                          "otherwise export from a torch checkpoint")
-    if args.output.resolve() == args.checkpoint.resolve():
-        raise ValueError(f"-o {args.output}: the same file as --checkpoint; name another")
 
 
 def _read_onnx(path: Path) -> bytes:

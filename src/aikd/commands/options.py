@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aikd.images import ImageInput
@@ -41,11 +41,25 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                              "paths, or insightface .bin validation sets")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]. Every count a user gives is bounded: ``--bins 300000000`` took
+    24 GB; out of range is a usage error (exit 2) before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its messages
+    return parse
+
+
+SEED = count(0, 2**32 - 1)
+BATCH = count(1, 65_536)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
@@ -56,8 +70,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
     """
     group = parser.add_argument_group("running")
     default = "%(default)s" if batch_size is not None else "depends on the device"
-    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {default})")
-    group.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,
+    group.add_argument("--batch-size", type=BATCH, default=batch_size, help=f"{batch_help} (default: {default})")
+    group.add_argument("--workers", type=count(0, 256), default=DEFAULT_WORKERS,
                        help="threads decoding and preparing images ahead of the model (and detecting faces); "
                             "0 does everything in the main thread (default: %(default)s)")
     group.add_argument("--resume", action="store_true",
@@ -92,7 +106,7 @@ def add_crop_arguments(parser: argparse.ArgumentParser, alignment_required: bool
     group.add_argument("--misalign", type=float, default=0.0, metavar="P",
                        help="jitter every landmark coordinate by U[-P, P] source pixels before aligning "
                             "(AI-KD uses 3; default: 0, aligned)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=SEED, default=0,
                        help="seed of the misalignment noise; with the image key it fixes each crop (default: 0)")
 
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from aikd.commands.options import count
 from aikd.config import describe_config, load_config
 from aikd.runtime import distributed
 from aikd.training.train import TrainConfig, TrainingDiverged, clear_run, train
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder: config.yaml, metrics, best.pt, last.pt")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
                                                             "(its config.yaml, updated by any key=value)")
-    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+    parser.add_argument("--stop-after", type=count(1, 10**9), metavar="STEPS",
                         help="stop with a checkpoint after this many steps in all (continue with --resume)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start the run in --out over: its checkpoints, metrics and config are replaced (the "

@@ -212,10 +212,7 @@ def alignment_sensitivity(aligned: np.ndarray, misaligned: np.ndarray) -> dict[s
 
 
 def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot and no backend switch: the figure draws itself (Agg)
 
     return Figure(figsize=(width, height), layout="constrained")
 

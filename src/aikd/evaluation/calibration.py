@@ -127,14 +127,14 @@ class CalibrationOptions:
     def __post_init__(self) -> None:
         if not 0 < self.fmr < 1:
             raise ValueError(f"--fmr must be between 0 and 1 (exclusive), got {self.fmr:g}")
-        if self.bootstrap < 0:
-            raise ValueError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0 <= self.bootstrap <= 100_000:
+            raise ValueError(f"--bootstrap must be 0 to 100000, got {self.bootstrap}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"--confidence must be between 0 and 1 (exclusive), got {self.confidence:g}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout:g}")
-        if self.bins < 1:
-            raise ValueError(f"--bins must be at least 1, got {self.bins}")
+        if not 1 <= self.bins <= 10_000:  # a bin per image at most matters; 3e8 bins took 24 GB
+            raise ValueError(f"--bins must be 1 to 10000, got {self.bins}")
         if self.target_fnmr is not None and not 0 <= self.target_fnmr < 1:
             raise ValueError(f"--target-fnmr must be in [0, 1), got {self.target_fnmr:g}")
 
@@ -392,6 +392,7 @@ class Calibration:
             handle.write("\n")
 
 
+MAX_FILE_BYTES = 64 << 20  # a calib.json is a few kB; a file this large is something else
 _MAPPING_ARRAYS = ("quality", "expected_fnmr", "lower", "upper", "interpolation", "outside")
 
 
@@ -410,10 +411,14 @@ def load_calibration(source: str | os.PathLike | Mapping[str, Any] | Calibration
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file not found: {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is no calibration file (they are a few kB)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: not a calibration file aikd reads ({err})") from None
+        raise ValueError(f"{path}: not a calibration file aikd reads ({str(err)[:200]})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a calibration file aikd reads (nested too deep)") from None
     return _parse(data, str(path))
 
 
@@ -429,7 +434,7 @@ def _get(data: Any, name: str, source: str) -> Any:
 def _number(data: Any, name: str, source: str, low: float = -math.inf, high: float = math.inf) -> float:
     value = _get(data, name, source)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-        raise ValueError(f"{source}: {name} must be a number in ({low:g}, {high:g}), got {value!r}")
+        raise ValueError(f"{source}: {name} must be a number in ({low:g}, {high:g}), got {str(value)[:40]}")
     return float(value)
 
 
@@ -444,6 +449,17 @@ def _array(data: Any, name: str, source: str, length: int | None = None) -> np.n
     if length is not None and array.size != length:
         raise ValueError(f"{source}: {name} has {array.size} values, mapping.quality has {length}")
     return array
+
+
+def _check_model_record(record: Any, name: str, source: str) -> None:
+    """A model record (``quality_model``, ``fr_model``): a mapping of short strings (or ``None``) by name."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: {name} must be a mapping, got {type(record).__name__}")
+    for key, value in record.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{source}: {name}.{key} must be a string, got {type(value).__name__}")
 
 
 def _parse(data: Any, source: str) -> Calibration:
@@ -469,6 +485,8 @@ def _parse(data: Any, source: str) -> Calibration:
     threshold = _number(data, "threshold", source)
     if not isinstance(_get(data, "fr_model", source), dict):
         raise ValueError(f"{source}: fr_model must be a mapping with name and fingerprint")
+    _check_model_record(data.get("quality_model"), "quality_model", source)
+    _check_model_record(data["fr_model"], "fr_model", source)
     info = {key: value for key, value in data.items() if key not in
             ("format", "format_version", "aikd_version", "note", "fmr", "threshold", "quality_100")}
     info["mapping"] = {key: value for key, value in data["mapping"].items() if key not in _MAPPING_ARRAYS}
@@ -633,6 +651,7 @@ def resolve_calibration(requested: Any, carried: Mapping[str, Any] | None, finge
             raise ValueError(f"{model} carries no calibration (aikd calibrate --checkpoint writes one into a "
                              "checkpoint); give a calib.json")
         calibration = load_calibration(carried, f"{model}: calibration")
+        check_quality_model(calibration, fingerprints, model)  # a carried one too: it may have been forced
     elif requested is not None and requested is not False:
         calibration = load_calibration(requested)
         if carried:
@@ -645,12 +664,29 @@ def resolve_calibration(requested: Any, carried: Mapping[str, Any] | None, finge
     return calibration
 
 
+def same_quality_model(calibration: Calibration, fingerprints: Sequence[str | None]) -> bool:
+    """Whether the calibration was fitted on scores of the model known by ``fingerprints`` (True where it does not
+    say which model it was)."""
+    expected = calibration.quality_model_fingerprint
+    return expected is None or bool(set(calibration.quality_model_fingerprints) & {f for f in fingerprints if f})
+
+
+def forced(calibration: Calibration, fingerprint: str) -> Calibration:
+    """``calibration`` recording that it was attached to the model ``fingerprint`` although it was fitted on
+    another model's scores (``aikd calibrate --force``)."""
+    note = "attached with --force; its expected FNMR was not fitted on this model's scores"
+    info = {**calibration.info, "forced": {"attached_to": fingerprint,
+                                           "fitted_on": calibration.quality_model_fingerprint, "note": note}}
+    return Calibration(calibration.quality, calibration.fnmr, calibration.lower, calibration.upper, calibration.fmr,
+                       calibration.threshold, info)
+
+
 def check_quality_model(calibration: Calibration, fingerprints: Sequence[str | None], model: str) -> bool:
     """Warn when the quality model now scoring is not the one whose scores were calibrated; True if it matches
     (or cannot be told)."""
-    expected = calibration.quality_model_fingerprint
-    if expected is None or set(calibration.quality_model_fingerprints) & {f for f in fingerprints if f}:
+    if same_quality_model(calibration, fingerprints):
         return True
+    expected = calibration.quality_model_fingerprint
     log.warning("warning: the calibration was fitted on scores of another quality model (%s) than %s (%s): its "
                 "expected FNMR does not hold for these scores; calibrate this model", expected,
                 model, next((f for f in fingerprints if f), "unknown"))
@@ -680,10 +716,7 @@ def check_fr_model(calibration: Calibration, fr_model: str | os.PathLike) -> boo
 # ------------------------------------------------------------------------------------------------- plot
 def plot_reliability(calibration: Calibration, stem: str | os.PathLike) -> list[Path]:
     """Write ``stem``.png and .svg: the mapping with its band, and the held-out reliability diagram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot and no backend switch: the figure draws itself (Agg)
 
     stem = Path(stem)
     fig = Figure(figsize=(10, 4.4), layout="constrained")

@@ -191,14 +191,9 @@ def _suite_entry(model: str, dataset: str, entry: object, root: Path) -> Job:
 
 def load_suite(path: Path) -> tuple[list[Job], dict]:
     """Jobs and top-level settings of a suite file (format in the module docstring)."""
-    import yaml
+    from aikd.config import load_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read suite file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    data = load_yaml(path, "suite file")
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise ValueError(f"{path}: expected a mapping with 'models: {{FR model: {{dataset: ...}}}}'")
     unknown = set(data) - SUITE_KEYS
@@ -402,10 +397,7 @@ def _file_part(text: str) -> str:
 
 def plot_edc(outcome: Outcome, settings: Settings, fmr: float, mode: str, stem: Path) -> None:
     """Write ``stem``.png and .svg: FNMR against discard fraction per method, no-discard and oracle lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot and no backend switch: the figure draws itself (Agg)
 
     fig = Figure(figsize=(9.5, 4.8), layout="constrained")
     ax = fig.add_subplot()

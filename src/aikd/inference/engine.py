@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aikd.evaluation.metrics import l2_normalise
-from aikd.inference.onnx_format import OnnxSession, metadata_from_properties
+from aikd.inference.onnx_format import OnnxSession, check_aikd_operators, check_graph_input, metadata_from_properties
 from aikd.preprocessing import Preprocessing
 from aikd.runtime import PRECISIONS, PlainDevice, release_freed_memory, resolve_device
 
@@ -86,8 +86,8 @@ class InferenceOptions:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "onnxruntime" and self.precision != "fp32":
             raise ValueError("--backend onnxruntime runs fp32 only; drop --precision or use the torch backend")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size is not None and not 1 <= self.batch_size <= 65_536:
+            raise ValueError(f"--batch-size must be 1 to 65536, got {self.batch_size}")
 
     def batch_size_on(self, device: Any) -> int:
         """``batch_size``, or the default for ``device``."""
@@ -282,9 +282,13 @@ class OnnxEngine(Engine):
         source = source or ("<graph>" if in_memory else os.fspath(graph))
         self.device = device if isinstance(device, PlainDevice) else resolve_device(device, backend="onnxruntime")
         # From the file, not from its bytes, and the metadata from the session: onnxruntime then holds the one
-        # copy of the weights (reading the graph into Python first cost three copies: 1.7 GB for iResNet-100).
+        # copy of the weights (reading the graph into Python first cost three copies: docs/speed.md).
+        if not in_memory and not os.path.isfile(graph):
+            raise ValueError(f"{source}: no such file")
+        check_aikd_operators(graph, source)  # before running anything: a crafted graph can loop for ever
         self.session = OnnxSession(graph if in_memory else os.fspath(graph), self.device, source=source)
         metadata = metadata_from_properties(self.session.metadata(), source)
+        check_graph_input(self.session.session, metadata["preprocessing"], source)
         self.precision = metadata["precision"]  # fp32, or int8 for a graph from aikd.inference.quantize
         if self.precision == "int8":
             from aikd.inference.quantize import int8_warning

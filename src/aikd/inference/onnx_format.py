@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,17 +112,166 @@ def metadata_from_properties(props: Mapping[str, str], source: str) -> dict[str,
         raise ValueError(f"{source}: has no aikd metadata (not exported by aikd export); its preprocessing "
                          "is unknown")
     try:
-        return {"preprocessing": Preprocessing.from_dict(json.loads(props["aikd.preprocessing"])),
-                "alignment": json.loads(props.get("aikd.alignment", "null")),
-                "arch": props.get("aikd.arch") or None,
-                "outputs": json.loads(props.get("aikd.outputs", json.dumps(output_names(True)))),
-                "version": props.get("aikd.version"),
-                "fingerprint": props.get("aikd.fingerprint"),
-                "calibration": json.loads(props.get("aikd.calibration", "null")),
-                "precision": props.get("aikd.precision", "fp32"),
-                "int8": json.loads(props["aikd.int8"]) if "aikd.int8" in props else None}
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{source}: malformed aikd metadata ({err})") from None
+        metadata = {"preprocessing": Preprocessing.from_dict(json.loads(props["aikd.preprocessing"])),
+                    "alignment": json.loads(props.get("aikd.alignment", "null")),
+                    "arch": props.get("aikd.arch") or None,
+                    "outputs": json.loads(props.get("aikd.outputs", json.dumps(output_names(True)))),
+                    "version": props.get("aikd.version"),
+                    "fingerprint": props.get("aikd.fingerprint"),
+                    "calibration": json.loads(props.get("aikd.calibration", "null")),
+                    "precision": props.get("aikd.precision", "fp32"),
+                    "int8": json.loads(props["aikd.int8"]) if "aikd.int8" in props else None}
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
+        raise ValueError(f"{source}: malformed aikd metadata ({type(err).__name__}: {str(err)[:200]})") from None
+    if metadata["outputs"] not in (output_names(True), output_names(False)):
+        raise ValueError(f"{source}: malformed aikd metadata (aikd.outputs must be {output_names(True)} or "
+                         f"{output_names(False)})")
+    for key, kind in (("calibration", dict), ("int8", dict), ("alignment", dict)):
+        if metadata[key] is not None and not isinstance(metadata[key], kind):
+            raise ValueError(f"{source}: malformed aikd metadata (aikd.{key} must be a JSON object)")
+    if metadata["precision"] not in ("fp32", "int8"):
+        raise ValueError(f"{source}: malformed aikd metadata (aikd.precision must be fp32 or int8)")
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------- operators
+# The operators aikd's exports contain (every registered architecture, fp32 at opset 7-20, and int8 in QDQ or
+# QOperator form; tests/test_export.py checks the list covers them), plus a few stateless relatives other opsets
+# emit. No control flow (Loop, If, Scan: a crafted Loop ran for 10^15 iterations) and no custom operators: a graph
+# with anything else is not an aikd export and is refused before it runs.
+AIKD_OPERATORS = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "Div", "Erf", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "MatMul", "MaxPool", "Mul", "PRelu",
+    "Pad", "Pow", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt",
+    "Squeeze", "Sub", "Transpose", "Unsqueeze", "GlobalAveragePool", "LeakyRelu", "Tanh", "Neg", "Exp", "Abs",
+    "Max", "Min", "Expand", "Where", "Equal", "Range", "ReduceSum", "ReduceL2", "Dropout", "Gelu",
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+    "DynamicQuantizeLinear",
+})
+# onnxruntime's own quantised operators (QOperator int8 graphs).
+AIKD_MICROSOFT_OPERATORS = frozenset({
+    "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QGemm",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearReduceMean", "QLinearSoftmax",
+})
+
+
+def graph_operators(graph: str | os.PathLike | bytes) -> tuple[set[tuple[str, str]], bool]:
+    """The ``(domain, op_type)`` of every node of an ONNX model, and whether it has subgraphs or functions, read
+    from the protobuf wire format of the file (memory-mapped: the weights are skipped, never copied).
+
+    Raises:
+        ValueError: not a protobuf the walker can read (the caller's session load would fail too).
+    """
+    import mmap
+
+    if isinstance(graph, bytes):
+        return _scan_model(memoryview(graph))
+    with open(graph, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return _scan_model(view)
+            finally:
+                view.release()
+
+
+def _fields(data: memoryview, start: int, end: int) -> Any:
+    """``(field number, wire type, value start, value end)`` of each field of one protobuf message."""
+    position = start
+    while position < end:
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, after = _varint(data, position)
+        elif wire == 1:
+            after = position + 8
+        elif wire == 2:
+            size, position = _varint(data, position)
+            after = position + size
+        elif wire == 5:
+            after = position + 4
+        else:
+            raise ValueError(f"wire type {wire} at byte {position}")
+        if after > end:
+            raise ValueError(f"field {number} runs past its message at byte {position}")
+        yield number, wire, position, after
+        position = after
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
+def _scan_model(data: memoryview) -> tuple[set[tuple[str, str]], bool]:
+    operators: set[tuple[str, str]] = set()
+    nested = False
+    for number, wire, start, end in _fields(data, 0, len(data)):
+        if number == 7 and wire == 2:  # ModelProto.graph
+            nested |= _scan_graph(data, start, end, operators)
+        elif number == 25:  # ModelProto.functions
+            nested = True
+    return operators, nested
+
+
+def _scan_graph(data: memoryview, start: int, end: int, operators: set[tuple[str, str]]) -> bool:
+    nested = False
+    for number, wire, node_start, node_end in _fields(data, start, end):
+        if number != 1 or wire != 2:  # GraphProto.node; initializers and the rest are skipped
+            continue
+        op_type = domain = ""
+        for field, kind, value_start, value_end in _fields(data, node_start, node_end):
+            if field == 4 and kind == 2:
+                op_type = bytes(data[value_start:value_end]).decode("utf-8", "replace")
+            elif field == 7 and kind == 2:
+                domain = bytes(data[value_start:value_end]).decode("utf-8", "replace")
+            elif field == 5 and kind == 2:  # NodeProto.attribute: a graph-valued one is a subgraph
+                nested |= any(sub in (6, 11) for sub, _, _, _ in _fields(data, value_start, value_end))
+        operators.add((domain, op_type))
+    return nested
+
+
+def check_aikd_operators(graph: str | os.PathLike | bytes, source: str) -> None:
+    """Refuse a graph that holds an operator aikd's exports never contain (control flow, custom operators).
+
+    Raises:
+        ValueError: naming ``source`` and the first unknown operators.
+    """
+    try:
+        operators, nested = graph_operators(graph)
+    except ValueError as err:
+        raise ValueError(f"{source}: not an ONNX model ({err})") from None
+    unknown = sorted(f"{domain + '.' if domain else ''}{op}" for domain, op in operators
+                     if not (domain in ("", "ai.onnx") and op in AIKD_OPERATORS
+                             or domain == "com.microsoft" and op in AIKD_MICROSOFT_OPERATORS))
+    if unknown or nested:
+        what = f"operators aikd's exports never contain ({', '.join(unknown[:5])})" if unknown else \
+            "subgraphs or functions, which aikd's exports never contain"
+        raise ValueError(f"{source}: not an aikd export: it holds {what}; refused before running it")
+
+
+def check_graph_input(session: Any, preprocessing: Any, source: str) -> None:
+    """Refuse a graph whose input is not the ``image`` batch its metadata describes (its own shape decides)."""
+    inputs = session.get_inputs()
+    height, width = preprocessing.input_size
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or len(inputs[0].shape) != 4:
+        found = ", ".join(f"{item.name}{list(item.shape)}" for item in inputs)
+        raise ValueError(f"{source}: expects inputs {found}, not the one (N, 3, H, W) {INPUT_NAME!r} batch of an "
+                         "aikd export")
+    for axis, dim, want in zip(("channels", "height", "width"), inputs[0].shape[1:], (3, height, width),
+                               strict=True):
+        if isinstance(dim, int) and dim != want:
+            raise ValueError(f"{source}: its metadata says {axis} {want}, its graph takes {dim}; refused")
 
 
 class OnnxSession:
@@ -150,8 +301,8 @@ class OnnxSession:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # No memory arena: it keeps the largest batch's activations reserved for good (about 200 MB for an
-        # iResNet-100 at batch 32); plain allocation measured no slower here.
+        # No memory arena: it keeps the largest batch's activations reserved for good, and plain allocation
+        # measured no slower (docs/speed.md).
         options.enable_cpu_mem_arena = False
         cores = available_cores()
         self.halves = device.type == "cpu" and cores >= 2
@@ -164,7 +315,7 @@ class OnnxSession:
         except Exception as err:  # onnxruntime's own exception types: InvalidProtobuf, Fail, InvalidGraph...
             raise ValueError(f"{source}: not an ONNX model onnxruntime can run ({type(err).__name__}: "
                              f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue | None = None
 
     def metadata(self) -> dict[str, str]:
         """The graph's metadata properties (:func:`metadata_from_properties` parses aikd's)."""
@@ -174,11 +325,42 @@ class OnnxSession:
         return [output.name for output in self.session.get_outputs()]
 
     def run(self, faces: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for a contiguous float32 (N, C, H, W) batch."""
-        if not self.halves or len(faces) < 2:
-            return self.session.run(None, {INPUT_NAME: faces})
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(2, thread_name_prefix="aikd-onnxruntime")
-        halves = np.array_split(faces, 2)
-        outputs = list(self._pool.map(lambda half: self.session.run(None, {INPUT_NAME: half}), halves))
-        return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+        """The graph's outputs for a contiguous float32 (N, C, H, W) batch.
+
+        The work runs in daemon threads while the caller waits: an interrupt (Ctrl-C) or any exception in the
+        caller terminates the runs in flight (``RunOptions.terminate``), and the process never waits for them.
+        """
+        import onnxruntime as ort
+
+        parts = np.array_split(faces, 2) if self.halves and len(faces) >= 2 else [faces]
+        options = [ort.RunOptions() for _ in parts]
+        futures = [self._submit(part, option) for part, option in zip(parts, options, strict=True)]
+        try:
+            outputs = [future.result() for future in futures]
+        except BaseException:
+            for option in options:
+                option.terminate = True
+            raise
+        if len(outputs) == 1:
+            return outputs[0]
+        return [np.concatenate(pieces) for pieces in zip(*outputs, strict=True)]
+
+    def _submit(self, faces: np.ndarray, options: Any) -> Future:
+        """Run ``faces`` on one of this session's daemon workers (started on first use)."""
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            for index in range(2 if self.halves else 1):
+                threading.Thread(target=self._work, name=f"aikd-onnxruntime-{index}", daemon=True).start()
+        future: Future = Future()
+        self._jobs.put((faces, options, future))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            faces, options, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self.session.run(None, {INPUT_NAME: faces}, options))
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(err)

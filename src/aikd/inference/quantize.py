@@ -12,35 +12,28 @@ qualities (what a quality ranking depends on), the largest quality difference an
 cosine similarity. The figures go into the file's metadata (``aikd.precision`` = ``int8``, ``aikd.int8``), and
 ``aikd score`` with the file warns when the Spearman figure is below the bar the file records.
 
-Settings (:class:`QuantizeOptions`), chosen by measurement on dlib-r29 with a trained quality head (352 held-out
-faces, the figures in the README's speed section; ``bench/int8.py`` measures the chosen ones):
+Settings (:class:`QuantizeOptions`), each chosen by measurement on dlib-r29 with a trained quality head (the
+figures, and those of the alternatives: docs/export.md; ``bench/int8.py`` measures the chosen ones):
 
 - QDQ format (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into integer kernels), the format
-  onnxruntime recommends for CPUs; QOperator agreed the same (Spearman 0.9976) and ran slower here;
+  onnxruntime recommends for CPUs: QOperator agreed the same and ran slower;
 - the whole trunk and the embedding layer quantised (convolutions, residual additions, pooling, ``fc``): keeping
-  the additions and pooling fp32 as well measured Spearman 0.9964 and ran 1.4x slower (a quantise/dequantise
-  pair at every block boundary); the quality head (``/quality_head/*`` nodes) stays fp32: it is a tiny MLP and
-  numerically the most sensitive part (agreement 0.9976 kept fp32, 0.9973 quantised);
-- the convolution that reads the image is quantised too (``fp32_input_conv=False``): keeping it fp32 agrees better
-  (Spearman 0.9993 against 0.9979 on 440 faces of unseen identities) but scored 20 % slower end to end (1760
-  files, 10.0 s against 8.2 s): its output is then pooled in fp32 and changes layout twice before the int8 trunk;
+  the additions and pooling fp32 puts a quantise/dequantise pair at every block boundary, slower and no closer;
+  the quality head (``/quality_head/*`` nodes) stays fp32: a tiny MLP, numerically the most sensitive part;
+- the convolution that reads the image quantised too (``fp32_input_conv=False``): fp32 there agrees a little
+  better but scores slower end to end (its output is pooled in fp32 and changes layout twice);
 - uint8 activations, int8 weights per output channel, ``reduce_range`` (7-bit weights): on x86 CPUs without VNNI
   onnxruntime multiplies uint8 by int8 with ``vpmaddubsw``, whose 16-bit pairwise sums saturate with full-range
-  weights; measured on such a CPU (AVX2), full-range weights dropped the agreement to Spearman 0.902. 7-bit
-  weights cannot saturate there; uint8 weights (U8U8) agree best (0.9988) but run about half as fast; int8
-  activations (S8S8) agree the same and run slower. CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) accumulate in 32
-  bits, where the 7-bit weights cost a little resolution and no speed;
+  weights and wreck the agreement; 7-bit weights cannot saturate there. CPUs with VNNI (AVX512-VNNI, AVX-VNNI,
+  AMX) accumulate in 32 bits, where the 7-bit weights cost a little resolution and no speed;
 - calibration ``percentile`` (the 99.999th percentile of each activation's absolute values): as good as MinMax
-  and entropy on the demo student (0.9973-0.9979 whatever the method, from 48 or 352 calibration faces), and
-  better than MinMax on a quality head fitted to certainty labels (0.9961 against 0.9934 on 154 faces of unseen
-  identities, ``tests/test_quantize.py``'s model): a few outlier activations stretch MinMax's ranges.
+  and entropy on the demo student, better than MinMax where a few outlier activations stretch its ranges;
+- the calibration streamed in chunks of :data:`CALIBRATION_CHUNK` faces (onnxruntime holds a chunk's activations,
+  about 9 MB a face, never the folder's), faces decoded as they are needed (:class:`FaceFolder`).
 
-The agreement the command reports comes from the held-out quarter of the calibration folder. Calibration faces
-count: on the certainty-head model, calibrating on 77 faces instead of 116 lowered the agreement on unseen
-identities from 0.9958 to 0.9951, so three quarters calibrate. The held-out figure is then a rough one: on the
-demo student, 110 held-out faces gave 0.9942 where 440 faces of other identities gave 0.9981 (``bench/int8.py``).
-Give a few hundred faces, and read a warning from a small folder as "not shown to agree" rather than
-"disagrees".
+The agreement the command reports comes from the held-out quarter of the calibration folder: calibration faces
+count more (three quarters calibrate), so the held-out figure of a small folder is a rough one. Give a few hundred
+faces, and read a warning from a small folder as "not shown to agree" rather than "disagrees".
 
 Where the CPU lacks VNNI the int8 graph still runs and agrees as well, but gains less speed
 (:func:`aikd.runtime.cpu_has_vnni`); the fp32 ONNX graph and the torch engine remain the exact paths everywhere.
@@ -70,6 +63,8 @@ __all__ = [
     "SPEARMAN_BAR",
     "Agreement",
     "QuantizeOptions",
+    "FaceFolder",
+    "face_folder",
     "load_faces",
     "measure_agreement",
     "quantize_graph",
@@ -81,6 +76,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 MIN_FACES = 40  # fewer gives ranges from a handful of faces and a Spearman figure from a handful more
 SPEARMAN_BAR = 0.995  # int8 qualities below this rank agreement with fp32 are reported as a warning
 BATCH = 16  # faces per batch when measuring agreement
+CALIBRATION_CHUNK = 32  # faces whose activations onnxruntime holds at once while calibrating (~9 MB per face)
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ class QuantizeOptions:
     weights: str = "int8"
     fp32_nodes: tuple[str, ...] = ("/quality_head/",)
     fp32_input_conv: bool = False
-    held_out_fraction: float = 0.25  # calibration faces help more than held-out ones (measured, below)
+    held_out_fraction: float = 0.25  # calibration faces help more than held-out ones (docs/export.md)
     min_spearman: float = SPEARMAN_BAR
     seed: int = 0
 
@@ -149,21 +145,23 @@ class Agreement:
 
     Attributes:
         faces: how many faces were compared.
-        spearman: Spearman's rank correlation of the qualities.
+        spearman: Spearman's rank correlation of the qualities; ``None`` where it cannot be measured (the held-out
+            faces all got the same fp32 quality: identical images, or a constant model).
         max_quality_diff: largest |quality(int8) - quality(fp32)|.
         quality_range: max - min of the fp32 qualities, the scale of ``max_quality_diff``.
         min_embedding_cosine: smallest cosine similarity of an int8 embedding with its fp32 embedding.
     """
 
     faces: int
-    spearman: float
+    spearman: float | None
     max_quality_diff: float
     quality_range: float
     min_embedding_cosine: float
 
     def summary(self) -> str:
         """One line for the terminal."""
-        return (f"Spearman {self.spearman:.4f} over {self.faces} held-out faces, max |quality diff| "
+        figure = f"Spearman {self.spearman:.4f}" if self.spearman is not None else "Spearman not measurable"
+        return (f"{figure} over {self.faces} held-out faces, max |quality diff| "
                 f"{self.max_quality_diff:.3g} (fp32 qualities span {self.quality_range:.3g}), embedding cosine "
                 f">= {self.min_embedding_cosine:.4f}")
 
@@ -181,21 +179,46 @@ class QuantizeResult:
     @property
     def agrees(self) -> bool:
         """Whether the held-out Spearman figure reaches ``options.min_spearman``."""
-        return self.agreement.spearman >= self.options.min_spearman
+        return self.agreement.spearman is not None and self.agreement.spearman >= self.options.min_spearman
 
 
 # ------------------------------------------------------------------------------------------------ faces
-def load_faces(folder: str | os.PathLike, preprocessing: Any) -> tuple[list[str], np.ndarray]:
-    """Every image under ``folder`` as model input: (keys, float32 (N, 3, H, W)) by ``preprocessing``.
+class FaceFolder:
+    """The face crops of a folder as model input, decoded when asked for (one face, or a slice/index array as an
+    (N, 3, H, W) float32 batch): calibration and the agreement check hold a batch at a time, never the folder."""
+
+    def __init__(self, items: list[Any], preprocessing: Any) -> None:
+        self.items, self.preprocessing = items, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices: np.ndarray) -> FaceFolder:
+        return FaceFolder([self.items[i] for i in indices], self.preprocessing)
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        from aikd.images import ImageError, load_input
+
+        if isinstance(index, (int, np.integer)):
+            item = self.items[index]
+            try:
+                return self.preprocessing.normalise(load_input(item), channels_first=True)
+            except ImageError as err:
+                raise ValueError(f"--calibration-images: {item.path}: {err}") from None
+        chosen = range(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        return np.ascontiguousarray(np.stack([self[int(i)] for i in chosen]))
+
+
+def face_folder(folder: str | os.PathLike, preprocessing: Any) -> tuple[list[str], FaceFolder]:
+    """The images under ``folder`` as model input (keys, :class:`FaceFolder`) by ``preprocessing``, decoded lazily.
 
     The images should be face crops aligned for the model (``aikd align`` writes them); they are resized to the
     model's input size as they come.
 
     Raises:
-        ValueError: ``folder`` is not a folder, holds fewer than :data:`MIN_FACES` images, or an image in it
-            cannot be read (named).
+        ValueError: ``folder`` is not a folder, or holds fewer than :data:`MIN_FACES` images.
     """
-    from aikd.images import ImageError, collect_inputs, load_input
+    from aikd.images import collect_inputs
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -207,13 +230,17 @@ def load_faces(folder: str | os.PathLike, preprocessing: Any) -> tuple[list[str]
     if len(items) < MIN_FACES:
         raise ValueError(f"--calibration-images {folder}: {len(items)} image(s); int8 calibration needs at least "
                          f"{MIN_FACES} aligned face crops (a few hundred, of varied quality, work best)")
-    faces = []
-    for item in items:
-        try:
-            faces.append(preprocessing.normalise(load_input(item)))
-        except ImageError as err:
-            raise ValueError(f"--calibration-images: {item.path}: {err}") from None
-    return [item.key for item in items], np.ascontiguousarray(np.stack(faces).transpose(0, 3, 1, 2))
+    return [item.key for item in items], FaceFolder(items, preprocessing)
+
+
+def load_faces(folder: str | os.PathLike, preprocessing: Any) -> tuple[list[str], np.ndarray]:
+    """Every image under ``folder`` as model input, decoded now: (keys, float32 (N, 3, H, W)) (small sets, tests).
+
+    Raises:
+        ValueError: as :func:`face_folder`, or an image cannot be read (named).
+    """
+    keys, faces = face_folder(folder, preprocessing)
+    return keys, faces[:]
 
 
 def _split(count: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,25 +252,38 @@ def _split(count: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray,
 
 # --------------------------------------------------------------------------------------------- quantise
 class _Reader:
-    """onnxruntime's calibration data reader over an array of faces, one at a time: the histogram calibrators
-    stack the activations of all batches, so every batch must have the same size."""
+    """onnxruntime's calibration data reader over faces, one at a time (the histogram calibrators stack the
+    activations of every batch of a collection, so batches must have the same size), in ranges of
+    :data:`CALIBRATION_CHUNK` faces: onnxruntime collects each range's activations into its histograms and lets
+    them go (its ``CalibStridedMinMax`` loop), so memory stays flat in the number of faces. Its length is rounded up
+    to whole ranges (the loop wants that); only the last range is short, never empty."""
 
-    def __init__(self, faces: np.ndarray) -> None:
+    def __init__(self, faces: Any) -> None:
         self._faces = faces
-        self._batches: Iterator[dict[str, np.ndarray]] = self._make()
+        self._start, self._end = 0, len(faces)
+        self._next = 0
 
-    def _make(self) -> Iterator[dict[str, np.ndarray]]:
-        return ({INPUT_NAME: self._faces[i:i + 1]} for i in range(len(self._faces)))
+    def __len__(self) -> int:
+        return -(-len(self._faces) // CALIBRATION_CHUNK) * CALIBRATION_CHUNK
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._start, self._end = start_index, min(end_index, len(self._faces))
+        self._next = self._start
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        if self._next >= self._end:
+            return None
+        face = self._faces[self._next]
+        self._next += 1
+        return {INPUT_NAME: np.ascontiguousarray(face[None], dtype=np.float32)}
 
     def rewind(self) -> None:
-        self._batches = self._make()
+        self._next = self._start
 
 
-def quantize_graph(graph: bytes, faces: np.ndarray, options: QuantizeOptions) -> bytes:
-    """``graph`` (fp32 ONNX) statically quantised with ranges calibrated on ``faces`` (float32 NCHW model input).
+def quantize_graph(graph: bytes, faces: Any, options: QuantizeOptions) -> bytes:
+    """``graph`` (fp32 ONNX) statically quantised with ranges calibrated on ``faces`` (float32 NCHW model input: an
+    array, or a :class:`FaceFolder` decoded as it goes).
 
     The metadata of ``graph`` is kept as it is; :func:`quantize_onnx` adds the int8 record.
     """
@@ -265,7 +305,8 @@ def quantize_graph(graph: bytes, faces: np.ndarray, options: QuantizeOptions) ->
         "per_channel": options.per_channel, "reduce_range": options.reduce_range,
         "activation_type": types[options.activations], "weight_type": types[options.weights],
         "calibrate_method": methods[options.method],
-        "extra_options": {"CalibPercentile": options.percentile} if options.method == "percentile" else {},
+        "extra_options": {"CalibStridedMinMax": CALIBRATION_CHUNK,
+                          **({"CalibPercentile": options.percentile} if options.method == "percentile" else {})},
     }
     with tempfile.TemporaryDirectory(prefix="aikd-int8-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -297,13 +338,15 @@ def _run(graph: bytes, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
 
-def measure_agreement(fp32_graph: bytes, int8_graph: bytes, faces: np.ndarray) -> Agreement:
-    """The int8 graph's qualities and embeddings against the fp32 graph's on ``faces`` (float32 NCHW)."""
+def measure_agreement(fp32_graph: bytes, int8_graph: bytes, faces: Any) -> Agreement:
+    """The int8 graph's qualities and embeddings against the fp32 graph's on ``faces`` (float32 NCHW: an array or a
+    :class:`FaceFolder`, read a batch at a time)."""
     fp32_embedding, fp32_quality = _run(fp32_graph, faces)
     int8_embedding, int8_quality = _run(int8_graph, faces)
     norms = np.linalg.norm(fp32_embedding, axis=1) * np.linalg.norm(int8_embedding, axis=1)
     cosine = (fp32_embedding * int8_embedding).sum(axis=1) / np.maximum(norms, 1e-12)
-    return Agreement(faces=len(faces), spearman=round(spearman(int8_quality, fp32_quality), 6),
+    rank = spearman(int8_quality, fp32_quality)
+    return Agreement(faces=len(faces), spearman=round(rank, 6) if np.isfinite(rank) else None,
                      max_quality_diff=float(np.abs(int8_quality - fp32_quality).max()),
                      quality_range=float(np.ptp(fp32_quality)), min_embedding_cosine=float(cosine.min()))
 
@@ -328,10 +371,10 @@ def quantize_onnx(graph: bytes, folder: str | os.PathLike, options: QuantizeOpti
     if "quality" not in metadata["outputs"]:
         raise ValueError(f"{source}: has no quality output (a bare backbone); int8 agreement is measured on "
                          "qualities")
-    keys, faces = load_faces(folder, metadata["preprocessing"])
+    keys, faces = face_folder(folder, metadata["preprocessing"])
     calibration, held_out = _split(len(faces), options.held_out_fraction, options.seed)
-    quantised = quantize_graph(graph, faces[calibration], options)
-    agreement = measure_agreement(graph, quantised, faces[held_out])
+    quantised = quantize_graph(graph, faces.subset(calibration), options)
+    agreement = measure_agreement(graph, quantised, faces.subset(held_out))
     record = {"calibration_faces": int(len(calibration)), "agreement": asdict(agreement),
               "settings": options.record()}
     return QuantizeResult(_with_int8_record(quantised, record), agreement, int(len(calibration)), options,
@@ -339,15 +382,20 @@ def quantize_onnx(graph: bytes, folder: str | os.PathLike, options: QuantizeOpti
 
 
 def _with_int8_record(graph: bytes, record: dict[str, Any]) -> bytes:
-    return with_metadata(graph, {"aikd.precision": "int8", "aikd.int8": json.dumps(record)}, keep_others=True)
+    text = json.dumps(record, allow_nan=False)  # valid JSON: an unmeasurable figure is null, never NaN
+    return with_metadata(graph, {"aikd.precision": "int8", "aikd.int8": text}, keep_others=True)
 
 
 def int8_warning(metadata: dict[str, Any], source: str) -> str | None:
     """The warning an int8 file's record calls for (Spearman below its bar), else ``None``."""
     record = metadata.get("int8") or {}
-    figure = (record.get("agreement") or {}).get("spearman")
+    agreement = record.get("agreement") or {}
+    figure = agreement.get("spearman")
     bar = (record.get("settings") or {}).get("min_spearman", SPEARMAN_BAR)
-    if figure is None or figure >= bar:
+    if figure is None and "spearman" in agreement:
+        return (f"{source}: the agreement of its int8 qualities with fp32 could not be measured (the held-out "
+                "calibration faces all got the same quality); calibrate on varied faces")
+    if not isinstance(figure, (int, float)) or figure >= bar:
         return None
     return (f"{source}: int8 qualities rank faces with Spearman {figure:.4f} against fp32 (measured on "
             f"{record['agreement'].get('faces', '?')} held-out calibration faces), below {bar}; use the fp32 "

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from aikd.io import atomic_write
+from aikd.io import atomic_write, check_archive
 from aikd.models.batchnorm_statistics import calibrate_batchnorm
 from aikd.models.dlib_format import is_dlib_network, network_state, read_dlib_network
 from aikd.models.dlib_resnet import shipped_weights
@@ -223,6 +223,7 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
+    check_archive(path, "checkpoint")  # declared sizes first: a deflated member could inflate to gigabytes
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": irrelevant to a refusal or a success
             warnings.simplefilter("ignore", UserWarning)
@@ -488,7 +489,7 @@ def _load_strictly(module: nn.Module, state: StateDict, source: str, arch: str,
 
 def _non_finite(state: StateDict) -> list[str]:
     """Keys of floating tensors holding NaN or inf. One fused norm over all tensors first (a few hundred
-    separate checks cost seconds on a busy CPU); a non-finite norm is then confirmed element-wise (a norm can
+    separate checks are slow on a busy CPU); a non-finite norm is then confirmed element-wise (a norm can
     overflow where no element does)."""
     keys = [key for key, value in state.items() if value.is_floating_point() and value.numel()]
     if not keys:
@@ -511,8 +512,9 @@ class _SkipInitOnMeta(TorchFunctionMode):
     """Skip random initialisation of meta tensors while a module whose every tensor a file will replace is built.
 
     On the meta device initialisers only cost time (the first ``normal_`` there runs torch's Python reference
-    kernels: about 2 s of start-up for iResNet-100). A torch-function mode is per thread, so only the thread that
-    loads is affected: a module another thread builds meanwhile is initialised as usual, and nothing is patched.
+    kernels: most of a large model's start-up, docs/speed.md). A torch-function mode is per thread, so only the
+    thread that loads is affected: a module another thread builds meanwhile is initialised as usual, and nothing is
+    patched.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

@@ -180,6 +180,7 @@ class _Reader:
             raise self.fail(f"expected {what}, found non-ASCII bytes", start) from None
 
     def floating(self, what: str = "a float") -> float:
+        start = self.position
         mantissa = self.integer(f"{what} (mantissa)")
         exponent = self.integer(f"{what} (exponent)")
         if exponent == _INF:
@@ -188,7 +189,10 @@ class _Reader:
             return -math.inf
         if exponent == _NAN:
             return math.nan
-        return math.ldexp(float(mantissa), exponent)
+        try:
+            return math.ldexp(float(mantissa), exponent)
+        except OverflowError:  # dlib writes floats a double holds: a larger one is a damaged file
+            raise self.fail(f"{what} of {mantissa} x 2^{exponent} is beyond a double's range", start) from None
 
     def shape(self, version: int, what: str) -> tuple[int, int, int, int]:
         start = self.position

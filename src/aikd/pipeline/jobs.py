@@ -43,6 +43,7 @@ __all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOption
            "finish_job", "finish_sharded", "read_journal", "run_job"]
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_BATCH, MAX_WORKERS = 65_536, 256  # bounds of what a user may ask for (a batch is held in memory)
 
 
 @dataclass
@@ -91,10 +92,10 @@ class JobOptions:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"--batch-size must be 1 to {MAX_BATCH}, got {self.batch_size}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be 0 to {MAX_WORKERS}, got {self.workers}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aikd.runtime import Distributed
 
-__all__ = ["MAX_OUTPUT_NAME", "OutputLock", "check_output", "check_output_path", "check_plain_file", "check_same_job",
-           "check_side_output", "claimed_output",
+__all__ = ["MAX_OUTPUT_NAME", "OutputLock", "check_new_file", "check_output", "check_output_path", "check_plain_file",
+           "check_same_job", "check_side_output", "claimed_files", "claimed_output",
            "errors_path", "journal_dir", "read_run_record", "record_path", "settings_path"]
 
 
@@ -39,18 +39,21 @@ def journal_dir(output: Path) -> Path:
     return output.with_name(f"{output.name}.partial")
 
 
-def check_output(output: Path, resume: bool, overwrite: bool) -> None:
+def check_output(output: Path, resume: bool, overwrite: bool, remove_empty_journal: bool = True) -> None:
     """Refuse to silently replace a finished output or an interrupted run's journal, or a path that is not a
-    plain output (a device, a link)."""
+    plain output (a device, a link). Under the output's lock (``remove_empty_journal``) a journal without a
+    result is removed and, with ``--overwrite``, any journal."""
     partial = journal_dir(output)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
-    if partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl")):
+    empty = partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl"))
+    if empty and remove_empty_journal:
         shutil.rmtree(partial, ignore_errors=True)  # a run that stopped before its first result: nothing to keep
     check_plain_file(output)
     if overwrite:
-        shutil.rmtree(partial, ignore_errors=True)
-    elif not resume and partial.exists():
+        if remove_empty_journal:
+            shutil.rmtree(partial, ignore_errors=True)
+    elif not resume and partial.exists() and not empty:
         raise ValueError(f"{output}: an interrupted run left its journal {partial}; pass --resume to continue "
                          "it or --overwrite to start over")
     elif not resume and output.exists():
@@ -185,6 +188,34 @@ def check_side_output(path: Path, option: str, resume: bool, overwrite: bool, in
         raise ValueError(f"{option} {path} exists; pass --resume to continue or --overwrite to start over")
 
 
+def check_new_file(path: Path, option: str, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
+    """The output policy for a file a command writes whole (no journal, no ``--resume``): never an input, never a
+    link or a special file, and an existing one replaced only with ``--overwrite``."""
+    check_output_path(path, inputs, option)
+    check_plain_file(path, option)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def claimed_files(files: Sequence[tuple[str, Path]], overwrite: bool = False,
+                  inputs: Sequence[Path | str] = ()) -> Iterator[OutputLock]:
+    """Claim the files a command writes whole (``(option, path)``; the first is the main output): every one
+    passes :func:`check_new_file` before anything is created (a refusal leaves nothing behind, not even a lock
+    file), then the main output is locked and the checks are made again under the lock."""
+    for option, path in files:
+        check_new_file(path, option, overwrite, inputs)
+    lock = OutputLock(files[0][1])
+    try:
+        for option, path in files:
+            check_new_file(path, option, overwrite, inputs)
+        yield lock
+    finally:
+        lock.release()
+
+
 @contextlib.contextmanager
 def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = False, overwrite: bool = False,
                    dist: Distributed | None = None, inputs: Sequence[Path | str] = (),
@@ -200,7 +231,7 @@ def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = Fal
     """
     claimed: list[OutputLock] = []
 
-    def claim() -> None:
+    def check() -> None:
         check_output_path(output, inputs)
         for side in (errors_path(output), record_path(output)):
             check_output_path(side, inputs, "-o")
@@ -209,8 +240,15 @@ def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = Fal
             if path.resolve() in {output.resolve(), errors_path(output).resolve(), record_path(output).resolve()}:
                 raise ValueError(f"{option} must name a different file than -o/--output and its side files")
             check_side_output(path, option, resume, overwrite, inputs)
+        check_output(output, resume, overwrite, remove_empty_journal=False)
+        if resume:
+            check_same_job(output, settings)
+
+    def claim() -> None:
+        check()  # before the lock file exists: a refused output leaves nothing behind
         lock = OutputLock(output)
         try:
+            check()  # again under the lock: another run may have started in between
             check_output(output, resume, overwrite)
             if resume:
                 check_same_job(output, settings)
