@@ -14,7 +14,8 @@
 #   .gpu/*.whl        wheels to install first, if any (pip --no-index --no-deps into /tmp/site).
 # Each step has its own time limit and the whole run a budget (GPU_CHECK_BUDGET seconds, default 500): a step that
 # fails or runs out of time is recorded and the next one runs. GPU_CHECK_STEPS (comma-separated, default all:
-# env,tests,score,models,train,evaluate,compile) runs a subset, e.g. for a rerun of what failed.
+# env,tests,score,models,train,evaluate,compile) runs a subset, e.g. for a rerun of what failed; GPU_TEST_FILTER
+# (pytest -k), GPU_SCORE_VARIANTS (empty: none) and GPU_SCORE_LIMIT (seconds) narrow the tests and the scoring.
 # $OUT gets: gpu_check.log (everything), gpu.json (every figure), gpu_table.md (the README table), junit.xml and
 # figures.jsonl (the tests' results and measured figures).
 set -u -o pipefail
@@ -101,8 +102,10 @@ else
     mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
     PYTEST_ARGS=(-m gpu "${GPU_TESTS[@]}" -p no:cacheprovider -v -rA --durations 12 --junitxml "$WORK/junit.xml")
     "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_ARGS+=(--timeout 100)
+    [[ -n "${GPU_TEST_FILTER:-}" ]] && PYTEST_ARGS+=(-k "$GPU_TEST_FILTER")
     AIKD_GPU_FIGURES="$WORK/figures.jsonl" step tests 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
-    step score 170 "$PY" bench/gpu_score.py --json "$WORK/score.json" --variants bf16:6:256,bf16:14:512
+    step score "${GPU_SCORE_LIMIT:-170}" "$PY" bench/gpu_score.py --json "$WORK/score.json" \
+        --variants "${GPU_SCORE_VARIANTS-bf16:6:256,bf16:14:512}"
     step models 90 "$PY" bench/gpu_models.py
     step train 90 "$PY" bench/train.py --arch r100 --batch 64 --device cuda --regions paper,trunk --warmup 2 \
         --repeats 5

@@ -298,3 +298,22 @@ def test_two_gloo_ranks_merge_in_input_order(tmp_path, tiny_checkpoint, face_fol
     assert emb_keys == good
     np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
     assert "scored 6 of 10 images" in results[0][1] and "scored" not in results[1][1]  # only rank 0 writes
+
+
+def test_decode_processes_give_the_scores_of_decode_threads(tmp_path, tiny_checkpoint, face_folder):
+    """A GPU run decodes in processes (no shared interpreter lock); the scores are those of threads, to the bit,
+    as they come and aligned by landmarks; detection, whose detectors are not copied into processes, says so."""
+    folder, good, _ = face_folder
+    landmarks = tmp_path / "lm.csv"
+    points = (ARCFACE_TEMPLATE * 0.9 + 4).ravel().tolist()
+    write_csv(landmarks, ["path"] + [f"{axis}{i}" for i in range(1, 6) for axis in "xy"],
+              [[key, *points] for key in good])
+    for crop in ([], ["--landmarks", str(landmarks)]):
+        outputs = {}
+        for mode in ("threads", "processes"):
+            outputs[mode] = tmp_path / f"{mode}{len(crop)}.csv"
+            assert main(["score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(outputs[mode]),
+                         "--device", "cpu", "--workers", "2", "--decode", mode, *crop]) == 1
+        assert outputs["threads"].read_bytes() == outputs["processes"].read_bytes()
+    assert main(["score", str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "d.csv"),
+                 "--device", "cpu", "--decode", "processes", "--detect"]) == 2

@@ -196,3 +196,19 @@ def test_trains_on_image_files_with_loader_workers(tmp_path, capsys):
     assert report["usable"] == len(names) and report["counts"] == {}
     assert [r["step"] for r in _records(run_dir, "val")] == [1, 2]  # one step per epoch: validate after each
     assert load_quality_model(run_dir / "best.pt").arch == "tiny"
+
+
+def test_deterministic_kernels_are_scoped_to_the_run(tiny_train_config, tmp_path):
+    """train.deterministic switches torch to deterministic kernels for the run and restores the settings after."""
+    import os
+
+    import torch
+
+    from aikd.training.train import train
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    result = train(tiny_train_config("train.deterministic=true", "train.epochs=1"), tmp_path / "run")
+    assert result.status == "done"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before

@@ -50,6 +50,7 @@ __all__ = [
     "cpu_has_bf16",
     "cpu_has_vnni",
     "describe_cpu",
+    "deterministic_algorithms",
     "distributed",
     "join_torchrun",
     "release_freed_memory",
@@ -255,6 +256,36 @@ def use_fastest_convolutions() -> None:
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Deterministic GPU kernels for the ``with`` block (``train.deterministic``), the settings restored after.
+
+    cuDNN picks among convolution algorithms, some of which add in a varying order, and cuBLAS needs a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``) to repeat its sums: without both, two identical training runs on one
+    GPU drift apart within steps. Operations without a deterministic kernel warn rather than fail.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
 
 
 def seed_everything(seed: int) -> None:

@@ -74,6 +74,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
     group.add_argument("--workers", type=count(0, 256), default=DEFAULT_WORKERS,
                        help="threads decoding and preparing images ahead of the model (and detecting faces); "
                             "0 does everything in the main thread (default: %(default)s)")
+    group.add_argument("--decode", choices=("auto", "threads", "processes"), default="auto",
+                       help="decode workers as threads, or as processes (no shared interpreter lock: for a model on "
+                            "a GPU that waits for the CPU); auto: processes when the model runs on a GPU "
+                            "(default: %(default)s)")
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted or finished run: skip images already done, retry failed ones")
     group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
@@ -82,7 +86,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
 
 def job_options(args: argparse.Namespace) -> JobOptions:
     """The :class:`JobOptions` of :func:`add_job_arguments`."""
-    return JobOptions(args.batch_size, args.workers, args.resume, args.overwrite)
+    return JobOptions(args.batch_size, args.workers, args.resume, args.overwrite, getattr(args, "decode", "auto"))
 
 
 def add_crop_arguments(parser: argparse.ArgumentParser, alignment_required: bool = False) -> None:

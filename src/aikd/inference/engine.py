@@ -233,6 +233,7 @@ class TorchEngine(Engine):
             prepared = copy.deepcopy(model).eval()
         prepared.requires_grad_(False)
         self.channels_last = options.channels_last
+        self._pinned: torch.Tensor | None = None  # the page-locked host buffer of CUDA transfers
         self.model = prepared.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -253,12 +254,19 @@ class TorchEngine(Engine):
     def _to_device(self, faces: np.ndarray) -> torch.Tensor:
         import torch
 
-        tensor = torch.from_numpy(faces).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
+        host = torch.from_numpy(faces)
+        if self.device.type == "cuda":
+            # Through one page-locked buffer, reused: pinning a new one for every batch costs more than the copy.
+            # Reusing it is safe: run() ends with the results copied back, after the transfer has completed.
+            if self._pinned is None or self._pinned.numel() < host.numel():
+                self._pinned = torch.empty(host.numel(), dtype=host.dtype, pin_memory=True)
+            pinned = self._pinned[:host.numel()].view(host.shape)
+            pinned.copy_(host)
+            host = pinned
+        tensor = host.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
         if not self.channels_last:
             tensor = tensor.contiguous()
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return tensor.to(self.device, non_blocking=True) if self.device.type == "cuda" else tensor
 
 
 class OnnxEngine(Engine):

@@ -225,8 +225,13 @@ def fold_batchnorm(model: nn.Module, consume: bool = False) -> nn.Module:
             peak memory of folding is then one set of weights, not two. Otherwise ``model`` is untouched.
 
     Returns:
-        A new module in eval mode giving the same outputs as ``model.eval()`` up to float rounding.
+        A new module in eval mode giving the same outputs as ``model.eval()`` up to float rounding, on the device
+        ``model`` is on.
     """
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    if device.type != "cpu":  # fold on the CPU (float64, exactly as there), then back: a GPU model too
+        source = model if consume else copy.deepcopy(model)
+        return fold_batchnorm(source.cpu(), consume=True).to(device)
     if isinstance(model, QualityModel):
         backbone = fold_batchnorm(model.feature_extractor, consume)
         head = model.quality_head if consume else copy.deepcopy(model.quality_head)

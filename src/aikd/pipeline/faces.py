@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from aikd.images import ImageInput
 from aikd.inference.engine import Engine
 from aikd.pipeline.crops import CropOptions, FaceCrop, FaceCropper
 
-__all__ = ["FacePipeline", "PreparedFace", "ScoredFace"]
+__all__ = ["FacePipeline", "FilePreparer", "PreparedFace", "ScoredFace"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,19 @@ class ScoredFace:
     crop: FaceCrop
     quality: float | None
     embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class FilePreparer:
+    """The file pipeline's crop-and-preprocess step without the model (:meth:`FacePipeline.prepare_one`'s
+    arithmetic): picklable where the crop needs no detector, so decode processes can run it."""
+
+    cropper: FaceCropper
+    preprocessing: Any
+    channels_first: bool
+
+    def __call__(self, image: np.ndarray, item: ImageInput) -> np.ndarray:
+        return self.preprocessing.normalise(self.cropper(image, item), channels_first=self.channels_first)
 
 
 class FacePipeline:
@@ -76,6 +90,13 @@ class FacePipeline:
             ValueError: no face found, or no landmarks for it (the reason goes to the errors file).
         """
         return self.engine.prepare(self.cropper(image, item))
+
+    def file_preparer(self) -> FilePreparer | None:
+        """:meth:`prepare_one` as a picklable step for decode processes; ``None`` with detection (a detector
+        session is no thing to copy into another process)."""
+        if self.cropper.options.mode == "detect":
+            return None
+        return FilePreparer(self.cropper, self.engine.preprocessing, self.engine.channels_first)
 
     def infer(self, faces: Sequence[PreparedFace]) -> list[ScoredFace]:
         """One forward pass over ``faces`` (of any images)."""

@@ -73,6 +73,21 @@ class FileTask(Protocol):
         """Write the output (and side outputs) from the images that succeeded, in input order."""
 
 
+def _process_preparer(task: FileTask, job: JobOptions, dist: Distributed) -> Any:
+    """The task's picklable prepare step when images are to be decoded in processes (``job.decode``), else
+    ``None``: threads."""
+    preparer = getattr(task, "preparer", None)
+    wanted = job.decode == "processes" or (job.decode == "auto" and getattr(dist.device, "type", "cpu") == "cuda")
+    if not wanted or job.workers <= 0:
+        return None
+    if preparer is None:
+        if job.decode == "processes":
+            raise ValueError("--decode processes: this command decodes in threads only (with --detect, or for "
+                             f"{task.desc}); drop the option or use --decode threads")
+        return None
+    return preparer
+
+
 TaskBuilder = Callable[["Distributed"], FileTask]  # builds the task (loads its model) on this rank's device
 
 
@@ -105,8 +120,10 @@ def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build:
                             side_outputs=task.side_outputs()):
             results = {}
             if task.reads_images:
+                preparer = _process_preparer(task, job, dist)
                 results = run_job(items, task.process, output, batch_size=task.batch_size, workers=job.workers,
-                                  resume=job.resume, prepare=task.prepare, rank=dist.rank,
-                                  world_size=dist.world_size, load_previous=task.load_previous, desc=task.desc)
+                                  resume=job.resume, prepare=preparer or task.prepare, rank=dist.rank,
+                                  world_size=dist.world_size, load_previous=task.load_previous, desc=task.desc,
+                                  processes=preparer is not None)
             task.after_pass(dist)
             return finish_sharded(dist, items, results, output, task.write, verb=task.verb, before_write=task.finish)

@@ -16,15 +16,11 @@ unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from aikd.images import MAX_PIXELS, ImageError, ImageInput, input_pixels, load_input
+from aikd.images import ImageInput
 from aikd.io import atomic_write, write_csv
+from aikd.pipeline.decoding import Prepare, decoded
 from aikd.pipeline.outputs import errors_path, journal_dir, record_path, settings_path
 
 if TYPE_CHECKING:  # jobs stay torch-free: detect and align never load torch
@@ -44,6 +41,7 @@ __all__ = ["EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "ItemResult", "JobOption
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_BATCH, MAX_WORKERS = 65_536, 256  # bounds of what a user may ask for (a batch is held in memory)
+DECODE_MODES = ("auto", "threads", "processes")
 
 
 @dataclass
@@ -84,12 +82,15 @@ class JobOptions:
         workers: threads decoding and preparing images ahead of the model; 0: the main thread does everything.
         resume: continue an interrupted or finished run, skipping images already done.
         overwrite: start over, replacing existing outputs.
+        decode: ``threads``, ``processes`` (workers are processes: no shared GIL, for a model on a GPU that waits
+            for the CPU), or ``auto``: processes where the model runs on a GPU and the task can run in them.
     """
 
     batch_size: int | None = 32
     workers: int = 2
     resume: bool = False
     overwrite: bool = False
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH:
@@ -98,6 +99,8 @@ class JobOptions:
             raise ValueError(f"--workers must be 0 to {MAX_WORKERS}, got {self.workers}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
 
 # ------------------------------------------------------------------------------------------------ journal
@@ -178,67 +181,6 @@ def read_journal(output: Path) -> dict[str, ItemResult]:
     return results
 
 
-# ----------------------------------------------------------------------------------------------- decoding
-Prepare = Callable[[np.ndarray, ImageInput], np.ndarray]
-
-
-class PixelBudget:
-    """Decoded pixels held at once by the decode threads, bounded: memory stays near ``limit`` x 3 bytes (plus
-    the decoder's working copies) however many large photos the workers meet together. An image larger than
-    the whole budget is decoded alone."""
-
-    def __init__(self, limit: int = MAX_PIXELS) -> None:
-        self.limit, self.used = int(limit), 0
-        self._changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        pixels = min(max(int(pixels), 0), self.limit)
-        with self._changed:
-            self._changed.wait_for(lambda: self.used + pixels <= self.limit)
-            self.used += pixels
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.used -= pixels
-                self._changed.notify_all()
-
-
-def _load(item: ImageInput, prepare: Prepare | None, budget: PixelBudget | None = None
-          ) -> tuple[np.ndarray | None, str | None]:
-    try:
-        with budget.hold(input_pixels(item)) if budget is not None else contextlib.nullcontext():
-            image = load_input(item)
-            return (prepare(image, item) if prepare else image), None  # prepared faces are small
-    except (ImageError, ValueError) as err:
-        return None, str(err)
-
-
-def _decoded(items: Iterable[ImageInput], prepare: Prepare | None, workers: int, window: int
-             ) -> Iterator[tuple[ImageInput, np.ndarray | None, str | None]]:
-    """Decode in ``workers`` threads (PIL and OpenCV release the GIL), at most ``window`` ahead, in order,
-    within one :class:`PixelBudget`."""
-    if workers <= 0:
-        for item in items:
-            yield (item, *_load(item, prepare))
-        return
-    budget = PixelBudget()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aikd-decode") as pool:
-        pending: deque[tuple[ImageInput, Future]] = deque()
-        source = iter(items)
-        for item in source:
-            pending.append((item, pool.submit(_load, item, prepare, budget)))
-            if len(pending) >= window:
-                break
-        while pending:
-            item, future = pending.popleft()
-            following = next(source, None)
-            if following is not None:
-                pending.append((following, pool.submit(_load, following, prepare, budget)))
-            yield (item, *future.result())
-
-
 # -------------------------------------------------------------------------------------------- the runner
 def run_job(
     items: Sequence[ImageInput],
@@ -253,8 +195,12 @@ def run_job(
     world_size: int = 1,
     load_previous: Callable[[Path], dict[str, ItemResult]] | None = None,
     desc: str = "images",
+    processes: bool = False,
 ) -> dict[str, ItemResult]:
     """Process every input not done yet, recording results in the journal; returns all results so far.
+
+    ``processes``: decode in ``workers`` processes rather than threads (``prepare`` must then be picklable;
+    :func:`aikd.pipeline.decoding.decoded`).
 
     Under torchrun each rank takes inputs ``rank, rank + world_size, ...``; rank 0 then merges everything
     with :func:`read_journal` after a barrier and calls :func:`finish_job`.
@@ -288,7 +234,8 @@ def run_job(
             batch_items.clear()
             failed.clear()
 
-        for item, image, error in _decoded(todo, prepare, workers, window=max(2 * batch_size, 4 * workers)):
+        for item, image, error in decoded(todo, prepare, workers, window=max(2 * batch_size, 4 * workers),
+                                          processes=processes):
             if error is not None:
                 failed.append((item.key, ItemResult(error=error)))
             else:

@@ -69,6 +69,7 @@ class ScoreTask:
         if self.calibration is not None and options.format == "pickle":
             raise ValueError("--calibration adds columns the official pickle cannot hold: write CSV or JSONL")
         self.pipeline = FacePipeline(engine, crop, workers, items)
+        self.preparer = self.pipeline.file_preparer()  # for decode processes (a GPU run)
         self.batch_size = inference.batch_size_on(dist.device)
 
     def _calibration(self, engine: Any) -> Any:

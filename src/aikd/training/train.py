@@ -58,7 +58,14 @@ from aikd.io import atomic_write, write_csv
 from aikd.models import read_checkpoint, save_checkpoint
 from aikd.models.batchnorm import synchronise_batchnorm
 from aikd.models.forward import quality_forward
-from aikd.runtime import Distributed, autocast_dtype, join_torchrun, resolve_device, seed_everything
+from aikd.runtime import (
+    Distributed,
+    autocast_dtype,
+    deterministic_algorithms,
+    join_torchrun,
+    resolve_device,
+    seed_everything,
+)
 from aikd.training.data import (
     VAL_STREAM,
     DataConfig,
@@ -156,6 +163,9 @@ class LoopConfig:
                                                                    "at the end)"})
     log_every: int = field(default=10, metadata={"help": "steps per metrics.jsonl record and progress update"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and misalignment noise"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "deterministic GPU kernels (cuDNN, cuBLAS): two runs, or a run and its resume, end bit for bit alike "
+                "on one GPU, somewhat slower; the CPU is deterministic either way"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (torchrun: the local GPU)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (rank 0)"})
     tensorboard: bool = field(default=True, metadata={"help": "also log to RUN_DIR/tensorboard when installed"})
@@ -746,6 +756,7 @@ def train(
         print(f"aikd train: {len(trainer.train_set)} training / {len(trainer.val_set)} validation faces, "
               f"{trainer.plan.total_steps} steps of {config.data.batch_size} x {dist.world_size}, "
               f"device {dist.device}, amp {str(trainer.amp_dtype or 'off').replace('torch.', '')}", file=sys.stderr)
-    status = trainer.fit(stop_after)
+    with deterministic_algorithms(config.train.deterministic):
+        status = trainer.fit(stop_after)
     return TrainResult(status, trainer.step, trainer.plan.total_steps, trainer.best, trainer.task, run_dir, dist.rank,
                        trainer.nonfinite_steps)
