@@ -75,7 +75,7 @@ EXIT_CODES = """exit status:
 
 EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
 # Commands that decode photos in several threads.
-DECODING_COMMANDS = frozenset({"detect", "align", "label", "score", "embed", "export", "demo"})
+DECODING_COMMANDS = frozenset({"detect", "align", "label", "score", "embed", "export", "demo", "serve"})
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:

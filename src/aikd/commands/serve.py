@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
-    from aikd.images import use_large_image_blocks
     from aikd.service.app import create_app
 
     options = service_options(args)
@@ -106,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
         use_fastest_convolutions()
         if options.batching.model_threads > 1:  # the cores shared by the passes that run at once
             torch.set_num_threads(max(1, available_cores() // options.batching.model_threads))
-    use_large_image_blocks()
     app = create_app(options)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", server_header=False,
                             timeout_graceful_shutdown=int(options.limits.request_timeout_s) + 5)
