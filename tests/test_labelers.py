@@ -239,7 +239,7 @@ def test_label_resume_labels_only_new_images(identity_folder, tmp_path, monkeypa
     monkeypatch.setattr(SerFiq, "label_batch", counting)
     assert main(args) == 2  # exists
     assert main([*args, "--resume"]) == 0
-    assert seen == ["id2/new.png"]
+    assert set(seen) == {"id2/new.png"}  # (its pass padded to the compute batch with copies of it)
     second = read_labels(output).as_dict()
     assert {key: second[key] for key in first} == first and len(second) == 6
 

@@ -118,6 +118,7 @@ class CertaintyRatio(Labeler):
     """
 
     name = "certainty"
+    Options = CertaintyOptions
     columns = ("identity", "ccs", "nnccs")
     set_pass = True
 

@@ -79,6 +79,7 @@ class ImportedLabels(Labeler):
     """
 
     name = "import"
+    Options = ImportOptions
     needs_images = False
     needs_model = False
     set_pass = True

@@ -33,7 +33,6 @@ be passed in, which is how the tests compare against a plain loop of full forwar
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aikd.labelers.base import BatchLabels, Labeler
+from aikd.labelers.base import BatchLabels, Labeler, image_generator
 
 __all__ = ["SerFiq", "SerFiqOptions", "dropout_masks", "mean_pairwise_distance", "serfiq_quality"]
 
@@ -78,12 +77,6 @@ class SerFiqOptions:
             raise ValueError(f"--rescale-alpha and --rescale-r must be finite, got {self.alpha}, {self.r}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
-
-
-def image_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by ``(seed, CRC-32 of key)`` alone."""
-    state = np.random.SeedSequence([seed, zlib.crc32(key.encode("utf-8"))]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def dropout_masks(keys: Sequence[str], features: int, options: SerFiqOptions,
@@ -131,6 +124,7 @@ class SerFiq(Labeler):
     """
 
     name = "serfiq"
+    Options = SerFiqOptions
 
     def __init__(self, backbone: nn.Module, options: SerFiqOptions | None = None) -> None:
         if not (hasattr(backbone, "forward_trunk") and hasattr(backbone, "forward_embedding_from_trunk")):

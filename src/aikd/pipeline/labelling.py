@@ -2,13 +2,18 @@
 
 The output is ``path,quality`` (what ``aikd train`` reads) plus the technique's extra columns
 (:mod:`aikd.labelers`). A labeller works in up to two passes: the first over batches of faces (SER-FIQ, the
-magnitude; the certainty ratio keeps embeddings, saved to ``LABELS_STEM.embeddings.npz`` for ``--resume``), the
-second over the whole set (the certainty ratio's identity centres, imported labels' normalisation). Under torchrun
-every rank runs the first pass on its share; rank 0 merges them and runs the second.
+magnitude, FaceQAN, GraFIQs, a quality model; the certainty ratio and SDD-FIQA keep embeddings, saved to
+``LABELS_STEM.embeddings.npz`` for ``--resume``), the second over the whole set (identity centres, similarity
+distributions, imported labels' normalisation). Under torchrun every rank runs the first pass on its share; rank 0
+merges them and runs the second.
+
+``--weights`` names a face-recognition model for most techniques, whose preprocessing crops and normalises the
+faces; ``--method checkpoint`` takes a quality model instead (:mod:`aikd.models.released`), with its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ import numpy as np
 from aikd.images import ImageInput
 from aikd.io import csv_rows, load_embeddings, open_text, save_embeddings, write_csv
 from aikd.labelers import BatchLabels, Labeler, SetLabels, labeler_class
+from aikd.labelers.base import merge_batch_labels
 from aikd.pipeline.crops import CropOptions, FaceCropper
 from aikd.pipeline.jobs import ItemResult
 
@@ -27,7 +33,6 @@ if TYPE_CHECKING:
     from aikd.labelers.certainty import CertaintyOptions
     from aikd.labelers.imported import ImportOptions
     from aikd.labelers.serfiq import SerFiqOptions
-    from aikd.models import FRModel
     from aikd.runtime import Distributed
 
 __all__ = ["RANDOM_WEIGHTS_WARNING", "LabelOptions", "LabelTask", "embeddings_path"]
@@ -47,12 +52,15 @@ class LabelOptions:
         method: the technique (:data:`aikd.labelers.LABELERS`).
         weights: the FR model for the methods that need one (a file, ``dlib``, or ``none``: random weights).
         arch: its architecture, where the file does not tell (required with ``none``).
-        seed: seeds the misalignment noise, the SER-FIQ dropout masks and random weights.
+        seed: seeds the misalignment noise, every technique's random draws (SER-FIQ's dropout masks, FaceQAN's
+            noise, SDD-FIQA's sampling) and random weights.
         batch_size: faces per model batch.
         serfiq: SER-FIQ's settings (default: the paper's, with ``seed``).
-        identities: image key -> identity for the certainty ratio (default: the parent folder).
+        identities: image key -> identity for the certainty ratio and SDD-FIQA (default: the parent folder).
         certainty: the certainty ratio's settings.
         imported: the labels file to import, for ``import``.
+        settings: the typed settings of any other technique (its ``Labeler.Options``, e.g.
+            :class:`~aikd.labelers.faceqan.FaceQanOptions`; default: the authors', with ``seed``).
     """
 
     method: str
@@ -64,6 +72,7 @@ class LabelOptions:
     identities: dict[str, str] | None = field(default=None, compare=False)
     certainty: CertaintyOptions | None = None
     imported: ImportOptions | None = None
+    settings: Any = None
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -78,6 +87,23 @@ class LabelOptions:
             raise ValueError("--weights none builds random weights: name the architecture with --arch (e.g. tiny)")
         if self.method == "import" and self.imported is None:
             raise ValueError("--method import needs --labels FILE (CSV path,quality or the official pickle)")
+        if method.model_kind == "quality" and self.weights.strip().lower() in ("none", "dlib"):
+            raise ValueError(f"--method {self.method} labels with a quality model: --weights QUALITY_MODEL.pth "
+                             "(an aikd checkpoint, the AI-KD release, or a CR-FIQA, eDifFIQA or SDD-FIQA file)")
+        if self.settings is not None and not isinstance(self.settings, method.Options or ()):
+            raise ValueError(f"settings of --method {self.method} must be {getattr(method.Options, '__name__', None)}, "
+                             f"got {type(self.settings).__name__}")
+
+    def method_settings(self) -> Any:
+        """The technique's settings: those given, else its defaults with ``seed`` (``None``: it has none)."""
+        given = {"serfiq": self.serfiq, "certainty": self.certainty, "import": self.imported}.get(self.method)
+        if given is not None or self.settings is not None:
+            return given if given is not None else self.settings
+        options = labeler_class(self.method).Options
+        if options is None or self.method == "import":
+            return None
+        fields = {f.name for f in dataclasses.fields(options)}
+        return options(**({"seed": self.seed} if "seed" in fields else {}))
 
     @property
     def needs_model(self) -> bool:
@@ -117,19 +143,13 @@ class LabelTask:
 
     def __init__(self, options: LabelOptions, output: Path, crop: CropOptions, dist: Distributed,
                  items: Sequence[ImageInput] = (), workers: int = 0) -> None:
-        from aikd.models import load_fr_model
-
         self.options, self.output, self.crop, self.items = options, output, crop, items
         self.desc, self.verb = options.method, f"labelled ({options.method})"
         self.batch_size = options.batch_size
         self.reads_images = options.needs_model
         self.device = dist.device
-        self.model: FRModel | None = None
-        if options.needs_model:
-            self.model = load_fr_model(options.weights, options.arch, seed=options.seed, map_location=dist.device)
-            if self.model.random and dist.is_main:
-                print(RANDOM_WEIGHTS_WARNING.format(arch=self.model.arch, seed=options.seed), file=sys.stderr)
-        self.labeler = _labeler(options, self.model.backbone if self.model is not None else None)
+        self.model = _load_model(options, dist)
+        self.labeler = _labeler(options, self.model, dist.device)
         self.header = ["path", "quality", *self.labeler.columns]
         preprocessing = self.model.preprocessing if self.model is not None else None
         self.cropper = FaceCropper(crop, preprocessing, items, workers) if self.model is not None else None
@@ -146,8 +166,11 @@ class LabelTask:
             serfiq = self.labeler.options
             recorded = {"passes": str(serfiq.passes), "dropout": str(serfiq.dropout), "rescale": str(serfiq.rescale),
                         "rescale_alpha": str(serfiq.alpha), "rescale_r": str(serfiq.r)}
+        elif not self.labeler.set_pass and getattr(self.labeler, "options", None) is not None:
+            recorded = {key: str(value) for key, value in dataclasses.asdict(self.labeler.options).items()}
+        network = getattr(self.model, "backbone", self.model)
         return {"command": "label", "method": options.method, **recorded,
-                "model": weights_fingerprint(self.model.backbone) if self.model is not None else None,
+                "model": weights_fingerprint(network) if self.model is not None else None,
                 "crop": self.crop.record() if self.model is not None else None, "seed": options.seed}
 
     def side_outputs(self) -> list[tuple[str, Path]]:
@@ -163,9 +186,14 @@ class LabelTask:
         import torch
 
         faces = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        with torch.inference_mode():
-            labels = self.labeler.label_batch(faces, [item.key for item in items])
-        return _batch_results(labels, self.labeler.columns)
+        keys, size, parts = [item.key for item in items], self.labeler.compute_batch, []
+        for start in range(0, len(faces), size):  # passes of exactly `size` faces: the same bits in any batch
+            stop = min(start + size, len(faces))
+            rows = [*range(start, stop), *[stop - 1] * (start + size - stop)]
+            with torch.inference_mode(not self.labeler.needs_gradients):  # FaceQAN, GraFIQs differentiate
+                labels = self.labeler.label_batch(faces[rows], [keys[row] for row in rows])
+            parts.append((labels, stop - start))
+        return _batch_results(merge_batch_labels(parts), self.labeler.columns)
 
     def load_previous(self, output: Path) -> dict[str, ItemResult]:
         """A finished output's rows, or (set methods) the first pass's embeddings, for ``--resume``."""
@@ -207,26 +235,43 @@ class LabelTask:
 
     def write(self, good: list[tuple[ImageInput, ItemResult]]) -> None:
         write_csv(self.output, self.header, ([item.key, *row] for item, result in good for row in result.rows))
-        if self.model is not None and self.model.random:  # again after the progress bar, where it is seen
+        if getattr(self.model, "random", False):  # again after the progress bar, where it is seen
             print(RANDOM_WEIGHTS_WARNING.format(arch=self.model.arch, seed=self.options.seed), file=sys.stderr)
 
 
-def _labeler(options: LabelOptions, backbone: Any) -> Labeler:
-    """The labeller ``options.method`` asks for (``backbone``: the FR model, for methods that need one)."""
-    cls = labeler_class(options.method)
-    if options.method == "serfiq":
-        from aikd.labelers.serfiq import SerFiqOptions
+def _load_model(options: LabelOptions, dist: Distributed) -> Any:
+    """The FR model (:class:`~aikd.models.FRModel`) or quality model (``--method checkpoint``) the method needs."""
+    if not options.needs_model:
+        return None
+    if labeler_class(options.method).model_kind == "quality":
+        from aikd.models.released import load_any_quality_model
 
-        return cls(backbone, options.serfiq or SerFiqOptions(seed=options.seed))
-    if options.method == "magnitude":
-        return cls(backbone)
-    if options.method == "certainty":
-        from aikd.labelers.certainty import CertaintyOptions, identity_from_folder
+        return load_any_quality_model(options.weights, options.arch, map_location=dist.device)
+    from aikd.models import load_fr_model
+
+    model = load_fr_model(options.weights, options.arch, seed=options.seed, map_location=dist.device)
+    if model.random and dist.is_main:
+        print(RANDOM_WEIGHTS_WARNING.format(arch=model.arch, seed=options.seed), file=sys.stderr)
+    return model
+
+
+def _labeler(options: LabelOptions, model: Any, device: Any) -> Labeler:
+    """The labeller ``options.method`` asks for, on ``model`` (an FR or quality model) where it needs one."""
+    cls, settings = labeler_class(options.method), options.method_settings()
+    if options.method == "import":
+        return cls(options.imported)
+    if options.method == "checkpoint":
+        return cls(model, device)
+    backbone = model.backbone
+    if options.method in ("certainty", "sddfiqa"):
+        from aikd.names import identity_from_folder
 
         identity_of: Callable[[str], str | None] = (options.identities.get if options.identities is not None
                                                     else identity_from_folder)
-        return cls(backbone, identity_of, options.certainty or CertaintyOptions())
-    return cls(options.imported)
+        return cls(backbone, identity_of, settings)
+    if options.method == "faceqan":
+        return cls(backbone, model.preprocessing, settings)
+    return cls(backbone) if settings is None else cls(backbone, settings)
 
 
 def _row(quality: float, extras: dict[str, np.ndarray], columns: Sequence[str], index: int) -> list[Any]:
@@ -250,8 +295,9 @@ def _apply_set_labels(results: dict[str, ItemResult], keys: Sequence[str], label
                       columns: Sequence[str]) -> None:
     for index, key in enumerate(keys):
         vector = results.get(key, ItemResult()).vector
-        if index in labels.errors:
-            results[key] = ItemResult(error=labels.errors[index], vector=vector)
+        if index in labels.errors or not np.isfinite(labels.quality[index]):
+            reason = labels.errors.get(index, f"quality is not finite ({labels.quality[index]})")
+            results[key] = ItemResult(error=reason, vector=vector)
         else:
             results[key] = ItemResult(rows=[_row(labels.quality[index], labels.extras, columns, index)],
                                       vector=vector)
