@@ -167,3 +167,50 @@ def publish(family: str, state: dict[str, torch.Tensor], variant: int = 0) -> ob
         return {"epoch": 19, "global_step": 5000, "state_dict_backbone": dict(state),
                 "state_dict_softmax_fc": {"weight_activated": torch.randn(10, 512, generator=extra)}}
     return dict(state)  # backbone.module.state_dict(): arcface_torch, ElasticFace, CurricularFace, ViT, TransFace
+
+
+# ------------------------------------------------------------------------------------- released quality models
+def crfiqa(blocks: Sequence[int], width: int = 64) -> Layout:
+    """fdbtrs/CR-FIQA ``backbones/iresnet.py`` ``IResNet(qs=1)``: insightface's iResNet, then ``qs`` (Linear 512 -> 1)
+    registered last; the file is ``backbone.state_dict()``."""
+    return iresnet(blocks, width) + linear("qs", 1, 512)
+
+
+def mobilefacenet() -> Layout:
+    """LSIbabnikz/eDifFIQA ``model/mobilenet.py`` ``MobileFaceNet``: Conv_block = conv (no bias), bn, prelu;
+    Linear_block = conv, bn; Depth_Wise = conv (1x1 to groups), conv_dw (3x3 depthwise), project (1x1 Linear_block);
+    Residual = model.N Depth_Wise; then linear (no bias) and bn (BatchNorm1d)."""
+    def conv_block(p: str, cin: int, cout: int, k: int, groups: int = 1, prelu: bool = True) -> Layout:
+        keys = [(f"{p}.conv.weight", (cout, cin // groups, k, k)), *bn(f"{p}.bn", cout)]
+        return keys + ([(f"{p}.prelu.weight", (cout,))] if prelu else [])
+
+    def depth_wise(p: str, cin: int, cout: int, groups: int) -> Layout:
+        return [*conv_block(f"{p}.conv", cin, groups, 1), *conv_block(f"{p}.conv_dw", groups, groups, 3, groups),
+                *conv_block(f"{p}.project", groups, cout, 1, prelu=False)]
+
+    keys = [*conv_block("conv1", 3, 64, 3), *conv_block("conv2_dw", 64, 64, 3, 64), *depth_wise("conv_23", 64, 64, 128)]
+    keys += [k for i in range(4) for k in depth_wise(f"conv_3.model.{i}", 64, 64, 128)]
+    keys += depth_wise("conv_34", 64, 128, 256)
+    keys += [k for i in range(6) for k in depth_wise(f"conv_4.model.{i}", 128, 128, 256)]
+    keys += depth_wise("conv_45", 128, 128, 512)
+    keys += [k for i in range(2) for k in depth_wise(f"conv_5.model.{i}", 128, 128, 256)]
+    keys += [*conv_block("conv_6_sep", 128, 512, 1), *conv_block("conv_6_dw", 512, 512, 7, 512, prelu=False)]
+    return keys + [*linear("linear", 512, 512, bias=False), *bn("bn", 512)]
+
+
+def ediffiqa(backbone: Layout) -> Layout:
+    """LSIbabnikz/eDifFIQA ``model/ediffiqa.py`` ``eDifFIQA``: ``base_model`` (the backbone) then ``mlp`` (``MLP``:
+    l1 512 -> 1024, GELU, l2 1024 -> 1); the file is its ``state_dict()``."""
+    return [(f"base_model.{key}", shape) for key, shape in backbone] + linear("mlp.l1", 1024, 512) + \
+        linear("mlp.l2", 1, 1024)
+
+
+def sddfiqa(units: Sequence[int] = (3, 4, 14, 3), channels: Sequence[int] = (64, 128, 256, 512)) -> Layout:
+    """Tencent/TFace ``quality/generate_pseudo_labels/extract_embedding/model/model.py`` ``R50(use_type="Qua")``:
+    ``input_layer`` (conv, BN, PReLU), ``quality`` (Flatten, PReLU(C*49), Dropout, Linear(C*49 -> 1)) registered
+    before ``body`` (bottleneck_IR: shortcut_layer, then res_layer BN, conv, PReLU, conv, BN)."""
+    stem, last = channels[0], channels[-1]
+    keys = [("input_layer.0.weight", (stem, 3, 3, 3)), *bn("input_layer.1", stem), ("input_layer.2.weight", (stem,)),
+            ("quality.1.weight", (last * 49,)), *linear("quality.3", 1, last * 49)]
+    body = ir_net(units, mid_norm=False, channels=channels)
+    return keys + [(key, shape) for key, shape in body if key.startswith("body.")]

@@ -36,7 +36,7 @@ from aikd.commands.options import (
     protected_inputs,
 )
 from aikd.images import collect_inputs
-from aikd.io import QUALITY_FORMATS, quality_format
+from aikd.pipeline.scoring import SCORE_FORMATS, score_format
 
 __all__ = ["add_arguments", "run"]
 
@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="backbone architecture when the checkpoint does not record it (e.g. r100)")
     parser.add_argument("-o", "--output", type=Path, default=Path("scores.csv"),
                         help="score file (default: %(default)s)")
-    parser.add_argument("--format", choices=QUALITY_FORMATS,
-                        help="csv (path,quality), pickle (the official {path: score} dict) or jsonl; "
+    parser.add_argument("--format", choices=SCORE_FORMATS,
+                        help="csv (path,quality), pickle (the official {path: score} dict), jsonl, or ofiq (OFIQ's "
+                             "semicolon CSV with the calibrated 0-100 quality as the scalar; needs a calibration); "
                              "default: from the output suffix (.pkl, .jsonl), else csv")
     parser.add_argument("--embeddings", type=Path, metavar="FILE.npz",
                         help="also save the L2-normalised embedding of every scored image (aikd embed format)")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from aikd.pipeline.scoring import ScoreOptions, ScoreTask
 
     job, crop, inference = job_options(args), crop_options(args), inference_options(args)
-    options = ScoreOptions(args.checkpoint, args.arch, quality_format(args.output, args.format), args.embeddings,
+    options = ScoreOptions(args.checkpoint, args.arch, score_format(args.output, args.format), args.embeddings,
                            args.calibration, args.fr_model)
     items = collect_inputs(args.inputs)
     backend = inference.device_backend(args.checkpoint)

@@ -5,6 +5,15 @@ per line), all written by :func:`aikd.io.write_qualities`. With a calibration (g
 file) CSV and JSONL get ``expected_fnmr`` and ``quality_100`` after ``quality``
 (:mod:`aikd.evaluation.calibration`); ``embeddings`` adds an ``aikd embed``-format ``.npz`` of the L2-normalised
 embeddings.
+
+``ofiq``: the CSV layout of OFIQ, the ISO/IEC 29794-5 reference implementation (``OFIQSampleApp``: semicolons, a
+header ``Filename;<measure>;<measure>.scalar;`` and one row per input image ``path;raw;scalar``), with the raw
+quality (the shortest decimal of its float32) and the calibrated 0-100 ``quality_100`` as the scalar, written as
+OFIQ writes a whole number. An image that could not be scored keeps its row, with ``-1`` in both columns (OFIQ's
+mark of a failed measure). It needs a calibration: OFIQ's scalar is a 0-100 value, which only a calibration gives.
+
+The model: an aikd checkpoint, the AI-KD release, an ``aikd export`` ONNX graph, or a released CR-FIQA, eDifFIQA or
+SDD-FIQA file (:mod:`aikd.models.released`).
 """
 
 from __future__ import annotations
@@ -19,7 +28,16 @@ import numpy as np
 from aikd.evaluation.metrics import l2_normalise
 from aikd.images import ImageInput
 from aikd.inference.engine import InferenceOptions
-from aikd.io import QUALITY_FORMATS, load_embeddings, read_labels, save_embeddings, shortest_float32, write_qualities
+from aikd.io import (
+    QUALITY_FORMATS,
+    atomic_write,
+    load_embeddings,
+    quality_format,
+    read_labels,
+    save_embeddings,
+    shortest_float32,
+    write_qualities,
+)
 from aikd.pipeline.crops import CropOptions
 from aikd.pipeline.faces import FacePipeline
 from aikd.pipeline.jobs import ItemResult
@@ -27,7 +45,15 @@ from aikd.pipeline.jobs import ItemResult
 if TYPE_CHECKING:
     from aikd.runtime import Distributed
 
-__all__ = ["ScoreOptions", "ScoreTask"]
+__all__ = ["OFIQ_MEASURE", "SCORE_FORMATS", "ScoreOptions", "ScoreTask", "read_ofiq", "score_format", "write_ofiq"]
+
+OFIQ, OFIQ_MEASURE = "ofiq", "AIKDQuality"  # the measure's name in the OFIQ layout
+SCORE_FORMATS = (*QUALITY_FORMATS, OFIQ)
+
+
+def score_format(output: Path, requested: str | None) -> str:
+    """The output format: ``requested`` (one of :data:`SCORE_FORMATS`), else from the output's suffix."""
+    return OFIQ if requested == OFIQ else quality_format(output, requested)
 
 
 @dataclass(frozen=True)
@@ -37,7 +63,7 @@ class ScoreOptions:
     Attributes:
         checkpoint: the quality model: an aikd checkpoint, the AI-KD release, or an ``aikd export`` ONNX file.
         arch: the backbone architecture where the checkpoint does not record it.
-        format: ``csv``, ``pickle`` or ``jsonl``.
+        format: ``csv``, ``pickle``, ``jsonl`` or ``ofiq``.
         embeddings: also write the L2-normalised embeddings to this ``.npz``.
         calibration: a calib.json to apply (a calibrated model file applies its own without it).
         fr_model: the FR model the expected FNMR is wanted for: warns when the calibration was made with another.
@@ -51,8 +77,8 @@ class ScoreOptions:
     fr_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in QUALITY_FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(QUALITY_FORMATS)}, got {self.format!r}")
+        if self.format not in SCORE_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(SCORE_FORMATS)}, got {self.format!r}")
 
 
 class ScoreTask:
@@ -63,11 +89,14 @@ class ScoreTask:
 
     def __init__(self, options: ScoreOptions, output: Path, crop: CropOptions, inference: InferenceOptions,
                  dist: Distributed, items: Sequence[ImageInput] = (), workers: int = 0) -> None:
-        self.options, self.output, self.crop, self.inference = options, output, crop, inference
-        engine = inference.quality_engine(options.checkpoint, options.arch, dist.device)
+        self.options, self.output, self.crop, self.inference, self.items = options, output, crop, inference, items
+        engine = _quality_engine(inference, options.checkpoint, options.arch, dist.device)
         self.calibration = self._calibration(engine)
         if self.calibration is not None and options.format == "pickle":
             raise ValueError("--calibration adds columns the official pickle cannot hold: write CSV or JSONL")
+        if self.calibration is None and options.format == OFIQ:
+            raise ValueError("--format ofiq writes the calibrated 0-100 quality as OFIQ's scalar, and no calibration "
+                             "is given: pass --calibration calib.json (from aikd calibrate) or a calibrated checkpoint")
         self.pipeline = FacePipeline(engine, crop, workers, items)
         self.preparer = self.pipeline.file_preparer()  # for decode processes (a GPU run)
         self.batch_size = inference.batch_size_on(dist.device)
@@ -104,7 +133,10 @@ class ScoreTask:
 
     def load_previous(self, output: Path) -> dict[str, ItemResult]:
         """The scores (and embeddings) of a finished earlier run, so ``--resume`` skips those images."""
-        scores = read_labels(output, fmt=self.options.format).as_dict()
+        if self.options.format == OFIQ:
+            scores = read_ofiq(output)
+        else:
+            scores = read_labels(output, fmt=self.options.format).as_dict()
         if self.options.embeddings is None:
             return {key: ItemResult(rows=[[q]]) for key, q in scores.items()}
         vectors = {}
@@ -128,9 +160,59 @@ class ScoreTask:
             applied = self.calibration.apply(np.asarray(qualities, dtype=np.float64))
             columns = {"expected_fnmr": [shortest_float32(v) for v in applied["expected_fnmr"]],
                        "quality_100": applied["quality_100"].tolist()}
-        write_qualities(self.output, keys, qualities, self.options.format, columns)
+        if self.options.format == OFIQ:
+            write_ofiq(self.output, [item.key for item in self.items] or keys,
+                       dict(zip(keys, zip(qualities, columns["quality_100"], strict=True), strict=True)))
+        else:
+            write_qualities(self.output, keys, qualities, self.options.format, columns)
         if self.options.embeddings is not None:
             vectors = [result.vector for _, result in good]
             dim = self.pipeline.engine.embedding_size
             save_embeddings(self.options.embeddings, keys, np.stack(vectors) if vectors else
                             np.zeros((0, dim), np.float32))
+
+
+def _quality_engine(inference: InferenceOptions, checkpoint: Path, arch: str | None, device: Any) -> Any:
+    """The engine of a quality model file; a released CR-FIQA, eDifFIQA or SDD-FIQA file loads unchanged too."""
+    if inference.device_backend(checkpoint) != "torch":
+        return inference.quality_engine(checkpoint, arch, device)
+    from aikd.models.released import load_any_quality_model
+
+    return inference.engine(load_any_quality_model(checkpoint, arch), device, own_model=True)
+
+
+def _ofiq_number(value: float) -> str:
+    """As OFIQSampleApp writes a value: a whole number without decimals."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def write_ofiq(path: Path, keys: Sequence[str], scored: dict[str, tuple[float, float]],
+               measure: str = OFIQ_MEASURE) -> None:
+    """OFIQ's CSV (see the module docstring): every key in order, ``-1;-1`` for those not in ``scored``.
+
+    Args:
+        path: the output.
+        keys: every input image, in input order.
+        scored: key -> (raw quality, 0-100 scalar) of the images scored.
+        measure: the column name.
+    """
+    with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
+        handle.write(f"Filename;{measure};{measure}.scalar;\n")
+        for key in keys:
+            raw, scalar = scored.get(key, (-1, -1))
+            handle.write(f"{key};{_ofiq_number(shortest_float32(raw)) if key in scored else '-1'};"
+                         f"{_ofiq_number(scalar)}\n")
+
+
+def read_ofiq(path: Path) -> dict[str, float]:
+    """Key -> raw quality of the images an OFIQ-layout file scored (rows of -1;-1 are the failed ones)."""
+    scores = {}
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n").split(";")
+        if header[:1] != ["Filename"] or len(header) < 3:
+            raise ValueError(f"{path}: not an OFIQ-layout CSV (header {';'.join(header)})")
+        for line in handle:
+            fields = line.rstrip("\n").split(";")
+            if len(fields) >= 3 and not (fields[1] == "-1" and fields[2] == "-1"):
+                scores[fields[0]] = float(fields[1])
+    return scores
