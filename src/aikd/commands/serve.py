@@ -17,7 +17,13 @@ import signal
 import sys
 from pathlib import Path
 
-from aikd.commands.options import add_crop_arguments, add_inference_arguments, crop_options, inference_options
+from aikd.commands.options import (
+    add_crop_arguments,
+    add_inference_arguments,
+    count,
+    crop_options,
+    inference_options,
+)
 from aikd.service.options import BatchOptions, Limits, MiB, ServiceOptions
 
 __all__ = ["add_arguments", "run"]
@@ -34,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes it: "
                              "use --api-key-file)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
+    parser.add_argument("--port", type=count(0, 65_535), default=8000,
+                        help="port (default: %(default)s; 0: any free port)")
     parser.add_argument("--calibration", type=Path, metavar="JSON",
                         help="add expected_fnmr and quality_100 to every face (a calibrated model adds them without "
                              "it)")
@@ -48,18 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits and batching")
     group.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / MiB,
                        help="request body size (default: %(default)s MB)")
-    group.add_argument("--max-images", type=int, default=limits.max_images,
+    group.add_argument("--max-images", type=count(1, 10_000), default=limits.max_images,
                        help="images per request (default: %(default)s)")
-    group.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+    group.add_argument("--max-pixels", type=count(1, 1_000_000_000), default=limits.max_pixels,
                        help="decoded pixels per image (decompression bombs; default: %(default)s)")
     group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s, metavar="SECONDS",
                        help="time from a request's arrival to its answer (default: %(default)s)")
     group.add_argument("--max-wait-ms", type=float, default=batching.max_wait_ms,
                        help="how long a forward pass waits for faces other requests are still preparing "
                             "(default: %(default)s)")
-    group.add_argument("--queue-size", type=int, default=batching.queue_size,
+    group.add_argument("--queue-size", type=count(1, 100_000), default=batching.queue_size,
                        help="requests held at once; one more is answered 429 (default: %(default)s)")
-    group.add_argument("--model-threads", type=int, default=batching.model_threads,
+    group.add_argument("--model-threads", type=count(1, 64), default=batching.model_threads,
                        help="forward passes at once, each on its own batch; torch then runs each pass on cores / N "
                             "threads (default: %(default)s)")
     add_crop_arguments(parser)

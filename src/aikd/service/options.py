@@ -38,8 +38,8 @@ class Limits:
     request_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes < 1:
-            raise ValueError(f"--max-body-mb must be positive, got {self.max_body_bytes / MiB:g} MB")
+        if not 1 <= self.max_body_bytes <= 4096 * MiB:  # a request is held in memory whole
+            raise ValueError(f"--max-body-mb must be above 0 and at most 4096, got {self.max_body_bytes / MiB:g} MB")
         if self.max_images < 1:
             raise ValueError(f"--max-images must be at least 1, got {self.max_images}")
         if self.max_pixels < 1:
