@@ -76,3 +76,42 @@ def test_make_demo_default_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     _check(out, summary, spearman=0.4)
     assert summary["seconds"] < 300
+
+
+def test_comparison_report_says_whether_the_student_beats_its_technique():
+    """The comparison's verdict and table, from figures made up here (the run itself is the slow test below)."""
+    from aikd.demo.compare import _verdict, comparison_markdown
+    from aikd.demo.degradations import KINDS
+
+    def row(pauc, seconds):
+        return {"spearman": 0.5, "spearman_per_kind": dict.fromkeys(KINDS, 0.4), "pauc": pauc,
+                "sensitivity_misaligned": {"mean_abs_percentile_change": 0.1},
+                "sensitivity_mtcnn": {"mean_abs_percentile_change": 0.2}, "seconds_per_face": seconds, "labelled": 9}
+
+    methods = {"faceqan": row({"aligned": 0.7, "misaligned": 0.8, "MTCNN": 0.75}, 0.25),
+               "AI-KD (faceqan)": row({"aligned": 0.72, "misaligned": 0.71, "MTCNN": 0.7}, None)}
+    verdict = _verdict(methods, "faceqan", "AI-KD (faceqan)")
+    assert not verdict["aligned"]["student_better"] and verdict["misaligned"]["student_better"]
+    summary = {"heldout_images": 9, "misalign": 3.0, "methods": methods, "verdict": verdict, "mtcnn_missed": ["x"],
+               "not_applicable": {"grafiqs": "no BatchNorm statistics"}}
+    text = comparison_markdown(summary)
+    assert "| faceqan | 0.500 |" in text and "250.0 |" in text and "- grafiqs: no BatchNorm statistics" in text
+    assert "aligned: the student (AI-KD (faceqan)) does not beat its label technique, pAUC 0.720 vs 0.700" in text
+    assert "misaligned: the student (AI-KD (faceqan)) beats its label technique, pAUC 0.710 vs 0.800" in text
+    assert "MTCNN found no face in 1 original(s) (x)" in text
+
+
+@pytest.mark.slow
+def test_demo_compare_runs_every_technique_and_distils_the_best(tmp_path):
+    """``aikd demo --compare`` at a small size: every technique without a download, three alignments, a verdict."""
+    _needs_dlib_weights()
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--faces", "4", "--epochs", "1", "--compare"]) == 0
+    comparison = json.loads((out / "compare" / "comparison.json").read_text())
+    techniques = {"serfiq", "magnitude", "certainty", "faceqan", "sddfiqa"}
+    assert techniques <= set(comparison["methods"]) and "grafiqs" in comparison["not_applicable"]
+    for name in techniques:
+        assert set(comparison["methods"][name]["pauc"]) == {"aligned", "misaligned", "MTCNN"}
+    assert comparison["best"] in techniques and comparison["verdict"]["technique"] == comparison["best"]
+    assert "comparison" in json.loads((out / "summary.json").read_text())
+    assert "compare/comparison.md" in (out / "report.md").read_text()

@@ -32,16 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                             "(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="empty an existing demo output folder first (refused for any other folder)")
+    parser.add_argument("--compare", action="store_true",
+                        help="afterwards, every FIQA technique that needs no download side by side on dlib-r29 "
+                             "(aligned, misaligned, MTCNN-aligned), and the best one distilled: OUT/compare/ "
+                             "(minutes more)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; print where the report is and its headline figures."""
     from aikd.demo.run import DemoOptions, run_demo
 
-    options = DemoOptions(args.out, args.faces, args.epochs, args.misalign, args.seed, args.overwrite)
+    options = DemoOptions(args.out, args.faces, args.epochs, args.misalign, args.seed, args.overwrite, args.compare)
     summary = run_demo(options)
     print(f"\nreport: {options.out / 'report.md'} ({summary['seconds']:.0f} s)")
     for name in ("AI-KD", "certainty", "random"):
         print(f"  {name:<10} Spearman vs degradation {summary['spearman'][name]:+.3f}   "
               f"ERC pAUC (normalised, 30 %) {summary['pauc_normalised'][name]:.3f}")
+    if args.compare:
+        print(f"comparison of every technique: {options.out / 'compare' / 'comparison.md'}")
     return 0

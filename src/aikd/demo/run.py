@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from aikd.images import collect_inputs
+from aikd.demo.steps import detect_faces, label_with, step_ok, train_student
+from aikd.demo.steps import score_with as _score
 from aikd.io import read_labels, read_landmarks, write_qualities
 from aikd.pipeline.crops import CropOptions
-from aikd.pipeline.jobs import JobOptions
 
 __all__ = ["DEFAULT_FACES", "MISALIGN", "DemoOptions", "run_demo"]
 
@@ -65,6 +65,8 @@ class DemoOptions:
             misaligned view (the paper's 3).
         seed: seed of the split, degradations and training.
         overwrite: empty an existing demo output folder first (refused for any other folder).
+        compare: afterwards, every technique that needs no download side by side (:mod:`aikd.demo.compare`;
+            minutes more: FaceQAN is slow).
     """
 
     out: Path = Path("demo_out")
@@ -73,6 +75,7 @@ class DemoOptions:
     misalign: float = MISALIGN
     seed: int = 0
     overwrite: bool = False
+    compare: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.faces <= 100:
@@ -109,19 +112,6 @@ class _Steps:
         return dict(self.seconds)
 
 
-def _step_ok(name: str, code: int, allowed: tuple[int, ...] = (0,)) -> None:
-    if code not in allowed:
-        raise ValueError(f"demo step '{name}' failed with exit status {code} (its error is printed above)")
-
-
-def _config() -> Path:
-    """configs/demo_dlib.yaml of the source tree this package runs from."""
-    path = Path(__file__).resolve().parents[3] / "configs" / "demo_dlib.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the demo needs configs/demo_dlib.yaml from the aikd source tree")
-    return path
-
-
 def _prepare_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -133,21 +123,10 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _detect(folder: Path, output: Path) -> int:
-    """The most confident face of every photo in ``folder`` -> a landmarks file (``aikd detect``'s defaults)."""
-    from aikd.pipeline.detection import DetectOptions, DetectTask
-    from aikd.pipeline.files import run_files
-
-    items, job = collect_inputs([folder]), JobOptions(workers=_WORKERS)
-    return run_files(items, output, job, lambda dist: DetectTask(DetectOptions(), output, dist, items, job.workers),
-                     device=None)
-
-
 def _label(images: Path, output: Path, crop: CropOptions | None, method: str = "certainty",
            labels: Path | None = None) -> None:
     """``aikd label --method certainty --weights dlib`` (or ``--method import --labels L --normalise rank``)."""
-    from aikd.pipeline.files import run_files
-    from aikd.pipeline.labelling import LabelOptions, LabelTask
+    from aikd.pipeline.labelling import LabelOptions
 
     if method == "import":
         from aikd.labelers.imported import ImportOptions
@@ -155,40 +134,14 @@ def _label(images: Path, output: Path, crop: CropOptions | None, method: str = "
         options = LabelOptions("import", imported=ImportOptions(labels, "quality", "rank"))
     else:
         options = LabelOptions("certainty", weights="dlib", seed=crop.seed)
-    items, job = collect_inputs([images]), JobOptions(workers=_WORKERS)
-    crop = crop or CropOptions()
-    code = run_files(items, output, job, lambda dist: LabelTask(options, output, crop, dist, items, job.workers),
-                     device="auto" if options.needs_model else "cpu")
-    _step_ok(f"label --method {method}", code)
-
-
-def _score(images: Path, checkpoint: Path, crop: CropOptions, output: Path) -> None:
-    """``aikd score`` with the student."""
-    from aikd.inference.engine import InferenceOptions
-    from aikd.pipeline.files import run_files
-    from aikd.pipeline.scoring import ScoreOptions, ScoreTask
-
-    items, job, inference = collect_inputs([images]), JobOptions(None, _WORKERS), InferenceOptions()
-    options = ScoreOptions(checkpoint)
-    code = run_files(items, output, job,
-                     lambda dist: ScoreTask(options, output, crop, inference, dist, items, job.workers))
-    _step_ok("score", code)
+    label_with(images, output, crop, options)
 
 
 def _train(out: Path, train: Path, landmarks: Path, labels: Path, options: DemoOptions) -> None:
-    """``aikd train --config configs/demo_dlib.yaml`` with the demo's data and seed."""
-    from aikd.config import load_config
-    from aikd.runtime import distributed
-    from aikd.training.train import TrainConfig
-    from aikd.training.train import train as train_student
+    """``aikd train --config configs/demo_dlib.yaml`` with the demo's data and seed, into ``OUT/run``."""
+    train_student(out / "run", train, landmarks, labels, options)
 
-    overrides = [f"data.images={train}", f"data.landmarks={landmarks}", f"data.labels={labels}",
-                 f"train.seed={options.seed}", f"data.misalignment.max_shift={options.misalign}",
-                 *([f"train.epochs={options.epochs}"] if options.epochs else [])]
-    config = load_config(TrainConfig, _config(), overrides)
-    config.check_ready()
-    with distributed(config.train.device, "train.device") as dist:
-        train_student(config, out / "run", dist=dist)
+
 
 
 def _evaluate(out: Path, heldout: Path) -> None:
@@ -219,9 +172,6 @@ def _export(checkpoint: Path, output: Path) -> None:
         raise ValueError(f"the ONNX export of {checkpoint} differs from torch by {worst['quality']:.3g}")
 
 
-_WORKERS = min(4, os.cpu_count() or 1)  # the commands' default decode threads
-
-
 def _photos(out: Path, faces: int, steps: _Steps) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Sample photos written to OUT/originals, and the landmarks detection finds in them."""
     from aikd.demo.samples import lfw_subset_faces, sample_photos
@@ -232,7 +182,7 @@ def _photos(out: Path, faces: int, steps: _Steps) -> tuple[dict[str, np.ndarray]
     folder = out / "originals"
     for name, photo in photos.items():
         write_png(folder / f"{name}.png", photo)
-    _step_ok("detect", _detect(folder, out / "originals_landmarks.csv"), allowed=(0, 1))
+    step_ok("detect", detect_faces(folder, out / "originals_landmarks.csv"), allowed=(0, 1))
     table = read_landmarks(out / "originals_landmarks.csv")
     landmarks = {Path(name).stem: points for name, points in zip(table.paths, table.landmarks, strict=True)
                  if np.isfinite(points).all()}
@@ -282,7 +232,29 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
              "heldout_images": len(keys["heldout"]), "heldout_identities": len(held_out),
              "copies_per_face": len(keys["heldout"]) // len(held_out) - 1, "misalign": options.misalign,
              "mated_pairs": mated, "nonmated_pairs": nonmated, "seed": options.seed, "cpu": describe_cpu()}
-    return _report(out, keys["heldout"], str(heldout), str(lm), facts, steps)
+    summary = _report(out, keys["heldout"], str(heldout), str(lm), facts, steps)
+    if options.compare:
+        summary = _compare(out, keys["heldout"], options, summary)
+    return summary
+
+
+def _compare(out: Path, keys: list[str], options: DemoOptions, summary: dict[str, Any]) -> dict[str, Any]:
+    """``--compare``: every technique side by side (:mod:`aikd.demo.compare`), added to the summary and report."""
+    import json
+
+    from aikd.demo.compare import run_comparison
+    from aikd.io import atomic_write
+
+    print("\n== comparison of the FIQA techniques on dlib-r29 (--compare)", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    comparison = run_comparison(out, keys, options)
+    summary = {**summary, "comparison": comparison, "compare_seconds": round(time.perf_counter() - started, 1)}
+    with atomic_write(out / "summary.json") as handle:
+        json.dump(summary, handle, indent=2)
+    with open(out / "report.md", "a", encoding="utf-8") as handle:
+        handle.write("\n## All techniques side by side\n\nSee [compare/comparison.md](compare/comparison.md) "
+                     f"(`aikd demo --compare`, {summary['compare_seconds']:.0f} s more).\n")
+    return summary
 
 
 def _held_out(out: Path, heldout: Path, landmarks: Path, keys: list[str], seed: int, misalign: float) -> None:
