@@ -13,21 +13,24 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 
 from __future__ import annotations
 
+import array
 import functools
 import glob
 import io
+import itertools
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aikd.io import csv_rows, is_stream, open_text, readable_file
+from aikd.io import RecordFile, csv_rows, is_stream, open_text, readable_file
 from aikd.names import NameIndex
 
 __all__ = [
@@ -35,12 +38,14 @@ __all__ = [
     "MAX_PIXELS",
     "ImageError",
     "ImageInput",
+    "InputList",
     "collect_inputs",
     "decode_image",
     "input_pixels",
     "load_image",
     "load_input",
     "match_landmarks",
+    "repeated_hashes",
     "pil_to_rgb",
     "resize_image",
     "use_large_image_blocks",
@@ -71,36 +76,118 @@ class ImageInput:
     error: str | None = None
 
 
+class InputList(Sequence[ImageInput]):
+    """The images of a run, in order, held compactly: in a temporary file (:class:`aikd.io.RecordFile`), not as one
+    Python object each, so a list of millions of images costs kilobytes of memory. Iterate it (any number of times,
+    at once too), take its length, or index it (a slice gives a list).
+
+    Args:
+        items: the images (default: none yet; :meth:`append` adds more).
+    """
+
+    def __init__(self, items: Iterable[ImageInput] = ()) -> None:
+        self._records = RecordFile(4)
+        for item in items:
+            self.append(item)
+
+    def append(self, item: ImageInput) -> None:
+        self._add(os.fspath(item.path), item.key, item.member, item.error)
+
+    def _add(self, path: str, key: str, member: int | None, error: str | None) -> None:
+        self._records.append((path, key, "" if member is None else str(member), "" if error is None else f"!{error}"))
+
+    def close(self) -> None:
+        """Done appending: what is still buffered goes to the file."""
+        self._records.flush()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[ImageInput]:
+        return self.items(0)
+
+    def items(self, start: int = 0) -> Iterator[ImageInput]:
+        """The images from position ``start`` on."""
+        for path, key, member, error in self._records.records(start):
+            yield ImageInput(Path(path), key, int(member) if member else None, error[1:] if error else None)
+
+    def keys(self) -> Iterator[str]:
+        """The images' keys, in order (no :class:`ImageInput` made)."""
+        return (record[1] for record in self._records)
+
+    def __getitem__(self, position: Any) -> Any:
+        if isinstance(position, slice):
+            start, stop, step = position.indices(len(self))
+            if step != 1:
+                return list(self)[position]
+            return list(itertools.islice(self.items(start), max(0, stop - start)))
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"image {position} of {len(self)}")
+        return next(self.items(position % len(self)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return InputList, (list(self),)  # copied whole into another process: small lists only
+
+    def __repr__(self) -> str:
+        return f"InputList({len(self)} images)"
+
+
 def _is_pattern(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _from_folder(folder: Path) -> list[ImageInput]:
-    """The images under ``folder``: links are followed, but each real folder is walked once (a link back up
-    the tree would loop for ever, one to a sibling would list its images twice); a folder that cannot be
-    listed becomes an input that fails with the reason."""
-    found: list[ImageInput] = []
+# (path, key, member, error, identity): an input as listed, with what it is on disk (its real path; None: never
+# one file with another, e.g. a folder that cannot be listed)
+_Listed = tuple[str, str, "int | None", "str | None", "tuple[str, int | None] | None"]
+
+
+def _from_folder(folder: Path) -> Iterator[_Listed]:
+    """The images under ``folder``, depth first, names sorted: links are followed, but each real folder is walked
+    once (a link back up the tree would loop for ever, one to a sibling would list its images twice); a folder
+    that cannot be listed becomes an input that fails with the reason. One ``os.scandir`` per folder; a file is
+    looked at again only when it is a link or not a regular file."""
     walked: set[str] = set()
-
-    def unreadable(err: OSError) -> None:
-        where = Path(err.filename or folder)
-        key = where.relative_to(folder).as_posix() + "/" if where != folder else f"{folder.as_posix()}/"
-        found.append(ImageInput(where, key, error=f"cannot list this folder: {err.strerror}"))
-
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+    pending = [(os.fspath(folder), "")]
+    while pending:
+        root, prefix = pending.pop()
         real = os.path.realpath(root)
         if real in walked:
-            dirs[:] = []
             continue
         walked.add(real)
-        dirs.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))  # real folders before links
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                full = Path(root) / name
-                key = full.relative_to(folder).as_posix()
-                special = _not_a_regular_file(full)
-                found.append(ImageInput(full, key, error=special) if special else ImageInput(full, key))
-    return found
+        try:
+            with os.scandir(root) as listing:
+                entries = list(listing)
+        except OSError as err:
+            where = Path(err.filename or folder)
+            key = where.relative_to(folder).as_posix() + "/" if where != folder else f"{folder.as_posix()}/"
+            yield os.fspath(where), key, None, f"cannot list this folder: {err.strerror}", None
+            continue
+        folders, files = [], []
+        for entry in entries:
+            (folders if _is_folder(entry) else files).append(entry)
+        folders.sort(key=lambda entry: (entry.is_symlink(), entry.name))  # real folders before links
+        pending.extend((entry.path, f"{prefix}{entry.name}/") for entry in reversed(folders))
+        for entry in sorted(files, key=lambda entry: entry.name):
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                regular = _is_regular(entry)
+                special = None if regular else _not_a_regular_file(Path(entry.path))
+                identity = f"{real}/{entry.name}" if regular and not entry.is_symlink() else os.path.realpath(
+                    entry.path)
+                yield entry.path, prefix + entry.name, None, special, None if special else (identity, None)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder too
+    except OSError:
+        return False
+
+
+def _is_regular(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _not_a_regular_file(path: Path) -> str | None:
@@ -115,24 +202,32 @@ def _not_a_regular_file(path: Path) -> str | None:
     return f"not a regular file (a {kind}); skipped"
 
 
-def _from_list_file(list_file: Path, base: Path | None = None) -> list[ImageInput]:
-    """The images a list file names; relative entries are relative to the list's folder (or ``base``)."""
+def _from_list_file(list_file: Path, base: Path | None = None) -> Iterator[_Listed]:
+    """The images a list file names, read as they come; relative entries are relative to the list's folder (or
+    ``base``)."""
     base = list_file.parent if base is None else base
     with open_text(list_file, "list of images") as handle:
-        if list_file.suffix.lower() == ".csv":
-            reader = csv_rows(handle, list_file, "list of images")
-            header = next(reader, [])
-            column = header.index("path") if "path" in header else None
-            if column is None:  # no header: the first column of every row is a path
-                column, rows = 0, [header, *reader]
-            else:
-                rows = list(reader)
-            names = [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
-        else:
-            names = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
-            if any("\x00" in name for name in names):
+        for name in _list_names(handle, list_file):
+            path = name if os.path.isabs(name) else os.path.join(base, name)
+            yield path, name, None, None, (os.path.realpath(path), None)
+
+
+def _list_names(handle: IO[str], list_file: Path) -> Iterator[str]:
+    if list_file.suffix.lower() == ".csv":
+        reader = csv_rows(handle, list_file, "list of images")
+        header = next(reader, [])
+        column = header.index("path") if "path" in header else None
+        rows: Iterable[list[str]] = reader
+        if column is None:  # no header: the first column of every row is a path
+            column, rows = 0, itertools.chain([header], reader)
+        yield from (row[column].strip() for row in rows if len(row) > column and row[column].strip())
+        return
+    for line in handle:
+        name = line.strip()
+        if name and not line.lstrip().startswith("#"):
+            if "\x00" in name:
                 raise ValueError(f"{list_file}: not a text list of images (it holds binary data)")
-    return [ImageInput(Path(name) if os.path.isabs(name) else base / name, name) for name in names]
+            yield name
 
 
 @functools.lru_cache(maxsize=2)
@@ -142,14 +237,25 @@ def _bin_images(path: Path) -> list[bytes]:
     return read_bin(path)[0]
 
 
-def _from_bin(path: Path) -> list[ImageInput]:
+def _from_bin(path: Path) -> Iterator[_Listed]:
     """The images of an insightface validation ``.bin``, keyed like its pairs (``lfw.bin#000123``)."""
     from aikd.evaluation.protocols import bin_image_name
 
-    return [ImageInput(path, bin_image_name(path, i), member=i) for i in range(len(_bin_images(path)))]
+    real = os.path.realpath(path)
+    for i in range(len(_bin_images(path))):
+        yield os.fspath(path), bin_image_name(path, i), i, None, (real, i)
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
+def _from_pattern(text: str) -> Iterator[_Listed]:
+    matches = sorted(glob.glob(text, recursive=True))
+    if not matches:
+        raise ValueError(f"{text}: the pattern matches no file")
+    for match in matches:
+        if Path(match).is_file() and Path(match).suffix.lower() in IMAGE_SUFFIXES:
+            yield match, Path(match).as_posix(), None, None, (os.path.realpath(match), None)
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> InputList:
     """Expand command-line inputs into images, in a stable order, each file once.
 
     Keys are relative to the folder given, or the path as given for files, patterns and list entries. When
@@ -157,76 +263,129 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[ImageInput]:
     every folder start with the folder as given (``good/img_0.png``), so no image hides another. A file
     reached twice (through a link, or as ``a/x.png`` and ``a/./x.png``) is one input, its first key.
 
+    Memory does not grow with the number of images beyond 8 bytes each while listing (two 32-bit hashes that find
+    repeated files and names, which are then checked exactly) and the names of the largest folder; the list itself
+    is an :class:`InputList`.
+
     Raises:
         ValueError: an input does not exist, two different files would share a key, or nothing was found.
     """
-    groups: list[tuple[Path | None, list[ImageInput]]] = []  # (folder given, its images)
+    listing = _Listing()
     for raw in inputs:
         text = os.fspath(raw)
         path = Path(text)
         if path.is_dir():
-            groups.append((path, _from_folder(path)))
+            listing.add(_from_folder(path), folder=path)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            groups.append((None, _from_list_file(path)))
+            listing.add(_from_list_file(path))
         elif is_stream(path):  # <(ls ...), /dev/stdin: a list of images, one path per line, read once
             with readable_file(path, "list of images") as readable:
-                groups.append((None, _from_list_file(readable, base=Path("."))))
+                listing.add(_from_list_file(readable, base=Path(".")))
         elif path.is_file() and path.suffix.lower() == ".bin":
-            groups.append((None, _from_bin(path)))
+            listing.add(_from_bin(path))
         elif path.is_file():
-            groups.append((None, [ImageInput(path, Path(text).as_posix())]))
+            listing.add(iter([(text, Path(text).as_posix(), None, None, (os.path.realpath(text), None))]))
         elif _is_pattern(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise ValueError(f"{text}: the pattern matches no file")
-            groups.append((None, [ImageInput(Path(m), Path(m).as_posix()) for m in matches
-                                  if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES]))
+            listing.add(_from_pattern(text))
         else:
             raise ValueError(f"{text}: no such file or folder")
-    items = _unique_files([item for _, group in groups for item in group])
-    if _colliding(items) and sum(folder is not None for folder, _ in groups) > 1:
-        groups = [(folder, [_under(folder, item) for item in group] if folder is not None else group)
-                  for folder, group in groups]
-        items = _unique_files([item for _, group in groups for item in group])
-    clashes = _colliding(items)
-    if clashes:
-        examples = "; ".join(f"{key!r}: {', '.join(str(p) for p in paths[:2])}" for key, paths in clashes[:3])
-        raise ValueError(f"{len(clashes)} name(s) stand for different files ({examples}); give them in separate "
-                         "runs, or list them by unique names")
+    items = listing.finish()
     if not items:
         raise ValueError(f"no images found in {', '.join(os.fspath(i) for i in inputs) or '(no input)'}")
     return items
 
 
-def _identity(item: ImageInput) -> tuple[str, int | None]:
-    """What an input is on disk: its real path (and member of a container)."""
-    return os.path.realpath(item.path), item.member
+class _Listing:
+    """The inputs as listed (every group's images, repeats included), with 32-bit hashes of what each is on disk
+    and of its key; :meth:`finish` drops repeated files and refuses keys that name two files, exactly."""
+
+    def __init__(self) -> None:
+        self.raw = InputList()
+        self.identities, self.keys = array.array("I"), array.array("I")
+        self.folders: list[tuple[int, int, Path]] = []  # (start, stop, folder given) of each folder's images
+
+    def add(self, listed: Iterator[_Listed], folder: Path | None = None) -> None:
+        start = len(self.raw)
+        for path, key, member, error, identity in listed:
+            self.raw._add(path, key, member, error)
+            self.identities.append(hash(identity if identity is not None else (len(self.raw),)) & 0xFFFFFFFF)
+            self.keys.append(hash(key) & 0xFFFFFFFF)
+        if folder is not None:
+            self.folders.append((start, len(self.raw), folder))
+
+    def finish(self) -> InputList:
+        dropped = self._repeated_files()
+        prefixed = False
+        clashes = self._clashes(dropped, prefixed)
+        if clashes and len(self.folders) > 1:
+            prefixed = True
+            self.keys = array.array("I", (hash(key) & 0xFFFFFFFF for key in self._keys(prefixed)))
+            clashes = self._clashes(dropped, prefixed)
+        if clashes:
+            examples = "; ".join(f"{key!r}: {', '.join(str(p) for p in paths[:2])}" for key, paths in clashes[:3])
+            raise ValueError(f"{len(clashes)} name(s) stand for different files ({examples}); give them in "
+                             "separate runs, or list them by unique names")
+        items = InputList()
+        for position, ((path, _, member, error), key) in enumerate(zip(self.raw._records, self._keys(prefixed),
+                                                                       strict=True)):
+            if position not in dropped:
+                items._records.append((path, key, member, error))
+        items.close()
+        return items
+
+    def _keys(self, prefixed: bool) -> Iterator[str]:
+        """The keys, those of each folder's images prefixed with the folder as given when ``prefixed``."""
+        folders = iter(self.folders if prefixed else [])
+        start, stop, folder = next(folders, (-1, -1, None))
+        for position, key in enumerate(self.raw.keys()):
+            while position >= stop and start >= 0:
+                start, stop, folder = next(folders, (-1, -1, None))
+            yield f"{folder.as_posix().rstrip('/')}/{key}" if start <= position < stop else key
+
+    def _repeated_files(self) -> set[int]:
+        """Positions of images that are a file listed before (its first listing kept)."""
+        wanted = set(repeated_hashes(np.frombuffer(self.identities, dtype=np.uint32)).tolist())
+        seen: set[tuple[str, int | None]] = set()
+        dropped = set()
+        for position, (path, _, member, error) in enumerate(self.raw._records):
+            if position in wanted and not error:
+                identity = (os.path.realpath(path), int(member) if member else None)
+                if identity in seen:
+                    dropped.add(position)
+                seen.add(identity)
+        return dropped
+
+    def _clashes(self, dropped: set[int], prefixed: bool) -> list[tuple[str, list[Path]]]:
+        """Keys that name more than one file, in the order they are first met."""
+        hashes = np.frombuffer(self.keys, dtype=np.uint32)
+        kept = np.ones(len(hashes), dtype=bool)
+        kept[list(dropped)] = False
+        wanted = set(repeated_hashes(hashes, kept).tolist())
+        paths: dict[str, list[Path]] = {}
+        for position, (record, key) in enumerate(zip(self.raw._records, self._keys(prefixed), strict=True)):
+            if position in wanted:
+                paths.setdefault(key, []).append(Path(record[0]))
+        return [(key, found) for key, found in paths.items() if len(found) > 1]
 
 
-def _unique_files(items: list[ImageInput]) -> list[ImageInput]:
-    seen: set[tuple[str, int | None]] = set()
-    unique = []
-    for item in items:
-        if item.error is None:
-            identity = _identity(item)
-            if identity in seen:
-                continue
-            seen.add(identity)
-        unique.append(item)
-    return unique
-
-
-def _colliding(items: list[ImageInput]) -> list[tuple[str, list[Path]]]:
-    """Keys that name more than one file."""
-    paths: dict[str, list[Path]] = {}
-    for item in items:
-        paths.setdefault(item.key, []).append(item.path)
-    return [(key, found) for key, found in paths.items() if len(found) > 1]
-
-
-def _under(folder: Path, item: ImageInput) -> ImageInput:
-    prefix = folder.as_posix().rstrip("/")
-    return ImageInput(item.path, f"{prefix}/{item.key}", item.member, item.error)
+def repeated_hashes(hashes: np.ndarray, kept: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
+    """Positions whose hash occurs more than once (among ``kept``), in order; looked up in chunks, so the
+    temporaries stay small."""
+    values = hashes[kept] if kept is not None else hashes.copy()
+    values.sort()
+    repeated = np.unique(values[1:][values[1:] == values[:-1]])
+    del values
+    if not len(repeated):
+        return np.zeros(0, dtype=np.int64)
+    found = []
+    for start in range(0, len(hashes), chunk):
+        part = hashes[start:start + chunk]
+        at = np.minimum(np.searchsorted(repeated, part), len(repeated) - 1)
+        hit = repeated[at] == part
+        if kept is not None:
+            hit &= kept[start:start + chunk]
+        found.append(np.flatnonzero(hit) + start)
+    return np.concatenate(found)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -21,6 +21,7 @@ import _compat_pickle
 import contextlib
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -40,11 +41,14 @@ import numpy as np
 __all__ = [
     "NAME_ERRORS",
     "QUALITY_FORMATS",
+    "EmbeddingWriter",
     "LabelTable",
     "LandmarkTable",
+    "RecordFile",
     "UnsafePickleError",
     "atomic_write",
     "check_archive",
+    "chunked",
     "csv_rows",
     "is_stream",
     "load_embeddings",
@@ -60,6 +64,7 @@ __all__ = [
     "warn_repeated",
     "write_csv",
     "write_qualities",
+    "write_quality_rows",
 ]
 
 LANDMARK_COLUMNS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
@@ -171,6 +176,86 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------- record files
+class RecordFile:
+    """Records of ``fields`` strings kept in an anonymous temporary file rather than as Python objects: a list of a
+    million image paths costs a few kB of memory. Records are appended, then read in order (each iteration with a
+    position of its own; any number at once) or by position (through a sparse table of offsets, one per
+    :data:`RecordFile.STRIDE` records). Strings may hold anything but NUL (no path or name can).
+
+    The file disappears when the object is closed or collected.
+    """
+
+    STRIDE = 1024  # records between two remembered offsets
+    _BLOCK = 1 << 16  # bytes written or read at once (a block read is split into its fields: ~6x its size)
+
+    def __init__(self, fields: int) -> None:
+        self.fields = int(fields)
+        self._file = tempfile.TemporaryFile(prefix="aikd-records-")
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._size = 0  # bytes written (flushed or not)
+        self._count = 0
+        self._offsets: list[int] = []  # the offset of every STRIDE-th record
+
+    def append(self, record: Sequence[str]) -> None:
+        if len(record) != self.fields:
+            raise ValueError(f"a record of {len(record)} fields, expected {self.fields}")
+        if self._count % self.STRIDE == 0:
+            self._offsets.append(self._size)
+        if any("\0" in field for field in record):
+            raise ValueError("a record field holds a NUL character")
+        data = b"".join(field.encode("utf-8", NAME_ERRORS) + b"\0" for field in record)
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self._size += len(data)
+        self._count += 1
+        if self._buffered >= self._BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._file.write(b"".join(self._buffer))
+            self._file.flush()
+            self._buffer, self._buffered = [], 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return self.records(0)
+
+    def records(self, start: int = 0) -> Iterator[tuple[str, ...]]:
+        """The records from position ``start`` on, in order."""
+        self.flush()
+        block = start // self.STRIDE
+        if block >= len(self._offsets):
+            return
+        skip, offset, pending, fields = start - block * self.STRIDE, self._offsets[block], b"", []
+        fd, size = self._file.fileno(), self._size
+        while offset < size:
+            data = pending + os.pread(fd, min(self._BLOCK, size - offset), offset)
+            offset += len(data) - len(pending)
+            parts = data.split(b"\0")
+            pending = parts.pop()
+            for part in parts:
+                fields.append(part.decode("utf-8", NAME_ERRORS))
+                if len(fields) == self.fields:
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield tuple(fields)
+                    fields = []
+
+    def __getitem__(self, position: int) -> tuple[str, ...]:
+        if not -self._count <= position < self._count:
+            raise IndexError(f"record {position} of {self._count}")
+        return next(self.records(position % self._count))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # ----------------------------------------------------------------------------------------- restricted pickle
@@ -554,26 +639,47 @@ def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Seq
     ``columns`` (name -> one value per key) adds columns after ``quality`` (CSV) or keys (JSONL), e.g. a
     calibration's ``expected_fnmr`` and ``quality_100``; the official pickle has no room for them.
     """
-    fmt = quality_format(path, fmt)
-    values = [shortest_float32(q) for q in qualities]
     columns = {name: list(column) for name, column in (columns or {}).items()}
+    extra = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)] if columns else None
+    rows = ((key, q, extra[i] if extra else None) for i, (key, q) in enumerate(zip(keys, qualities, strict=True)))
+    write_quality_rows(path, rows, fmt, list(columns))
+
+
+def write_quality_rows(path: str | os.PathLike, rows: Iterable[tuple[str, float, Mapping[str, Any] | None]],
+                       fmt: str | None = None, columns: Sequence[str] = ()) -> int:
+    """:func:`write_qualities` from rows ``(key, quality, extra columns or None)`` as they come: CSV and JSONL are
+    written row by row (memory does not grow with the number of rows); the official pickle, one dict, is built
+    whole. Returns the number of rows."""
+    fmt = quality_format(path, fmt)
     if columns and fmt == "pickle":
         raise ValueError(f"{path}: the official pickle holds one score per image; write CSV or JSONL for the "
                          f"columns {', '.join(columns)}")
-    extra = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)] if columns else None
-    if fmt == "csv":
-        rows = ([key, repr(q), *(extra[i].values() if extra else ())]
-                for i, (key, q) in enumerate(zip(keys, values, strict=True)))
-        write_csv(path, ("path", "quality", *columns), rows)
-    elif fmt == "pickle":
+    count = 0
+    if fmt == "pickle":
         # A plain dict of str -> float: nothing a restricted unpickler would refuse.
-        data = {str(key): float(q) for key, q in zip(keys, values, strict=True)}
+        data = {str(key): float(shortest_float32(q)) for key, q, _ in rows}
         with atomic_write(path, "wb") as handle:
             handle.write(pickle.dumps(data, protocol=4))
-    else:
-        with atomic_write(path) as handle:
-            for i, (key, q) in enumerate(zip(keys, values, strict=True)):
-                handle.write(json.dumps({"path": key, "quality": q, **(extra[i] if extra else {})}) + "\n")
+        return len(data)
+    with atomic_write(path) as handle:
+        if fmt == "csv":
+            writer = csv.writer(handle)
+            writer.writerow(("path", "quality", *columns))
+            for key, q, extra in rows:
+                writer.writerow([key, repr(shortest_float32(q)), *(extra.values() if extra else ())])
+                count += 1
+        else:
+            for key, q, extra in rows:
+                handle.write(json.dumps({"path": key, "quality": shortest_float32(q), **(extra or {})}) + "\n")
+                count += 1
+    return count
+
+
+def chunked(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``values`` in lists of ``size`` (the last may be shorter), as they come."""
+    iterator = iter(values)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 # ------------------------------------------------------------------------------------------------ archives
@@ -630,6 +736,83 @@ def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: n
         raise ValueError(f"embeddings must be (N, D) with N = {len(paths)}, got {embeddings.shape}")
     with atomic_write(path, "wb") as handle:
         np.savez(handle, paths=np.asarray(list(paths), dtype=str), embeddings=embeddings)
+
+
+class EmbeddingWriter:
+    """An embedding file written as the embeddings come (:func:`save_embeddings`' format, the same bytes but the
+    zip members' dates): the names and vectors go to temporary files beside ``path`` and are copied into the
+    ``.npz`` by :meth:`close`, so memory does not grow with their number.
+
+        with EmbeddingWriter("emb.npz", 512) as writer:
+            for key, vector in results:
+                writer.add(key, vector)
+
+    An exception inside the ``with`` block leaves ``path`` as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int) -> None:
+        self.path, self.dim, self.count, self._longest = Path(path), int(dim), 0, 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._names = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name[:200]}.")
+        self._vectors = tempfile.TemporaryFile(dir=self.path.parent, prefix=f".{self.path.name[:200]}.")
+
+    def add(self, key: str, vector: np.ndarray) -> None:
+        vector = np.ascontiguousarray(vector, dtype=np.float32).ravel()
+        if vector.size != self.dim:
+            raise ValueError(f"embedding of {key!r} has {vector.size} values, expected {self.dim}")
+        name = key.encode("utf-32-le", "surrogatepass")
+        self._names.write(len(name).to_bytes(4, "little") + name)
+        self._vectors.write(vector.tobytes())
+        self._longest = max(self._longest, len(key))
+        self.count += 1
+
+    def close(self) -> None:
+        """Write the ``.npz`` (atomically) and remove the temporary files."""
+        try:
+            with atomic_write(self.path, "wb") as handle, zipfile.ZipFile(handle, mode="w",
+                                                                          compression=zipfile.ZIP_STORED,
+                                                                          allowZip64=True) as archive:
+                with archive.open("paths.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(member, {"descr": f"<U{self._longest}",
+                                                                  "fortran_order": False, "shape": (self.count,)})
+                    self._copy_names(member)
+                with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                                  "shape": (self.count, self.dim)})
+                    self._vectors.seek(0)
+                    while block := self._vectors.read(1 << 22):
+                        member.write(block)
+        finally:
+            self.discard()
+
+    def _copy_names(self, member: IO[bytes]) -> None:
+        """Each name UTF-32 encoded and padded with NULs to the longest, as numpy stores a ``<U`` array."""
+        width = 4 * self._longest
+        self._names.seek(0)
+        pending = b""
+        while block := self._names.read(1 << 22):
+            data, start, out = pending + block, 0, []
+            while start + 4 <= len(data):
+                size = int.from_bytes(data[start:start + 4], "little")
+                if start + 4 + size > len(data):
+                    break
+                out.append(data[start + 4:start + 4 + size].ljust(width, b"\0"))
+                start += 4 + size
+            pending = data[start:]
+            member.write(b"".join(out))
+
+    def discard(self) -> None:
+        self._names.close()
+        self._vectors.close()
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:

@@ -23,6 +23,10 @@ options of the first run).
 from __future__ import annotations
 
 import argparse
+import array
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
@@ -37,10 +41,10 @@ from aikd.commands.options import (
     job_options,
     protected_inputs,
 )
-from aikd.images import ImageInput, collect_inputs
+from aikd.images import ImageInput, InputList, collect_inputs, repeated_hashes
 from aikd.io import atomic_write
 from aikd.pipeline.crops import FaceCropper
-from aikd.pipeline.jobs import ItemResult, JobOptions, finish_job, run_job
+from aikd.pipeline.jobs import InputPaths, ItemResult, JobOptions, finish_job, read_journal, run_job
 from aikd.pipeline.outputs import claimed_output, journal_dir
 
 __all__ = ["FORMATS", "add_arguments", "crop_path", "run"]
@@ -71,22 +75,43 @@ def crop_path(output: Path, key: str, suffix: str) -> Path:
     return output.joinpath(*parts).with_suffix(suffix)
 
 
-def _targets(items: list[ImageInput], output: Path, suffix: str) -> dict[str, Path]:
-    """Crop path per key; refuses two images mapping to one crop and a crop replacing an input."""
-    targets: dict[str, Path] = {}
-    owner: dict[Path, str] = {}
-    inputs = {item.path.resolve() for item in items}
+def _check_targets(items: InputList, output: Path, suffix: str) -> None:
+    """Refuse two images mapping to one crop and a crop replacing an input; in a few passes over ``items`` with
+    32-bit hashes (8 bytes an image), every hit checked exactly, so memory does not grow with the images."""
+    targets = array.array("I")
+    existing = array.array("I")  # file identities of the crops already there (--resume)
     for item in items:
         target = crop_path(output, item.key, suffix)
-        if target in owner:
-            raise ValueError(f"images {owner[target]!r} and {item.key!r} would both be written to {target}; "
-                             "rename one, or align them in separate runs")
-        if target.resolve() in inputs:
-            raise ValueError(f"the crop of {item.key!r} would overwrite the input image {target}; "
-                             "choose another output folder")
-        owner[target] = item.key
-        targets[item.key] = target
-    return targets
+        targets.append(hash(target) & 0xFFFFFFFF)
+        with contextlib.suppress(OSError):
+            existing.append(_identity_hash(os.stat(target)))
+    repeated = set(repeated_hashes(np.frombuffer(targets, dtype=np.uint32)).tolist())
+    owner: dict[Path, str] = {}
+    suspects = set()  # resolved inputs that may be a crop: the same file identity as one, or missing
+    known = np.unique(np.frombuffer(existing, dtype=np.uint32))
+    for position, item in enumerate(items):
+        if position in repeated:
+            target = crop_path(output, item.key, suffix)
+            if target in owner:
+                raise ValueError(f"images {owner[target]!r} and {item.key!r} would both be written to {target}; "
+                                 "rename one, or align them in separate runs")
+            owner[target] = item.key
+        try:
+            identity = _identity_hash(os.stat(item.path))
+            if len(known) and known[min(np.searchsorted(known, identity), len(known) - 1)] == identity:
+                suspects.add(item.path.resolve())
+        except OSError:
+            suspects.add(item.path.resolve())
+    if suspects:
+        for item in items:
+            target = crop_path(output, item.key, suffix)
+            if target.resolve() in suspects:
+                raise ValueError(f"the crop of {item.key!r} would overwrite the input image {target}; "
+                                 "choose another output folder")
+
+
+def _identity_hash(info: os.stat_result) -> int:
+    return hash((info.st_dev, info.st_ino)) & 0xFFFFFFFF
 
 
 def _encode(crop: np.ndarray, suffix: str) -> bytes:
@@ -112,26 +137,29 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs)
     output: Path = args.output
     suffix = FORMATS[args.format]
-    targets = _targets(items, output, suffix)
+    _check_targets(items, output, suffix)
     claim = _output_folder_job(output, job)
     prepare = FaceCropper(crop, items=items, workers=job.workers)  # 112x112 ArcFace crops
 
     def process_batch(crops: list[np.ndarray], batch: list[ImageInput]) -> list[ItemResult]:
         results = []
         for crop_image, item in zip(crops, batch, strict=True):
-            target = targets[item.key]
+            target = crop_path(output, item.key, suffix)
             with atomic_write(target, "wb") as handle:
                 handle.write(_encode(crop_image, suffix))
             results.append(ItemResult(rows=[[target.relative_to(output).as_posix()]]))
         return results
 
-    def load_previous(folder: Path) -> dict[str, ItemResult]:
-        return {key: ItemResult(rows=[[target.relative_to(output).as_posix()]])
-                for key, target in targets.items() if target.is_file()}
+    def load_previous(folder: Path) -> Iterator[tuple[str, ItemResult]]:
+        for item in items:
+            target = crop_path(output, item.key, suffix)
+            if target.is_file():
+                yield item.key, ItemResult(rows=[[target.relative_to(output).as_posix()]])
 
     settings = {"command": "align", "crop": crop.record(), "format": args.format}
     with claimed_output(output, settings, resume=claim.resume, overwrite=claim.overwrite,
-                        inputs=protected_inputs(args, items)):
-        results = run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
-                          resume=job.resume, prepare=prepare, load_previous=load_previous, desc="align")
-        return finish_job(items, results, output, lambda good: None, verb="aligned").exit_code
+                        inputs=InputPaths(items, protected_inputs(args))):
+        run_job(items, process_batch, output, batch_size=job.batch_size, workers=job.workers,
+                resume=job.resume, prepare=prepare, load_previous=load_previous, desc="align")
+        return finish_job(items, read_journal(output, previous="previous0"), output, lambda good: None,
+                          verb="aligned").exit_code

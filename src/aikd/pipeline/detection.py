@@ -16,7 +16,7 @@ post-processing then run in parallel too (measured: docs/speed.md). No torch is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,10 +123,10 @@ class DetectTask:
     def after_pass(self, dist: Distributed) -> None:
         pass
 
-    def finish(self, results: dict[str, ItemResult]) -> None:
+    def finish(self, results: MutableMapping[str, ItemResult]) -> None:
         pass
 
-    def write(self, good: list[tuple[ImageInput, ItemResult]]) -> None:
+    def write(self, good: Iterable[tuple[ImageInput, ItemResult]]) -> None:
         write_csv(self.output, detection_columns(self.options.all_faces),
                   ([item.key, *row] for item, result in good for row in result.rows))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from aikd.evaluation.metrics import l2_normalise
 from aikd.images import ImageInput
 from aikd.inference.engine import InferenceOptions
-from aikd.io import load_embeddings, save_embeddings
+from aikd.io import EmbeddingWriter, load_embeddings
 from aikd.pipeline.crops import CropOptions
 from aikd.pipeline.faces import FacePipeline
 from aikd.pipeline.jobs import ItemResult
@@ -81,10 +81,11 @@ class EmbedTask:
             print(f"warning: {resized} input(s) were not {height}x{width} aligned crops and were resized; pass "
                   "--landmarks FILE or --detect to align photos", file=sys.stderr)
 
-    def finish(self, results: dict[str, ItemResult]) -> None:
+    def finish(self, results: MutableMapping[str, ItemResult]) -> None:
         pass
 
-    def write(self, good: list[tuple[ImageInput, ItemResult]]) -> None:
-        vectors = [result.vector for _, result in good]
-        save_embeddings(self.output, [item.key for item, _ in good], np.stack(vectors) if vectors else
-                        np.zeros((0, self.pipeline.engine.embedding_size), np.float32))
+    def write(self, good: Iterable[tuple[ImageInput, ItemResult]]) -> None:
+        """The ``.npz``, written as the embeddings come (:class:`aikd.io.EmbeddingWriter`)."""
+        with EmbeddingWriter(self.output, self.pipeline.engine.embedding_size) as writer:
+            for item, result in good:
+                writer.add(item.key, result.vector)

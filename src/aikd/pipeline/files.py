@@ -16,14 +16,15 @@ A :class:`FileTask` says what is done with each image and how the output is writ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from aikd.images import ImageInput
-from aikd.pipeline.jobs import ItemResult, JobOptions, finish_sharded, run_job
+from aikd.pipeline.jobs import InputPaths, ItemResult, JobOptions, TaskFactory, finish_sharded, run_job
 from aikd.pipeline.outputs import claimed_output
 
 if TYPE_CHECKING:
@@ -60,17 +61,21 @@ class FileTask(Protocol):
     def process(self, batch: list[np.ndarray], items: list[ImageInput]) -> list[ItemResult]:
         """A batch of prepared images -> one result each."""
 
-    def load_previous(self, output: Path) -> dict[str, ItemResult]:
-        """The results a finished earlier output holds (``--resume`` skips those images)."""
+    def load_previous(self, output: Path) -> Mapping[str, ItemResult] | Iterable[tuple[str, ItemResult]]:
+        """The results a finished earlier output holds (``--resume`` skips those images): a mapping, or
+        ``(key, result)`` pairs as they are read."""
 
     def after_pass(self, dist: Distributed) -> None:
         """On every rank, once its share is done (a place for collectives: counts summed over ranks)."""
 
-    def finish(self, results: dict[str, ItemResult]) -> None:
-        """On rank 0, with every rank's results, before writing: a pass over the whole set (may update them)."""
+    def finish(self, results: MutableMapping[str, ItemResult]) -> None:
+        """On rank 0, with every rank's results (read from the journal as they are asked for), before writing: a
+        pass over the whole set (may update them)."""
 
-    def write(self, good: list[tuple[ImageInput, ItemResult]]) -> None:
-        """Write the output (and side outputs) from the images that succeeded, in input order."""
+    def write(self, good: Iterable[tuple[ImageInput, ItemResult]]) -> None:
+        """Write the output (and side outputs) from the images that succeeded, in input order: ``good`` is an
+        iterator, read once, as the results come back from disk (a writer that keeps them all in memory makes
+        memory grow with the number of images)."""
 
 
 def _process_preparer(task: FileTask, job: JobOptions, dist: Distributed) -> Any:
@@ -91,8 +96,9 @@ def _process_preparer(task: FileTask, job: JobOptions, dist: Distributed) -> Any
 TaskBuilder = Callable[["Distributed"], FileTask]  # builds the task (loads its model) on this rank's device
 
 
-def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build: TaskBuilder, *,
-              device: str | None = "auto", device_backend: str = "torch", protected: Sequence[Path] = ()) -> int:
+def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build: TaskBuilder | None = None, *,
+              factory: TaskFactory | None = None, device: str | None = "auto", device_backend: str = "torch",
+              protected: Sequence[Path] = ()) -> int:
     """Run ``build``'s task over ``items`` into ``output``; returns the exit status (0 all done, 1 some failed).
 
     Args:
@@ -100,6 +106,8 @@ def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build:
         output: the output file.
         job: batch size default, decode threads, ``resume``/``overwrite``.
         build: makes the task on this rank's device (it loads the model there).
+        factory: instead of ``build``: the task class with its options bound, called with ``(dist, items,
+            workers)`` (``functools.partial(ScoreTask, options, output, crop, inference)``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; under torchrun ``cuda`` is each rank's own GPU. ``None``:
             the task runs no model (detection): one process on the CPU, torch not imported.
         device_backend: ``onnxruntime`` when the model is an ONNX file (the device is then resolved without torch).
@@ -112,18 +120,24 @@ def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build:
 
     from aikd.runtime import Distributed, distributed
 
+    if build is None:
+        if factory is None:
+            raise TypeError("run_files needs build or factory")
+        build = functools.partial(_with_items, factory, items, job.workers)
     alone = contextlib.nullcontext(Distributed())  # no model device: one process on the CPU, no torch
     with distributed(device, backend=device_backend) if device is not None else alone as dist:
         task = build(dist)
         with claimed_output(output, task.settings(), resume=job.resume, overwrite=job.overwrite, dist=dist,
-                            inputs=[item.path for item in items] + list(protected),
-                            side_outputs=task.side_outputs()):
-            results = {}
+                            inputs=InputPaths(items, protected), side_outputs=task.side_outputs()):
             if task.reads_images:
                 preparer = _process_preparer(task, job, dist)
-                results = run_job(items, task.process, output, batch_size=task.batch_size, workers=job.workers,
-                                  resume=job.resume, prepare=preparer or task.prepare, rank=dist.rank,
-                                  world_size=dist.world_size, load_previous=task.load_previous, desc=task.desc,
-                                  processes=preparer is not None)
+                run_job(items, task.process, output, batch_size=task.batch_size, workers=job.workers,
+                        resume=job.resume, prepare=preparer or task.prepare, rank=dist.rank,
+                        world_size=dist.world_size, load_previous=task.load_previous, desc=task.desc,
+                        processes=preparer is not None)
             task.after_pass(dist)
-            return finish_sharded(dist, items, results, output, task.write, verb=task.verb, before_write=task.finish)
+            return finish_sharded(dist, items, output, task.write, verb=task.verb, before_write=task.finish)
+
+
+def _with_items(factory: TaskFactory, items: Sequence[ImageInput], workers: int, dist: Distributed) -> FileTask:
+    return factory(dist, items, workers)

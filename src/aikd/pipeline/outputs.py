@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,9 +216,36 @@ def claimed_files(files: Sequence[tuple[str, Path]], overwrite: bool = False,
         lock.release()
 
 
+def _among(inputs: Iterable[Path | str], targets: Sequence[Path]) -> dict[Path, list[Path]]:
+    """The first of ``inputs`` that is each of ``targets`` (the same resolved path), in one pass of one ``stat`` per
+    input: a run of millions of images is checked in seconds, without a list of them in memory. Only an input with
+    the same file identity as an existing target, or one that does not exist (a missing target's equal), is
+    resolved."""
+    resolved = {target: target.resolve() for target in targets}
+    existing: dict[tuple[int, int], list[Path]] = {}
+    missing: dict[Path, list[Path]] = {}
+    for target, real in resolved.items():
+        try:
+            info = os.stat(real)
+            existing.setdefault((info.st_dev, info.st_ino), []).append(target)
+        except OSError:
+            missing.setdefault(real, []).append(target)
+    found: dict[Path, list[Path]] = {}
+    for path in inputs:
+        try:
+            info = os.stat(path)
+            candidates = existing.get((info.st_dev, info.st_ino), [])
+        except OSError:
+            candidates = missing.get(Path(path).resolve(), []) if missing else []
+        for target in candidates:
+            if target not in found and Path(path).resolve() == resolved[target]:
+                found[target] = [Path(path)]
+    return found
+
+
 @contextlib.contextmanager
 def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = False, overwrite: bool = False,
-                   dist: Distributed | None = None, inputs: Sequence[Path | str] = (),
+                   dist: Distributed | None = None, inputs: Iterable[Path | str] = (),
                    side_outputs: Sequence[tuple[str, Path]] = ()) -> Iterator[OutputLock | None]:
     """Everything a per-image command checks before it writes ``output``: a sound path that is none of the
     ``inputs`` (images, landmarks, labels...), an exclusive lock, no result replaced or mixed
@@ -232,14 +259,15 @@ def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = Fal
     claimed: list[OutputLock] = []
 
     def check() -> None:
-        check_output_path(output, inputs)
+        found = _among(inputs, [output, errors_path(output), record_path(output), *(p for _, p in side_outputs)])
+        check_output_path(output, found.get(output, ()))
         for side in (errors_path(output), record_path(output)):
-            check_output_path(side, inputs, "-o")
+            check_output_path(side, found.get(side, ()), "-o")
             check_plain_file(side, "-o (its side file)")
         for option, path in side_outputs:
             if path.resolve() in {output.resolve(), errors_path(output).resolve(), record_path(output).resolve()}:
                 raise ValueError(f"{option} must name a different file than -o/--output and its side files")
-            check_side_output(path, option, resume, overwrite, inputs)
+            check_side_output(path, option, resume, overwrite, found.get(path, ()))
         check_output(output, resume, overwrite, remove_empty_journal=False)
         if resume:
             check_same_job(output, settings)

@@ -18,7 +18,7 @@ SDD-FIQA file (:mod:`aikd.models.released`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,17 +30,17 @@ from aikd.images import ImageInput
 from aikd.inference.engine import InferenceOptions
 from aikd.io import (
     QUALITY_FORMATS,
+    EmbeddingWriter,
     atomic_write,
     load_embeddings,
     quality_format,
     read_labels,
-    save_embeddings,
     shortest_float32,
-    write_qualities,
+    write_quality_rows,
 )
 from aikd.pipeline.crops import CropOptions
 from aikd.pipeline.faces import FacePipeline
-from aikd.pipeline.jobs import ItemResult
+from aikd.pipeline.jobs import ItemResult, chunked
 
 if TYPE_CHECKING:
     from aikd.runtime import Distributed
@@ -152,24 +152,41 @@ class ScoreTask:
     def finish(self, results: dict[str, ItemResult]) -> None:
         pass
 
-    def write(self, good: list[tuple[ImageInput, ItemResult]]) -> None:
-        keys = [item.key for item, _ in good]
-        qualities = [result.rows[0][0] for _, result in good]
-        columns = None
-        if self.calibration is not None:  # from the quality as written, so a reader of the file gets the same
-            applied = self.calibration.apply(np.asarray(qualities, dtype=np.float64))
-            columns = {"expected_fnmr": [shortest_float32(v) for v in applied["expected_fnmr"]],
-                       "quality_100": applied["quality_100"].tolist()}
-        if self.options.format == OFIQ:
-            write_ofiq(self.output, [item.key for item in self.items] or keys,
-                       dict(zip(keys, zip(qualities, columns["quality_100"], strict=True), strict=True)))
-        else:
-            write_qualities(self.output, keys, qualities, self.options.format, columns)
-        if self.options.embeddings is not None:
-            vectors = [result.vector for _, result in good]
-            dim = self.pipeline.engine.embedding_size
-            save_embeddings(self.options.embeddings, keys, np.stack(vectors) if vectors else
-                            np.zeros((0, dim), np.float32))
+    def write(self, good: Iterable[tuple[ImageInput, ItemResult]]) -> None:
+        """The score file (and the embeddings) from the images scored, in input order, written as they come: CSV,
+        JSONL and the embeddings row by row (:func:`aikd.io.write_quality_rows`, :class:`aikd.io.EmbeddingWriter`),
+        so memory does not grow with their number; the official pickle and the OFIQ layout are built whole."""
+        embeddings = (EmbeddingWriter(self.options.embeddings, self.pipeline.engine.embedding_size)
+                      if self.options.embeddings is not None else None)
+        try:
+            rows = self._rows(good, embeddings)
+            if self.options.format == OFIQ:
+                scored = {key: (quality, columns["quality_100"]) for key, quality, columns in rows}
+                write_ofiq(self.output, [item.key for item in self.items] or list(scored), scored)
+            else:
+                columns = ("expected_fnmr", "quality_100") if self.calibration is not None else ()
+                write_quality_rows(self.output, rows, self.options.format, columns)
+            if embeddings is not None:
+                embeddings.close()
+        finally:
+            if embeddings is not None:
+                embeddings.discard()
+
+    def _rows(self, good: Iterable[tuple[ImageInput, ItemResult]], embeddings: EmbeddingWriter | None,
+              chunk: int = 512) -> Iterator[tuple[str, float, dict[str, Any] | None]]:
+        """``(key, quality, calibrated columns or None)`` of each image, the calibration applied a chunk at a time
+        (from the quality as written, so a reader of the file gets the same); each embedding is added on the way."""
+        for part in chunked(good, chunk):
+            qualities = [result.rows[0][0] for _, result in part]
+            extra: list[dict[str, Any] | None] = [None] * len(part)
+            if self.calibration is not None:
+                applied = self.calibration.apply(np.asarray(qualities, dtype=np.float64))
+                extra = [{"expected_fnmr": shortest_float32(fnmr), "quality_100": scalar} for fnmr, scalar
+                         in zip(applied["expected_fnmr"], applied["quality_100"].tolist(), strict=True)]
+            for (item, result), quality, columns in zip(part, qualities, extra, strict=True):
+                if embeddings is not None:
+                    embeddings.add(item.key, result.vector)
+                yield item.key, quality, columns
 
 
 def _quality_engine(inference: InferenceOptions, checkpoint: Path, arch: str | None, device: Any) -> Any:
