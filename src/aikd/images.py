@@ -1,7 +1,7 @@
 """Image inputs: turn command-line arguments into a list of images, and decode any image to RGB uint8.
 
 Inputs may be image files, folders (searched recursively), glob patterns, list files (``.txt`` with
-one path per line, ``.csv`` with a ``path`` column), or insightface validation ``.bin`` sets (each image
+one path per line, ``.csv`` or ``.parquet`` with a ``path`` column), or insightface validation ``.bin`` sets (each image
 keyed ``NAME.bin#000123``, as their pairs name them). Each image gets a *key*: its path relative to the
 folder it was found in, or the path exactly as given for files, patterns and list entries. Keys are
 what output files contain and what a landmarks file is matched against (:mod:`aikd.names`).
@@ -14,6 +14,7 @@ converted to 8-bit RGB, and EXIF orientation is applied (as OpenCV's ``imread`` 
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import glob
 import io
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv"})
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv", ".parquet"})
 # Far above any face photo (a 100 MP camera frame), far below what exhausts memory when decoded.
 MAX_PIXELS = 120_000_000
 
@@ -206,10 +207,32 @@ def _from_list_file(list_file: Path, base: Path | None = None) -> Iterator[_List
     """The images a list file names, read as they come; relative entries are relative to the list's folder (or
     ``base``)."""
     base = list_file.parent if base is None else base
-    with open_text(list_file, "list of images") as handle:
-        for name in _list_names(handle, list_file):
+    with contextlib.ExitStack() as stack:
+        if list_file.suffix.lower() == ".parquet":
+            names = _parquet_names(list_file)
+        else:
+            names = _list_names(stack.enter_context(open_text(list_file, "list of images")), list_file)
+        for name in names:
             path = name if os.path.isabs(name) else os.path.join(base, name)
             yield path, name, None, None, (os.path.realpath(path), None)
+
+
+def _parquet_names(list_file: Path) -> Iterator[str]:
+    """The ``path`` column of a Parquet manifest (needs pyarrow: the ray extra), a row group at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{list_file}: reading a Parquet list of images needs pyarrow (pip install "
+                         "'aikd[ray]')") from None
+    try:
+        manifest = pq.ParquetFile(list_file)
+        if "path" not in manifest.schema_arrow.names:
+            raise ValueError(f"{list_file}: a Parquet list of images needs a path column; it has "
+                             f"{', '.join(manifest.schema_arrow.names)}")
+        for batch in manifest.iter_batches(columns=["path"], batch_size=8192):
+            yield from (name.strip() for name in batch.column(0).to_pylist() if name and name.strip())
+    except OSError as err:
+        raise ValueError(f"{list_file}: not a Parquet file ({err})") from None
 
 
 def _list_names(handle: IO[str], list_file: Path) -> Iterator[str]:

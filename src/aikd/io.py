@@ -585,6 +585,8 @@ def _read_labels(path: Path, column: str, fmt: str) -> LabelTable:
         return LabelTable(names, scores)
     if fmt == "jsonl":
         return _read_jsonl_qualities(path, column)
+    if fmt == "parquet":
+        return _read_parquet_qualities(path, column)
     quick = _read_csv_fast(path, (column,), np.float64)
     if quick is not None:
         return LabelTable(quick[0].tolist(), quick[1][:, 0])
@@ -612,12 +614,15 @@ def _read_jsonl_qualities(path: Path, column: str) -> LabelTable:
 
 
 # ------------------------------------------------------------------------------------------ quality files
-QUALITY_FORMATS = ("csv", "pickle", "jsonl")
-_SUFFIX_FORMATS = {".csv": "csv", ".pkl": "pickle", ".pickle": "pickle", ".p": "pickle", ".jsonl": "jsonl"}
+QUALITY_FORMATS = ("csv", "pickle", "jsonl", "parquet")
+_SUFFIX_FORMATS = {".csv": "csv", ".pkl": "pickle", ".pickle": "pickle", ".p": "pickle", ".jsonl": "jsonl",
+                   ".parquet": "parquet"}
+PARQUET_ROWS = 65_536  # rows per Parquet row group (the rows held at once while writing)
 
 
 def quality_format(path: str | os.PathLike, requested: str | None = None) -> str:
-    """``requested`` if given, else from the suffix (``.pkl``/``.pickle``/``.p`` -> pickle, ``.jsonl``), else csv."""
+    """``requested`` if given, else from the suffix (``.pkl``/``.pickle``/``.p`` -> pickle, ``.jsonl``,
+    ``.parquet``), else csv."""
     if requested is not None:
         if requested not in QUALITY_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(QUALITY_FORMATS)}, got {requested!r}")
@@ -633,8 +638,8 @@ def shortest_float32(value: float) -> float:
 def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Sequence[float],
                     fmt: str | None = None, columns: Mapping[str, Sequence[Any]] | None = None) -> None:
     """Write a quality table atomically, in the given order: ``csv`` (path,quality), ``pickle`` (the official
-    ``{path: score}`` dict) or ``jsonl``; each value as the shortest decimal of its float32, so every format
-    reads back exactly (:func:`read_labels`).
+    ``{path: score}`` dict), ``jsonl`` or ``parquet`` (needs pyarrow: the ray extra); each value as the shortest
+    decimal of its float32, so every format reads back exactly (:func:`read_labels`).
 
     ``columns`` (name -> one value per key) adds columns after ``quality`` (CSV) or keys (JSONL), e.g. a
     calibration's ``expected_fnmr`` and ``quality_100``; the official pickle has no room for them.
@@ -648,8 +653,8 @@ def write_qualities(path: str | os.PathLike, keys: Sequence[str], qualities: Seq
 def write_quality_rows(path: str | os.PathLike, rows: Iterable[tuple[str, float, Mapping[str, Any] | None]],
                        fmt: str | None = None, columns: Sequence[str] = ()) -> int:
     """:func:`write_qualities` from rows ``(key, quality, extra columns or None)`` as they come: CSV and JSONL are
-    written row by row (memory does not grow with the number of rows); the official pickle, one dict, is built
-    whole. Returns the number of rows."""
+    written row by row and Parquet a row group at a time (memory does not grow with the number of rows); the
+    official pickle, one dict, is built whole. Returns the number of rows."""
     fmt = quality_format(path, fmt)
     if columns and fmt == "pickle":
         raise ValueError(f"{path}: the official pickle holds one score per image; write CSV or JSONL for the "
@@ -661,6 +666,8 @@ def write_quality_rows(path: str | os.PathLike, rows: Iterable[tuple[str, float,
         with atomic_write(path, "wb") as handle:
             handle.write(pickle.dumps(data, protocol=4))
         return len(data)
+    if fmt == "parquet":
+        return _write_parquet_qualities(path, rows, columns)
     with atomic_write(path) as handle:
         if fmt == "csv":
             writer = csv.writer(handle)
@@ -675,11 +682,47 @@ def write_quality_rows(path: str | os.PathLike, rows: Iterable[tuple[str, float,
     return count
 
 
+def _write_parquet_qualities(path: str | os.PathLike, rows: Iterable[tuple[str, float, Mapping[str, Any] | None]],
+                             columns: Sequence[str]) -> int:
+    """``path``, ``quality`` (float64 of the shortest float32 decimal, the value a CSV reader gets) and ``columns``,
+    a row group of :data:`PARQUET_ROWS` at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    count, writer = 0, None
+    with atomic_write(path, "wb") as handle:
+        for chunk in chunked(rows, PARQUET_ROWS):
+            table = {"path": [key for key, _, _ in chunk], "quality": [shortest_float32(q) for _, q, _ in chunk]}
+            table.update({name: [extra[name] for _, _, extra in chunk] for name in columns})
+            batch = pa.table(table)
+            writer = writer or pq.ParquetWriter(handle, batch.schema)
+            writer.write_table(batch)
+            count += len(chunk)
+        if writer is None:
+            pq.write_table(pa.table({"path": pa.array([], pa.string()), "quality": pa.array([], pa.float64()),
+                                     **{name: pa.array([], pa.float64()) for name in columns}}), handle)
+        else:
+            writer.close()
+    return count
+
+
 def chunked(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """``values`` in lists of ``size`` (the last may be shorter), as they come."""
     iterator = iter(values)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
+
+
+def _read_parquet_qualities(path: Path, column: str) -> LabelTable:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["path", column])
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not a quality table with path and {column} ({err})") from None
+    names = [str(name) for name in table.column("path").to_pylist()]
+    scores = np.array([math.nan if v is None else float(v) for v in table.column(column).to_pylist()], np.float64)
+    return LabelTable(names, scores)
 
 
 # ------------------------------------------------------------------------------------------------ archives

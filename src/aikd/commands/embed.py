@@ -26,12 +26,14 @@ from pathlib import Path
 
 from aikd.commands.options import (
     add_crop_arguments,
+    add_engine_arguments,
     add_inference_arguments,
     add_input_arguments,
     crop_options,
     inference_options,
     job_options,
     protected_inputs,
+    ray_options,
 )
 from aikd.images import collect_inputs
 
@@ -51,10 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedding file, .npz with paths and embeddings (default: %(default)s)")
     add_crop_arguments(parser)
     add_inference_arguments(parser)
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``aikd embed``: 0 when every image was embedded, 1 when some failed (listed in the errors file)."""
+    import functools
+
     from aikd.pipeline.embedding import EmbedTask
     from aikd.pipeline.files import run_files
     from aikd.runtime import use_fastest_convolutions
@@ -62,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     job, crop, inference = job_options(args), crop_options(args), inference_options(args)
     items = collect_inputs(args.inputs)
     use_fastest_convolutions()
-    return run_files(items, args.output, job,
-                     lambda dist: EmbedTask(args.weights, args.arch, args.output, crop, inference, dist, items,
-                                            job.workers),
-                     device=inference.device, protected=protected_inputs(args))
+    factory = functools.partial(EmbedTask, args.weights, args.arch, args.output, crop, inference)
+    return run_files(items, args.output, job, factory=factory, ray=ray_options(args), device=inference.device,
+                     protected=protected_inputs(args))

@@ -5,7 +5,8 @@
 - cropping: ``--landmarks``/``--detect``/``--aligned``, ``--misalign``, ``--seed`` ->
   :class:`aikd.pipeline.crops.CropOptions`;
 - inference: ``--device``, ``--precision``, ``--backend``, ``--no-fold`` ->
-  :class:`aikd.inference.engine.InferenceOptions`.
+  :class:`aikd.inference.engine.InferenceOptions`;
+- engine: ``--engine local|ray``, ``--ray-address`` -> :class:`aikd.pipeline.ray_engine.RayOptions`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aikd.images import ImageInput
 from aikd.inference.engine import InferenceOptions
 from aikd.pipeline.crops import CropOptions
 from aikd.pipeline.jobs import JobOptions
 
+if TYPE_CHECKING:
+    from aikd.pipeline.ray_engine import RayOptions
+
 __all__ = [
     "add_crop_arguments",
+    "add_engine_arguments",
     "add_inference_arguments",
     "add_input_arguments",
     "add_job_arguments",
@@ -29,6 +35,7 @@ __all__ = [
     "inference_options",
     "job_options",
     "protected_inputs",
+    "ray_options",
 ]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -135,6 +142,32 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                             "CPUs, at the cost of an export of some seconds at start) (default: %(default)s)")
     group.add_argument("--no-fold", dest="fold", action="store_false",
                        help="run the model as stored instead of with BatchNorm folded into convolutions")
+
+
+ENGINES = ("local", "ray")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and ``--ray-address``: where a per-image command runs (this machine, or a Ray cluster)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINES, default="local",
+                       help="local: this machine (torchrun shards it); ray: a Ray cluster, decoding in CPU tasks and "
+                            "the model in GPU (or CPU) actors (needs the ray extra; docs/scale.md) "
+                            "(default: %(default)s)")
+    group.add_argument("--ray-address", metavar="ADDR",
+                       help="the Ray cluster for --engine ray (auto, HEAD:6379, ray://HEAD:10001); default: a local "
+                            "Ray started for the run")
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The :class:`~aikd.pipeline.ray_engine.RayOptions` of :func:`add_engine_arguments`, or ``None`` (local)."""
+    if getattr(args, "engine", "local") != "ray":
+        if getattr(args, "ray_address", None):
+            raise ValueError("--ray-address names a Ray cluster: pass --engine ray with it")
+        return None
+    from aikd.pipeline.ray_engine import RayOptions
+
+    return RayOptions(args.ray_address)
 
 
 def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput] = ()) -> list[Path]:

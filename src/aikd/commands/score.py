@@ -28,12 +28,14 @@ from pathlib import Path
 
 from aikd.commands.options import (
     add_crop_arguments,
+    add_engine_arguments,
     add_inference_arguments,
     add_input_arguments,
     crop_options,
     inference_options,
     job_options,
     protected_inputs,
+    ray_options,
 )
 from aikd.images import collect_inputs
 from aikd.pipeline.scoring import SCORE_FORMATS, score_format
@@ -51,9 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("scores.csv"),
                         help="score file (default: %(default)s)")
     parser.add_argument("--format", choices=SCORE_FORMATS,
-                        help="csv (path,quality), pickle (the official {path: score} dict), jsonl, or ofiq (OFIQ's "
+                        help="csv (path,quality), pickle (the official {path: score} dict), jsonl, parquet (large "
+                             "runs; needs pyarrow), or ofiq (OFIQ's "
                              "semicolon CSV with the calibrated 0-100 quality as the scalar; needs a calibration); "
-                             "default: from the output suffix (.pkl, .jsonl), else csv")
+                             "default: from the output suffix (.pkl, .jsonl, .parquet), else csv")
     parser.add_argument("--embeddings", type=Path, metavar="FILE.npz",
                         help="also save the L2-normalised embedding of every scored image (aikd embed format)")
     parser.add_argument("--calibration", type=Path, metavar="JSON",
@@ -65,10 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "embed): warns when the calibration was made with another")
     add_crop_arguments(parser)
     add_inference_arguments(parser)
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``aikd score``: 0 when every image was scored, 1 when some failed (listed in the errors file)."""
+    import functools
+
     from aikd.pipeline.files import run_files
     from aikd.pipeline.scoring import ScoreOptions, ScoreTask
 
@@ -81,6 +87,6 @@ def run(args: argparse.Namespace) -> int:
         from aikd.runtime import use_fastest_convolutions
 
         use_fastest_convolutions()
-    return run_files(items, args.output, job,
-                     lambda dist: ScoreTask(options, args.output, crop, inference, dist, items, job.workers),
-                     device=inference.device, device_backend=backend, protected=protected_inputs(args))
+    factory = functools.partial(ScoreTask, options, args.output, crop, inference)
+    return run_files(items, args.output, job, factory=factory, ray=ray_options(args), device=inference.device,
+                     device_backend=backend, protected=protected_inputs(args))

@@ -21,6 +21,7 @@ is never done here: :class:`~aikd.preprocessing.Preprocessing` alone resizes.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 from aikd.align import align_face, as_landmarks, misalign
 from aikd.images import ImageInput, match_landmarks
 from aikd.io import read_landmarks
+from aikd.names import NameIndex
 
 if TYPE_CHECKING:  # no torch for aikd align
     from aikd.preprocessing import Preprocessing
@@ -110,7 +112,8 @@ class FaceCropper:
     Args:
         options: how to crop.
         preprocessing: the model's input size and alignment template (default: 112x112 ArcFace).
-        items: every input of a file run: a landmarks file is matched to their keys once, up front.
+        items: every input of a file run: a landmarks file is matched to their keys once, up front (without them,
+            each key is matched when its image comes).
         workers: decode threads (with ``detect``, each thread gets a single-threaded detector of its own).
     """
 
@@ -119,11 +122,15 @@ class FaceCropper:
         self.options = options
         self._align = _aligner(preprocessing) if options.mode != "as-is" else None
         self._by_key: dict[str, np.ndarray] = {}
+        self._names: tuple[NameIndex, np.ndarray, threading.Lock] | None = None
         if options.mode == "landmarks":
             table = read_landmarks(options.landmarks)
-            matched, missing = match_landmarks(items, table.paths, table.landmarks)
-            unmatched = set(missing)
-            self._by_key = {item.key: matched[i] for i, item in enumerate(items) if i not in unmatched}
+            if items:
+                matched, missing = match_landmarks(items, table.paths, table.landmarks)
+                unmatched = set(missing)
+                self._by_key = {item.key: matched[i] for i, item in enumerate(items) if i not in unmatched}
+            else:  # no list up front (a worker of a cluster run): each key is matched as it comes, by the same rule
+                self._names = (NameIndex(table.paths), table.landmarks, threading.Lock())
         self._detector = None
         if options.mode == "detect":
             from aikd.detectors import thread_local_detector
@@ -150,9 +157,7 @@ class FaceCropper:
         if self.options.mode == "as-is":
             return [FaceCrop(image)]
         if self.options.mode == "landmarks":
-            if key not in self._by_key:
-                raise ValueError(f"no landmarks for this image in {self.options.landmarks}")
-            return [self._aligned(image, as_landmarks(self._by_key[key]), key)]
+            return [self._aligned(image, as_landmarks(self._landmarks_of(key)), key)]
         found = self._detector().detect(image)
         if choose == "largest" and found:
             found = [max(found, key=lambda face: (face.box[2] - face.box[0]) * (face.box[3] - face.box[1]))]
@@ -160,6 +165,17 @@ class FaceCropper:
             found = found[:1]
         return [self._aligned(image, as_landmarks(face.landmarks), key if index == 0 else f"{key}#{index}",
                               face.box, face.confidence) for index, face in enumerate(found)]
+
+    def _landmarks_of(self, key: str) -> np.ndarray:
+        if key in self._by_key:
+            return self._by_key[key]
+        if self._names is not None:
+            names, landmarks, lock = self._names
+            with lock:  # the index builds its tables on first need: one thread at a time
+                row = names.find(key)
+            if row is not None:
+                return landmarks[row]
+        raise ValueError(f"no landmarks for this image in {self.options.landmarks}")
 
     def __call__(self, image: np.ndarray, item: ImageInput) -> np.ndarray:
         """The one face crop of a file's image (the file pipeline's crop step).

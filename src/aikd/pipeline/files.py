@@ -28,6 +28,7 @@ from aikd.pipeline.jobs import InputPaths, ItemResult, JobOptions, TaskFactory, 
 from aikd.pipeline.outputs import claimed_output
 
 if TYPE_CHECKING:
+    from aikd.pipeline.ray_engine import RayOptions
     from aikd.runtime import Distributed
 
 __all__ = ["FileTask", "TaskBuilder", "run_files"]
@@ -97,8 +98,8 @@ TaskBuilder = Callable[["Distributed"], FileTask]  # builds the task (loads its 
 
 
 def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build: TaskBuilder | None = None, *,
-              factory: TaskFactory | None = None, device: str | None = "auto", device_backend: str = "torch",
-              protected: Sequence[Path] = ()) -> int:
+              factory: TaskFactory | None = None, ray: RayOptions | None = None, device: str | None = "auto",
+              device_backend: str = "torch", protected: Sequence[Path] = ()) -> int:
     """Run ``build``'s task over ``items`` into ``output``; returns the exit status (0 all done, 1 some failed).
 
     Args:
@@ -107,7 +108,8 @@ def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build:
         job: batch size default, decode threads, ``resume``/``overwrite``.
         build: makes the task on this rank's device (it loads the model there).
         factory: instead of ``build``: the task class with its options bound, called with ``(dist, items,
-            workers)`` (``functools.partial(ScoreTask, options, output, crop, inference)``).
+            workers)`` (``functools.partial(ScoreTask, options, output, crop, inference)``); needed for ``ray``.
+        ray: run on a Ray cluster instead of this machine (:mod:`aikd.pipeline.ray_engine`; the ray extra).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; under torchrun ``cuda`` is each rank's own GPU. ``None``:
             the task runs no model (detection): one process on the CPU, torch not imported.
         device_backend: ``onnxruntime`` when the model is an ONNX file (the device is then resolved without torch).
@@ -120,6 +122,13 @@ def run_files(items: Sequence[ImageInput], output: Path, job: JobOptions, build:
 
     from aikd.runtime import Distributed, distributed
 
+    if ray is not None:
+        if factory is None:
+            raise ValueError("--engine ray: this command runs on the local engine only")
+        from aikd.pipeline.ray_engine import run_ray
+
+        return run_ray(items, output, job, factory, ray, device=device or "cpu", device_backend=device_backend,
+                       protected=protected)
     if build is None:
         if factory is None:
             raise TypeError("run_files needs build or factory")
