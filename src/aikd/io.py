@@ -52,8 +52,11 @@ __all__ = [
     "csv_rows",
     "is_stream",
     "load_embeddings",
+    "log_repeated",
     "open_text",
+    "read_label_arrays",
     "read_labels",
+    "read_landmark_arrays",
     "quality_format",
     "read_landmarks",
     "readable_file",
@@ -450,11 +453,16 @@ def warn_repeated(names: Sequence[str], source: str | os.PathLike) -> list[str]:
         return []
     unique, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)  # vectorised: 3 M names
     repeated = unique[counts > 1].tolist()
-    if repeated:
-        examples = ", ".join(repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+    log_repeated(repeated, source)
+    return repeated
+
+
+def log_repeated(repeated: Sequence[str], source: str | os.PathLike) -> None:
+    """The warning of :func:`warn_repeated` for names already found repeated (sorted)."""
+    if len(repeated):
+        examples = ", ".join(str(name) for name in repeated[:3]) + (", ..." if len(repeated) > 3 else "")
         log.warning("warning: %s: %d name(s) listed more than once; the first row of each is used (e.g. %s)",
                     source, len(repeated), examples)
-    return repeated
 
 
 def _to_float(text: str) -> float:
@@ -557,6 +565,36 @@ def _read_landmarks(path: Path) -> LandmarkTable:
     except ValueError:  # some cell is not a number: parse cell by cell, NaN for the bad ones
         points = np.array([[_to_float(v) for v in row] for row in values], dtype=np.float32)
     return LandmarkTable(names, points.reshape(-1, 5, 2))
+
+
+def read_landmark_arrays(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_landmarks` as arrays, for millions of rows: names (a ``<U`` array) and (N, 5, 2) float32 points. A
+    well-formed CSV goes from numpy's parser straight to the arrays, without a Python string per name; names listed
+    more than once are left to the caller (:func:`log_repeated`)."""
+    with readable_file(path, "landmarks") as readable:
+        if not is_pickle_path(readable):
+            quick = _read_csv_fast(readable, LANDMARK_COLUMNS, np.float32)
+            if quick is not None:
+                return quick[0], quick[1].reshape(-1, 5, 2)
+        table = _read_landmarks(readable)
+    return _name_array(table.paths), table.landmarks
+
+
+def read_label_arrays(path: str | os.PathLike, column: str = "quality", fmt: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_labels` as arrays (names a ``<U`` array, float64 scores), as :func:`read_landmark_arrays`."""
+    fmt = quality_format(path, fmt)
+    with readable_file(path, "labels") as readable:
+        if fmt == "csv":
+            quick = _read_csv_fast(readable, (column,), np.float64)
+            if quick is not None:
+                return quick[0], quick[1][:, 0]
+        table = _read_labels(readable, column, fmt)
+    return _name_array(table.paths), table.qualities
+
+
+def _name_array(names: Sequence[str]) -> np.ndarray:
+    return np.array(list(names), dtype=str) if len(names) else np.zeros(0, dtype="<U1")
 
 
 def read_labels(path: str | os.PathLike, column: str = "quality", fmt: str | None = None) -> LabelTable:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["NameIndex", "match_names", "normalise_name"]
+__all__ = ["NameIndex", "match_names", "normalise_name", "strictly_increasing"]
 
 _AMBIGUOUS = -1
 
@@ -123,12 +123,29 @@ def match_names(names: np.ndarray, paths: np.ndarray) -> np.ndarray:
     rows = np.full(len(names), -1, dtype=np.int64)
     if len(names) == 0 or len(paths) == 0:
         return rows
-    order = np.argsort(paths, kind="stable")
-    ordered = paths[order]
+    if strictly_increasing(paths):  # sorted and unique (a training index's tables): no sorted copy
+        order, ordered = None, paths
+    else:
+        order = np.argsort(paths, kind="stable")
+        ordered = paths[order]
     place = np.clip(np.searchsorted(ordered, names), 0, len(ordered) - 1)
-    exact = ordered[place] == names
-    rows[exact] = order[place[exact]]
+    exact = np.zeros(len(names), dtype=bool)
+    for start in range(0, len(names), _CHUNK):  # the looked-up names a chunk at a time: no copy of them all
+        exact[start:start + _CHUNK] = ordered[place[start:start + _CHUNK]] == names[start:start + _CHUNK]
+    rows[exact] = place[exact] if order is None else order[place[exact]]
     left = np.flatnonzero(~exact)
     if left.size:
         rows[left] = NameIndex(paths.tolist()).find_all(names[left].tolist())
     return rows
+
+
+_CHUNK = 1 << 18
+
+
+def strictly_increasing(values: np.ndarray) -> bool:
+    """Whether every value is greater than the one before, compared a chunk at a time."""
+    for start in range(1, len(values), _CHUNK):
+        stop = min(start + _CHUNK, len(values))
+        if not np.all(values[start:stop] > values[start - 1:stop - 1]):
+            return False
+    return True

@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from aikd.align import Misalignment, valid_landmarks
 from aikd.images import IMAGE_SUFFIXES, ImageError, load_image
-from aikd.io import read_labels, read_landmarks
-from aikd.names import match_names
+from aikd.io import log_repeated, read_label_arrays, read_landmark_arrays
+from aikd.names import match_names, strictly_increasing
 from aikd.preprocessing import Preprocessing
 from aikd.training.synthetic import SyntheticFaces
 
@@ -269,8 +269,8 @@ def read_index(
     landmark_names, points = _read_landmarks(Path(landmarks))
     label_names, scores = _read_labels(Path(labels), label_column)
     report = IndexReport(0)
-    landmark_names, points = _first_occurrences(landmark_names, points, report, "duplicate_landmarks")
-    label_names, scores = _first_occurrences(label_names, scores, report, "duplicate_labels")
+    landmark_names, points = _first_occurrences(landmark_names, points, report, "duplicate_landmarks", landmarks)
+    label_names, scores = _first_occurrences(label_names, scores, report, "duplicate_labels", labels)
     files = _walk_images(Path(images)) if check_images else None
     found = match_names(landmark_names, label_names)
     label_at = _one_to_one(found, report, landmark_names, "duplicate_landmarks")
@@ -278,7 +278,10 @@ def read_index(
     labelled = np.zeros(len(label_names), dtype=bool)
     labelled[label_at[has_label]] = True
     no_landmarks, no_label = label_names[~labelled], landmark_names[found < 0]
-    names, points, scores = landmark_names[has_label], points[has_label], scores[label_at[has_label]]
+    names, points, scores = _kept(landmark_names, has_label), _kept(points, has_label), scores[label_at[has_label]]
+    del found, label_at, has_label, labelled
+    if files is None:
+        del landmark_names, label_names  # no longer needed: millions of names
     keep = np.ones(len(names), dtype=bool)
     if files is not None:
         file_at = _one_to_one(match_names(names, files), report, names, "duplicate_landmarks")
@@ -297,42 +300,59 @@ def read_index(
     finite = np.isfinite(scores)
     report.add("bad_label", names[keep & ~finite])
     keep &= finite
-    usable = valid_landmarks(points) if len(points) else np.zeros(0, dtype=bool)
+    usable = _valid_landmarks(points)
     report.add("bad_landmarks", names[keep & ~usable])
     keep &= usable
     report.usable = int(keep.sum())
     if report.usable == 0:
         raise ValueError(f"no usable training faces in {landmarks} + {labels} (images in {images}):\n"
                          f"{report.summary()}")
-    names, points, scores = names[keep], points[keep], scores[keep]
-    order = np.argsort(names, kind="stable")
-    return TrainingIndex(names[order], points[order].astype(np.float32), scores[order].astype(np.float64),
+    names, points, scores = _kept(names, keep), _kept(points, keep), _kept(scores, keep)
+    if not strictly_increasing(names):
+        order = np.argsort(names, kind="stable")
+        names, points, scores = names[order], points[order], scores[order]
+    return TrainingIndex(names, np.asarray(points, dtype=np.float32), np.asarray(scores, dtype=np.float64),
                          Path(images), report)
 
 
+def _kept(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``values[keep]``, without a copy when every row is kept (millions of names are hundreds of MB)."""
+    return values if bool(np.all(keep)) else values[keep]
+
+
+def _valid_landmarks(points: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """:func:`aikd.align.valid_landmarks` a chunk of faces at a time: its float64 work arrays stay small."""
+    usable = np.zeros(len(points), dtype=bool)
+    for start in range(0, len(points), chunk):
+        usable[start:start + chunk] = valid_landmarks(points[start:start + chunk])
+    return usable
+
+
 def _read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = read_landmarks(path)
-    return _as_names(table.paths), np.asarray(table.landmarks, dtype=np.float32).reshape(-1, 5, 2)
+    names, points = read_landmark_arrays(path)
+    return names, np.asarray(points, dtype=np.float32).reshape(-1, 5, 2)
 
 
 def _read_labels(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
-    table = read_labels(path, column)  # a pickle has no columns: the reader ignores ``column``
-    return _as_names(table.paths), np.asarray(table.qualities, dtype=np.float64)
-
-
-def _as_names(paths: Sequence[str]) -> np.ndarray:
-    return np.array(list(paths), dtype=str) if len(paths) else np.zeros(0, dtype="<U1")
+    names, scores = read_label_arrays(path, column)  # a pickle has no columns: the reader ignores ``column``
+    return names, np.asarray(scores, dtype=np.float64)
 
 
 def _first_occurrences(
-    names: np.ndarray, values: np.ndarray, report: IndexReport, problem: str
+    names: np.ndarray, values: np.ndarray, report: IndexReport, problem: str, source: str | os.PathLike
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique names with the values of their first occurrence; repeated names are reported."""
+    """Sorted unique names with the values of their first occurrence; repeated names are reported (and warned
+    about, naming ``source``, as every reader of these files does). Names already sorted and unique (as such files
+    are usually written) are taken as they are: no sorted copy of millions of names."""
+    if strictly_increasing(names):
+        return names, values
     unique, first = np.unique(names, return_index=True)
     if len(unique) < len(names):
         repeated = np.ones(len(names), dtype=bool)
         repeated[first] = False
-        report.add(problem, np.unique(names[repeated]))
+        twice = np.unique(names[repeated])
+        report.add(problem, twice)
+        log_repeated(twice.tolist(), source)
     return unique, values[first]
 
 
@@ -349,8 +369,9 @@ def _one_to_one(rows: np.ndarray, report: IndexReport, names: np.ndarray, proble
 
 
 def _walk_images(root: Path) -> np.ndarray:
-    """Sorted relative POSIX paths of the image files under ``root``: one ``os.scandir`` per real folder."""
-    found: list[str] = []
+    """Sorted relative POSIX paths of the image files under ``root``: one ``os.scandir`` per real folder, each
+    folder's names made an array at once (no Python string per image kept)."""
+    found: list[np.ndarray] = []
     pending = [("", os.fspath(root))]
     walked: set[str] = set()  # real folders: links are followed, each real folder once (no loops)
     while pending:
@@ -363,12 +384,19 @@ def _walk_images(root: Path) -> np.ndarray:
             entries = list(os.scandir(folder))
         except OSError as err:
             raise ValueError(f"data.images: cannot list {folder} ({err.strerror})") from None
+        here = []
         for entry in entries:
             if entry.is_dir():
                 pending.append((f"{prefix}{entry.name}/", entry.path))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                found.append(prefix + entry.name)
-    return np.unique(np.array(found, dtype=str)) if found else np.zeros(0, dtype="<U1")
+                here.append(prefix + entry.name)
+        if here:
+            found.append(np.array(here, dtype=str))
+    if not found:
+        return np.zeros(0, dtype="<U1")
+    files = np.concatenate(found)
+    del found
+    return files if strictly_increasing(files) else np.unique(files)
 
 
 # ------------------------------------------------------------------------------------------------- split
