@@ -68,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs)
     use_fastest_convolutions()
     factory = functools.partial(EmbedTask, args.weights, args.arch, args.output, crop, inference)
-    return run_files(items, args.output, job, factory=factory, ray=ray_options(args), device=inference.device,
-                     protected=protected_inputs(args))
+    return run_files(items, args.output, job, factory=factory, ray=ray_options(args, use_fastest_convolutions),
+                     device=inference.device, protected=protected_inputs(args))

@@ -159,15 +159,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                             "Ray started for the run")
 
 
-def ray_options(args: argparse.Namespace) -> RayOptions | None:
-    """The :class:`~aikd.pipeline.ray_engine.RayOptions` of :func:`add_engine_arguments`, or ``None`` (local)."""
+def ray_options(args: argparse.Namespace, worker_setup: Callable[[], None] | None = None) -> RayOptions | None:
+    """The :class:`~aikd.pipeline.ray_engine.RayOptions` of :func:`add_engine_arguments`, or ``None`` (local);
+    ``worker_setup``: the command's process-wide settings, made in each model actor's process too."""
     if getattr(args, "engine", "local") != "ray":
         if getattr(args, "ray_address", None):
             raise ValueError("--ray-address names a Ray cluster: pass --engine ray with it")
         return None
     from aikd.pipeline.ray_engine import RayOptions
 
-    return RayOptions(args.ray_address)
+    return RayOptions(args.ray_address, worker_setup=worker_setup)
 
 
 def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput] = ()) -> list[Path]:

@@ -83,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
                            args.calibration, args.fr_model)
     items = collect_inputs(args.inputs)
     backend = inference.device_backend(args.checkpoint)
+    setup = None
     if backend == "torch":
         from aikd.runtime import use_fastest_convolutions
 
-        use_fastest_convolutions()
+        setup = use_fastest_convolutions  # here, and in each Ray actor
+        setup()
     factory = functools.partial(ScoreTask, options, args.output, crop, inference)
-    return run_files(items, args.output, job, factory=factory, ray=ray_options(args), device=inference.device,
+    return run_files(items, args.output, job, factory=factory, ray=ray_options(args, setup), device=inference.device,
                      device_backend=backend, protected=protected_inputs(args))

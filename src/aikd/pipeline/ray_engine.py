@@ -30,7 +30,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,10 +64,13 @@ class RayOptions:
         address: the cluster (``auto``, ``HEAD:6379``, ``ray://HEAD:10001``); ``None``: a Ray session this process
             already has, else a local one started for the run.
         actors: model actors (default: one per GPU, else half the cluster's CPUs, at least one).
+        worker_setup: called first in each model actor's process: the entry point's process-wide settings
+            (``aikd score`` passes :func:`aikd.runtime.use_fastest_convolutions`: fp32 stays IEEE on a GPU actor).
     """
 
     address: str | None = None
     actors: int | None = None
+    worker_setup: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
@@ -193,11 +196,15 @@ class ModelActor:
         device: ``cpu`` or ``cuda`` (the GPU Ray gave this actor).
         backend: ``torch`` or ``onnxruntime``.
         threads: CPU threads of the model (the actor's CPUs).
+        setup: :attr:`RayOptions.worker_setup`.
     """
 
-    def __init__(self, factory: TaskFactory, device: str, backend: str, threads: int) -> None:
+    def __init__(self, factory: TaskFactory, device: str, backend: str, threads: int,
+                 setup: Callable[[], None] | None = None) -> None:
         from aikd.runtime import join_torchrun
 
+        if setup is not None:
+            setup()  # the command's process-wide settings, in this actor's process (a Ray worker of its own)
         if backend == "torch" and device == "cpu":
             import torch
 
@@ -290,8 +297,9 @@ def _run(manifest: Path, count: int, output: Path, job: JobOptions, factory: Tas
     memory = max(MIN_TASK_MEMORY, 4 * place.batch_size * int(np.prod(spec.input_shape)) * 4)
     dataset = dataset.map_batches(prepare_batch, fn_kwargs={"spec": spec}, batch_size=place.batch_size,
                                   batch_format="numpy", num_cpus=1, memory=memory)
-    dataset = dataset.map_batches(ModelActor, fn_constructor_kwargs={"factory": factory, "device": place.device,
-                                                                     "backend": backend, "threads": int(place.cpus)},
+    actor = {"factory": factory, "device": place.device, "backend": backend, "threads": int(place.cpus),
+             "setup": options.worker_setup}
+    dataset = dataset.map_batches(ModelActor, fn_constructor_kwargs=actor,
                                   batch_size=place.batch_size, batch_format="numpy", num_cpus=place.cpus,
                                   num_gpus=place.gpus, compute=ray.data.ActorPoolStrategy(size=place.actors))
     journal = Journal(output, 0)
