@@ -237,6 +237,8 @@ def test_method_options_are_typed_and_checked():
         method_options("faceqan", ["iteration=3"])
     with pytest.raises(ValueError, match="copies must be at least 2"):
         method_options("faceqan", ["copies=1"])
+    with pytest.raises(ValueError, match="iterations: expected int"):
+        method_options("faceqan", ["iterations=x"])
     with pytest.raises(ValueError, match="contradicts"):
         method_options("serfiq", ["passes=11"], given={"passes": 10})
     with pytest.raises(ValueError, match="takes no --option"):
@@ -299,10 +301,15 @@ def test_label_checkpoint_labels_are_what_aikd_score_writes(identity_folder, tmp
     np.testing.assert_allclose(read_labels(labels).qualities, read_labels(scores).qualities, rtol=1e-6)
 
 
+def test_flags_of_another_technique_are_ignored_with_a_note(identity_folder, tmp_path, capsys):
+    assert main(["label", str(identity_folder), "--method", "magnitude", *ARGS, "--passes", "4",
+                 "-o", str(tmp_path / "m.csv")]) == 0
+    assert "note: --passes is a setting of another technique; --method magnitude ignores it" in capsys.readouterr().err
+
+
 def test_label_setting_errors(identity_folder, tmp_path, capsys):
     output = str(tmp_path / "x.csv")
     cases = [(["--method", "faceqan", *ARGS, "--option", "itertions=2"], "did you mean iterations"),
-             (["--method", "faceqan", *ARGS, "--passes", "4"], "--passes belong(s) to another --method"),
              (["--method", "serfiq", *ARGS, "--passes", "4", "--option", "passes=5"], "contradicts"),
              (["--method", "grafiqs", "--weights", "dlib", "--option", "variant=image"], "BatchNorm2d"),
              (["--method", "checkpoint", "--weights", "none", "--arch", "tiny"], "quality model"),

@@ -3,12 +3,14 @@
 Every technique's settings are a typed dataclass (``Labeler.Options``, :mod:`aikd.labelers`): ``--option KEY=VALUE``
 (repeatable) sets any of its fields, checked against them (an unknown key gets the closest known one, a bad value
 its type). The dedicated flags of the first techniques (``--passes``, ``--include-self``, ``--labels`` ...) still
-work and mean the same fields; a key set both ways to different values is an error.
+work and mean the same fields; a key set both ways to different values is an error, and a flag of another technique
+is ignored (as it always was) with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,8 +66,9 @@ def label_options(args: argparse.Namespace) -> LabelOptions:
     given = {field: getattr(args, flag) for flag, field in FLAGS.get(method, {}).items()}
     unused = [f"--{flag.replace('_', '-')}" for name, flags in FLAGS.items() if name != method for flag in flags
               if getattr(args, flag) not in (None, "quality", "none")]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} belong(s) to another --method than {method}")
+    if unused:  # ignored, as they always were; said so
+        print(f"note: {', '.join(unused)} is a setting of another technique; --method {method} ignores it",
+              file=sys.stderr)
     identities = None
     if args.identity_column:
         if method not in ("certainty", "sddfiqa"):

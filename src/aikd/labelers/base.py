@@ -106,8 +106,9 @@ def merge_batch_labels(parts: Sequence[tuple[BatchLabels, int]]) -> BatchLabels:
     def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
         return None if arrays[0] is None else np.concatenate(arrays)
 
-    labels = [part for part, _ in parts]
+    names = parts[0][0].extras
     return BatchLabels(
         quality=joined([part.quality[:count] if part.quality is not None else None for part, count in parts]),
-        extras={name: np.concatenate([part.extras[name][:count] for part, count in parts]) for name in labels[0].extras},
-        embeddings=joined([part.embeddings[:count] if part.embeddings is not None else None for part, count in parts]))
+        extras={name: np.concatenate([part.extras[name][:count] for part, count in parts]) for name in names},
+        embeddings=joined([part.embeddings[:count] if part.embeddings is not None else None
+                           for part, count in parts]))

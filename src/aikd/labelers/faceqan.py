@@ -35,9 +35,10 @@ Reproducible: the uniform noise of an image comes from a generator seeded by ``(
 (:func:`~aikd.labelers.base.image_generator`), drawn on the CPU, and faces are attacked in passes of exactly
 ``images_per_pass`` images (a short last pass is padded by repeating its last face). With one face per pass (the
 default) a face's score is the same bits whatever the batch size, the worker count or a resume; with several, the
-same to float rounding (oneDNN rounds a sample by its position in some batch sizes). Noise may also be passed in, which is how the
-reference comparison feeds the authors' code and this one the same copies. Faces are taken back to the 8-bit
-pixels they were made from (``x / 255``, as the authors' ``ToTensor`` gives them) when they lie on that grid.
+same to float rounding (oneDNN rounds a sample by its position in some batch sizes). Noise may also be passed in,
+which is how the reference comparison feeds the authors' code and this one the same copies. Faces are taken back to
+the 8-bit pixels they were made from (``x / 255``, as the authors' ``ToTensor`` gives them) when they lie on that
+grid.
 """
 
 from __future__ import annotations
