@@ -132,8 +132,9 @@ def test_faceqan_reproduces_the_authors_scores(reference_glue, tmp_path, monkeyp
 
     FGSM steps by the *sign* of each pixel's gradient, so a rounding difference that flips the sign of a
     near-zero gradient moves that pixel by 2 eps, and the five iterations amplify it: the authors' code itself,
-    run on one thread instead of two, changes its scores by about 1e-5 relative (printed). Agreement is checked at
-    5e-4 relative."""
+    run on one thread instead of two, changes its scores by about 3e-5 relative (printed). aikd runs the same kernels
+    on the same batches, so with the authors' settings the similarities are theirs bit for bit (the scores agree to the
+    float32 rounding of their formula); folding BatchNorm changes the kernels (checked at 5e-4 relative)."""
     src = reference("FaceQAN", "src/calculate_qs.py") / "src"
     monkeypatch.syspath_prepend(str(src))
     import bim_attack
@@ -176,7 +177,9 @@ def test_faceqan_reproduces_the_authors_scores(reference_glue, tmp_path, monkeyp
     print(f"\nFaceQAN (dlib-r29, fold={fold}): reference {np.round(theirs, 6)}, aikd {np.round(got, 6)}, "
           f"max |diff| {difference.max():.3g}, max rel {np.max(difference / np.abs(theirs)):.3g}; the reference on "
           f"1 thread vs {threads}: max rel {floor:.3g}")
-    np.testing.assert_allclose(got, theirs, rtol=5e-4)
+    # fold=False: the reference's similarities bit for bit, the formula in float64 (theirs float32); fold=True: other
+    # kernels, so other gradient signs near zero, amplified by the iterations.
+    np.testing.assert_allclose(got, theirs, rtol=5e-4 if fold else 2e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- GraFIQs
