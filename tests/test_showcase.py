@@ -12,11 +12,11 @@ from aikd.demo.showcase import (
     alignment_sensitivity,
     image_key,
     parse_key,
-    read_pauc,
     split_identities,
     write_face_set,
     write_pairs,
 )
+from aikd.evaluation.report import read_pauc
 
 LANDMARKS = np.array([[80, 90], [120, 90], [100, 112], [84, 135], [116, 135]], np.float64)
 

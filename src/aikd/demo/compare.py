@@ -133,7 +133,6 @@ def _score_student(name: str, checkpoint: Path, images: Path, folder: Path, crop
 
 def _pauc(out: Path, result: Comparison, keys: list[str], name: str) -> dict[str, dict[str, float]]:
     """ERC pAUC (normalised, 30 %, FMR 1e-3, fixed threshold) of every method and condition (``aikd evaluate``)."""
-    from aikd.demo.showcase import read_pauc
     from aikd.evaluation import protocols, report
 
     folder = out / "compare" / name
@@ -150,7 +149,7 @@ def _pauc(out: Path, result: Comparison, keys: list[str], name: str) -> dict[str
                      "auto", protocols.LFW_PATTERN, "identity")
     report.write_report([job], report.Settings.make(None, None, "fixed", False, False, {}), folder, 2000, plots=False)
     table: dict[str, dict[str, float]] = {}
-    for label, value in read_pauc(folder / "pauc.csv").items():
+    for label, value in report.read_pauc(folder / "pauc.csv").items():
         if " | " in label:
             method, condition = label.split(" | ")
             table.setdefault(method, {})[condition] = value

@@ -272,7 +272,8 @@ def _held_out(out: Path, heldout: Path, landmarks: Path, keys: list[str], seed: 
 def _report(out: Path, keys: list[str], heldout: str, landmarks: str, facts: dict, steps: _Steps) -> dict:
     import yaml
 
-    from aikd.demo.showcase import Method, read_fnmr0, read_pauc, write_report
+    from aikd.demo.showcase import Method, write_report
+    from aikd.evaluation import report
     from aikd.images import load_image
     from aikd.models import get_spec
 
@@ -293,8 +294,8 @@ def _report(out: Path, keys: list[str], heldout: str, landmarks: str, facts: dic
     config = yaml.safe_load((out / "run" / "config.yaml").read_text())
     facts = {**facts, "trainable_tensors": config["student"]["trainable_tensors"]}
     erc_plot = next((out / "erc").glob("edc_*fixed.png"))
-    pauc = read_pauc(out / "erc" / "pauc.csv")
-    facts["fnmr0"] = read_fnmr0(out / "erc" / "pauc.csv")
+    pauc = report.read_pauc(out / "erc" / "pauc.csv")
+    facts["fnmr0"] = report.read_fnmr0(out / "erc" / "pauc.csv")
 
     def timing() -> dict:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan

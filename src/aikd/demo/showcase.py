@@ -19,7 +19,6 @@ by percentile rank within the held-out set (0 = lowest quality, 1 = highest).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -267,25 +266,6 @@ def plot_alignment(methods: Sequence[Method], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def read_fnmr0(path: Path) -> float:
-    """FNMR without discarding, from ``aikd evaluate``'s pauc.csv (fixed threshold, first row)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return next(float(row["fnmr0"]) for row in csv.DictReader(handle) if row["threshold_mode"] == "fixed")
-
-
-def read_pauc(path: Path, limit: float = 0.3) -> dict[str, float]:
-    """method -> normalised pAUC (fixed threshold, discard limit ``limit``) from ``aikd evaluate``'s pauc.csv, and
-    ``oracle``: the normalised pAUC of discarding exactly the false non-matches first (the best possible)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle)
-                if row["threshold_mode"] == "fixed" and math.isclose(float(row["discard_limit"]), limit)]
-    if not rows:
-        raise ValueError(f"{path}: no fixed-threshold pAUC up to {limit:g}")
-    pauc = {row["method"]: float(row["pauc_normalised"]) for row in rows}
-    pauc["oracle"] = float(rows[0]["pauc_oracle"]) / (float(rows[0]["fnmr0"]) * limit)
-    return pauc
-
-
 def degradation_figures(methods: Sequence[Method], levels: np.ndarray, kinds: np.ndarray) -> dict[str, Any]:
     """Spearman of each method's quality against the degradation order (stronger = lower), overall and per kind."""
     figures: dict[str, Any] = {"spearman": {}, "spearman_per_kind": {}}

@@ -65,6 +65,7 @@ Other optional per-dataset keys: ``lfw_pattern`` (image-name pattern of LFW-styl
 
 from __future__ import annotations
 
+import csv
 import itertools
 import logging
 import math
@@ -507,6 +508,25 @@ def write_report(jobs: Sequence[Job], settings: Settings, output: Path, max_poin
                     plot_edc(outcome, settings, fmr, mode, output / name)
                     written += [output / f"{name}.png", output / f"{name}.svg"]
     return rows, written
+
+
+def read_fnmr0(path: Path) -> float:
+    """FNMR without discarding, from a pauc.csv this module wrote (fixed threshold, first row)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return next(float(row["fnmr0"]) for row in csv.DictReader(handle) if row["threshold_mode"] == "fixed")
+
+
+def read_pauc(path: Path, limit: float = 0.3) -> dict[str, float]:
+    """method -> normalised pAUC (fixed threshold, discard limit ``limit``) from a pauc.csv this module wrote, and
+    ``oracle``: the normalised pAUC of discarding exactly the false non-matches first (the best possible)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle)
+                if row["threshold_mode"] == "fixed" and math.isclose(float(row["discard_limit"]), limit)]
+    if not rows:
+        raise ValueError(f"{path}: no fixed-threshold pAUC up to {limit:g}")
+    pauc = {row["method"]: float(row["pauc_normalised"]) for row in rows}
+    pauc["oracle"] = float(rows[0]["pauc_oracle"]) / (float(rows[0]["fnmr0"]) * limit)
+    return pauc
 
 
 def summary(rows: Sequence[tuple]) -> str:
