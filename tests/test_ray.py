@@ -1,5 +1,6 @@
-"""aikd score --engine ray: the local engine's scores and files, resumable after the driver is killed, the same
-refusals; Ray never imported by a local run. One local Ray session (2 CPUs) serves every test of the module."""
+"""aikd score, embed and label --engine ray: the local engine's scores, labels and files, resumable after the driver
+is killed, the same refusals; Ray never imported by a local run. One local Ray session (2 CPUs) serves every test of
+the module."""
 
 from __future__ import annotations
 
@@ -156,3 +157,51 @@ def test_engine_usage_errors(tmp_path, tiny_checkpoint, face_folder, capsys):
     folder, _, _ = face_folder
     assert main(_score(folder, tiny_checkpoint, tmp_path / "s.csv", "--ray-address", "auto")) == 2
     assert "--engine ray" in capsys.readouterr().err
+
+
+def _identities(folder: Path, people: int = 3, each: int = 4) -> list[str]:
+    rng = np.random.default_rng(11)
+    keys = []
+    for person in range(people):
+        (folder / f"p{person}").mkdir(parents=True)
+        for i in range(each):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"p{person}" / f"{i}.png")
+            keys.append(f"p{person}/{i}.png")
+    return keys
+
+
+@pytest.mark.parametrize("method", ["magnitude", "faceqan", "certainty", "sddfiqa"])
+def test_ray_labels_as_the_local_engine_does(tmp_path, tiny_checkpoint, face_folder, ray_address, method):
+    """aikd label on the cluster: per-face techniques (FaceQAN's seeded noise included) on the actors, the whole-set
+    pass of set techniques (certainty, SDD-FIQA over identity folders) on the driver; the same labels and errors as
+    the local engine."""
+    if method in ("certainty", "sddfiqa"):
+        folder, good, bad, status = tmp_path / "people", _identities(tmp_path / "people", people=8), [], 0
+    else:
+        (folder, good, bad), status = face_folder, 1
+    written = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}-{method}.csv"
+        assert main(["label", str(folder), "--method", method, "--weights", str(tiny_checkpoint), "-o", str(out),
+                     "--device", "cpu", "--batch-size", "4", "--seed", "7", "--engine", engine]) == status
+        written[engine] = _rows(out)
+        errors = tmp_path / f"{engine}-{method}.errors.csv"
+        assert sorted(r[0] for r in _rows(errors)[1:]) == sorted(bad) if bad else not errors.exists()
+    local, remote = written["local"], written["ray"]
+    assert remote[0] == local[0] and [r[0] for r in remote[1:]] == [r[0] for r in local[1:]] == good
+    columns = zip(zip(*local[1:], strict=True), zip(*remote[1:], strict=True), strict=True)
+    for column, (theirs, ours) in enumerate(columns):
+        try:
+            np.testing.assert_allclose(np.array(ours, float), np.array(theirs, float), atol=1e-6,
+                                       err_msg=local[0][column])
+        except ValueError:  # a text column (the identity)
+            assert ours == theirs
+
+
+def test_ray_refuses_a_label_method_without_images(tmp_path, face_folder, capsys):
+    folder, good, _ = face_folder
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,quality\n" + "".join(f"{key},{i}\n" for i, key in enumerate(good)))
+    assert main(["label", str(folder), "--method", "import", "--labels", str(labels), "-o", str(tmp_path / "o.csv"),
+                 "--engine", "ray"]) == 2
+    assert "reads no image" in capsys.readouterr().err
