@@ -548,8 +548,10 @@ def test_names_are_labels_never_paths(server, tmp_path):
 def test_the_command_refuses_file_job_options(checkpoint, capsys):
     from aikd.cli import main
 
-    assert main(["serve", "--checkpoint", str(checkpoint), "--resume"]) == 2
-    assert "--resume is for file jobs" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--resume"]) == 2  # a file job's option: not one of serve's
+    assert "unrecognized arguments: --resume" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--landmarks", str(checkpoint)]) == 2
+    assert "--landmarks is for file jobs" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(checkpoint), "--misalign", "3"]) == 2
     assert main(["serve", "--help"]) == 0
     usage = capsys.readouterr().out

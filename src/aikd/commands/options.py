@@ -70,10 +70,11 @@ BATCH = count(1, 65_536)
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
-                      batch_help: str = "images per journal record") -> argparse._ArgumentGroup:
+                      batch_help: str = "images per journal record", files: bool = True) -> argparse._ArgumentGroup:
     """``--batch-size``, ``--workers``, ``--resume``, ``--overwrite``: how every per-image command runs.
 
-    Returns the argument group, so a command can add its own running options next to these.
+    ``files=False`` (``aikd serve``: images come in requests): no ``--resume`` and ``--overwrite``, which a file job
+    alone has. Returns the argument group, so a command can add its own running options next to these.
     """
     group = parser.add_argument_group("running")
     default = "%(default)s" if batch_size is not None else "depends on the device"
@@ -85,9 +86,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, batch_size: int | None,
                        help="decode workers as threads, or as processes (no shared interpreter lock: for a model on "
                             "a GPU that waits for the CPU); auto: processes when the model runs on a GPU "
                             "(default: %(default)s)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue an interrupted or finished run: skip images already done, retry failed ones")
-    group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
+    if files:
+        group.add_argument("--resume", action="store_true",
+                           help="continue an interrupted or finished run: skip images already done, retry failed ones")
+        group.add_argument("--overwrite", action="store_true", help="start over, replacing existing outputs")
     return group
 
 
@@ -126,12 +128,14 @@ def crop_options(args: argparse.Namespace) -> CropOptions:
     return CropOptions(args.landmarks, args.detect, args.detector, args.detect_threshold, args.misalign, args.seed)
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the batch-inference commands (``score``, ``embed``): speed, device, resuming."""
+def add_inference_arguments(parser: argparse.ArgumentParser, files: bool = True) -> None:
+    """Options of the inference commands (``score``, ``embed``, ``serve``): speed, device, resuming (``files``: a
+    file job's options too, :func:`add_job_arguments`)."""
     from aikd.inference.engine import BACKENDS, CPU_BATCH, GPU_BATCH
     from aikd.runtime import PRECISIONS
 
-    group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)")
+    group = add_job_arguments(parser, None, f"faces per forward pass ({CPU_BATCH} on the CPU, {GPU_BATCH} on a GPU)",
+                              files)
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="fp32 (exact), bf16 (autocast; fast on GPUs and on CPUs with native bf16, e.g. "

@@ -28,7 +28,6 @@ from aikd.service.options import BatchOptions, Limits, MiB, ServiceOptions
 
 __all__ = ["add_arguments", "run"]
 
-NOT_FOR_SERVE = ("--resume", "--overwrite", "--landmarks")  # file-job options of aikd score with no meaning here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,18 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="forward passes at once, each on its own batch; torch then runs each pass on cores / N "
                             "threads (default: %(default)s)")
     add_crop_arguments(parser)
-    add_inference_arguments(parser)  # --batch-size: faces per forward pass at most; --workers: preparing threads
-    for action in parser._actions:  # aikd score's file-job options are refused by run(): keep them out of --help
-        if any(flag in NOT_FOR_SERVE[:2] for flag in action.option_strings):
-            action.help = argparse.SUPPRESS
+    # --batch-size: faces per forward pass at most; --workers: preparing threads; no --resume or --overwrite
+    add_inference_arguments(parser, files=False)
 
 
 def service_options(args: argparse.Namespace) -> ServiceOptions:
     """The :class:`~aikd.service.options.ServiceOptions` of the command line."""
-    given = [flag for flag, value in zip(NOT_FOR_SERVE, (args.resume, args.overwrite, args.landmarks), strict=True)
-             if value]
-    if given:
-        raise ValueError(f"{given[0]} is for file jobs; aikd serve takes images in requests (--detect finds faces)")
+    if args.landmarks:  # aikd score's crop options, but a landmarks file names files, and requests send images
+        raise ValueError("--landmarks is for file jobs; aikd serve takes images in requests (--detect finds faces)")
     crop = crop_options(args)
     limits = Limits(int(args.max_body_mb * MiB), args.max_images, args.max_pixels, args.request_timeout)
     batching = BatchOptions(args.max_wait_ms, args.queue_size, args.workers, args.model_threads)
