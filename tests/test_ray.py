@@ -157,6 +157,19 @@ def test_engine_usage_errors(tmp_path, tiny_checkpoint, face_folder, capsys):
     folder, _, _ = face_folder
     assert main(_score(folder, tiny_checkpoint, tmp_path / "s.csv", "--ray-address", "auto")) == 2
     assert "--engine ray" in capsys.readouterr().err
+    assert main(_score(folder, tiny_checkpoint, tmp_path / "s.csv", "--ray-actors", "2")) == 2
+    assert "--ray-actors is for a Ray cluster" in capsys.readouterr().err
+    assert main(_score(folder, tiny_checkpoint, tmp_path / "s.csv", "--engine", "ray", "--ray-actors", "0")) == 2
+    assert not (tmp_path / "s.csv").exists()
+
+    import argparse
+
+    from aikd.commands.options import add_engine_arguments, ray_options
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    chosen = ray_options(parser.parse_args(["--engine", "ray", "--ray-address", "auto", "--ray-actors", "3"]))
+    assert (chosen.address, chosen.actors) == ("auto", 3)
 
 
 def _identities(folder: Path, people: int = 3, each: int = 4) -> list[str]:

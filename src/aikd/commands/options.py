@@ -6,7 +6,8 @@
   :class:`aikd.pipeline.crops.CropOptions`;
 - inference: ``--device``, ``--precision``, ``--backend``, ``--no-fold`` ->
   :class:`aikd.inference.engine.InferenceOptions`;
-- engine: ``--engine local|ray``, ``--ray-address`` -> :class:`aikd.pipeline.ray_engine.RayOptions`.
+- engine: ``--engine local|ray``, ``--ray-address``, ``--ray-actors`` ->
+  :class:`aikd.pipeline.ray_engine.RayOptions`.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ ENGINES = ("local", "ray")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--engine`` and ``--ray-address``: where a per-image command runs (this machine, or a Ray cluster)."""
+    """``--engine``, ``--ray-address``, ``--ray-actors``: where a per-image command runs (this machine, or a Ray
+    cluster)."""
     group = parser.add_argument_group("engine")
     group.add_argument("--engine", choices=ENGINES, default="local",
                        help="local: this machine (torchrun shards it); ray: a Ray cluster, decoding in CPU tasks and "
@@ -161,18 +163,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", metavar="ADDR",
                        help="the Ray cluster for --engine ray (auto, HEAD:6379, ray://HEAD:10001); default: a local "
                             "Ray started for the run")
+    group.add_argument("--ray-actors", type=count(1, 4096), metavar="N",
+                       help="model actors for --engine ray (default: one per GPU of the cluster, else half its CPUs)")
 
 
 def ray_options(args: argparse.Namespace, worker_setup: Callable[[], None] | None = None) -> RayOptions | None:
     """The :class:`~aikd.pipeline.ray_engine.RayOptions` of :func:`add_engine_arguments`, or ``None`` (local);
     ``worker_setup``: the command's process-wide settings, made in each model actor's process too."""
     if getattr(args, "engine", "local") != "ray":
-        if getattr(args, "ray_address", None):
-            raise ValueError("--ray-address names a Ray cluster: pass --engine ray with it")
+        for flag in ("ray_address", "ray_actors"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} is for a Ray cluster: pass --engine ray with it")
         return None
     from aikd.pipeline.ray_engine import RayOptions
 
-    return RayOptions(args.ray_address, worker_setup=worker_setup)
+    return RayOptions(args.ray_address, args.ray_actors, worker_setup=worker_setup)
 
 
 def protected_inputs(args: argparse.Namespace, items: Sequence[ImageInput] = ()) -> list[Path]:
