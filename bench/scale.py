@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,8 @@ _INDEX = ("import json, sys, time, tracemalloc; from aikd.training.data import r
 
 
 def link_tree(pool: list[Path], count: int, root: Path) -> Path:
-    """``count`` hard links (symbolic where the file system refuses) to the ``pool`` files, 1,000 per folder."""
+    """``count`` hard links (copies where the file system refuses) to the ``pool`` files, 1,000 per folder. Never
+    symbolic links: aikd scores each file once, and a symbolic link to a listed file is that file."""
     for i in range(count):
         folder = root / f"d{i // PER_FOLDER:04d}"
         if i % PER_FOLDER == 0:
@@ -69,7 +71,7 @@ def link_tree(pool: list[Path], count: int, root: Path) -> Path:
         try:
             os.link(pool[i % len(pool)], target)
         except OSError:
-            target.symlink_to(pool[i % len(pool)])
+            shutil.copyfile(pool[i % len(pool)], target)
     return root
 
 
