@@ -19,10 +19,11 @@ import functools
 import glob
 import io
 import itertools
+import logging
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aikd.io import RecordFile, csv_rows, is_stream, open_text, readable_file
 from aikd.names import NameIndex
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -338,6 +341,11 @@ class _Listing:
 
     def finish(self) -> InputList:
         dropped = self._repeated_files()
+        if dropped:  # said, so that N paths giving fewer rows is never a surprise (links to one file are that file)
+            again, first = min(dropped.items())
+            log.warning("warning: %d input(s) are a file already listed (the same path again, or a link to it); "
+                        "each file is done once, under its first name (e.g. %s is %s)", len(dropped),
+                        self.raw._records[again][0], self.raw._records[first][0])
         prefixed = False
         clashes = self._clashes(dropped, prefixed)
         if clashes and len(self.folders) > 1:
@@ -365,20 +373,22 @@ class _Listing:
                 start, stop, folder = next(folders, (-1, -1, None))
             yield f"{folder.as_posix().rstrip('/')}/{key}" if start <= position < stop else key
 
-    def _repeated_files(self) -> set[int]:
-        """Positions of images that are a file listed before (its first listing kept)."""
+    def _repeated_files(self) -> dict[int, int]:
+        """Positions of images that are a file listed before (its first listing kept), each with that first
+        listing's position."""
         wanted = set(repeated_hashes(np.frombuffer(self.identities, dtype=np.uint32)).tolist())
-        seen: set[tuple[str, int | None]] = set()
-        dropped = set()
+        seen: dict[tuple[str, int | None], int] = {}
+        dropped = {}
         for position, (path, _, member, error) in enumerate(self.raw._records):
             if position in wanted and not error:
                 identity = (os.path.realpath(path), int(member) if member else None)
                 if identity in seen:
-                    dropped.add(position)
-                seen.add(identity)
+                    dropped[position] = seen[identity]
+                else:
+                    seen[identity] = position
         return dropped
 
-    def _clashes(self, dropped: set[int], prefixed: bool) -> list[tuple[str, list[Path]]]:
+    def _clashes(self, dropped: Mapping[int, int], prefixed: bool) -> list[tuple[str, list[Path]]]:
         """Keys that name more than one file, in the order they are first met."""
         hashes = np.frombuffer(self.keys, dtype=np.uint32)
         kept = np.ones(len(hashes), dtype=bool)
