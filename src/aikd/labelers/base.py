@@ -1,24 +1,31 @@
 """The interface every labeller implements: :class:`Labeler`, with :class:`BatchLabels` and :class:`SetLabels`;
-the per-image random generator every stochastic labeller draws from (:func:`image_generator`)."""
+:class:`IdentitySetLabeler`, what the techniques over identities share; the per-image random generator every
+stochastic labeller draws from (:func:`image_generator`)."""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from aikd.names import identity_from_folder
+
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
-__all__ = ["COMPUTE_BATCH", "BatchLabels", "Labeler", "SetLabels", "image_generator", "merge_batch_labels"]
+__all__ = ["COMPUTE_BATCH", "NO_IDENTITY", "BatchLabels", "IdentitySetLabeler", "Labeler", "SetLabels",
+           "image_generator", "merge_batch_labels"]
 
 # Faces per model pass in ``aikd label``: fixed (short passes padded), because a face's output is the same bits in any
 # batch of one size, at any position, but not across sizes; so a label does not depend on --batch-size, --workers or a
 # resume. 16 is past the knee of CPU batching (dlib-r29: batch 1 is 3.3x slower per face than 16).
 COMPUTE_BATCH = 16
+NO_IDENTITY = ("no identity: the image is not inside an identity folder (or its row in the list has no identity); "
+               "give a CSV list with --identity-column")
 
 
 def image_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
@@ -99,6 +106,63 @@ class Labeler:
             embeddings: their (N, D) embeddings from :meth:`label_batch`, or ``None``.
         """
         raise NotImplementedError(f"{self.name} labels one batch at a time")
+
+
+class IdentitySetLabeler(Labeler):
+    """A technique over identities (CR-FIQA's certainty ratio, SDD-FIQA): the first pass keeps each face's embedding,
+    the set pass labels every image whose identity is known from all of their embeddings at once
+    (:meth:`label_identities`); an image without an identity is an error (:data:`NO_IDENTITY`).
+
+    Args:
+        backbone: FR backbone (used in eval mode).
+        identity_of: image key -> identity, ``None`` where unknown (default: the key's parent folder).
+        options: the technique's :attr:`Options` (default: its defaults).
+
+    Class attributes:
+        title: the technique in messages.
+    """
+
+    set_pass = True
+    title: ClassVar[str] = ""
+
+    def __init__(self, backbone: nn.Module, identity_of: Callable[[str], str | None] = identity_from_folder,
+                 options: Any = None) -> None:
+        self.backbone = backbone.eval()
+        self.identity_of = identity_of
+        self.options = options if options is not None else self.Options()
+
+    def label_batch(self, faces: torch.Tensor, keys: Sequence[str]) -> BatchLabels:
+        """Embeddings of N faces, kept for :meth:`label_set`."""
+        import torch
+
+        if self.backbone.training:
+            self.backbone.eval()
+        with torch.inference_mode():
+            return BatchLabels(embeddings=self.backbone(faces).float().cpu().numpy())
+
+    def label_set(self, keys: Sequence[str], embeddings: np.ndarray | None) -> SetLabels:
+        """Labels of all embedded images: the ``identity`` column, then :meth:`label_identities`' over the images
+        with one."""
+        if embeddings is None or len(embeddings) != len(keys):
+            raise ValueError(f"{self.title} needs one embedding per image from the first pass")
+        identities = [self.identity_of(key) for key in keys]
+        known = np.flatnonzero([identity is not None for identity in identities])
+        quality = np.full(len(keys), np.nan)
+        extras = {column: np.full(len(keys), np.nan) for column in self.columns if column != "identity"}
+        errors = {i: NO_IDENTITY for i, identity in enumerate(identities) if identity is None}
+        if len(known):
+            result = self.label_identities(embeddings[known], [identities[i] for i in known])
+            quality[known] = result.quality
+            for column, values in result.extras.items():
+                extras[column][known] = values
+            errors.update({int(known[i]): reason for i, reason in result.errors.items()})
+        extras["identity"] = np.array([identity or "" for identity in identities], dtype=object)
+        return SetLabels(quality=quality, extras=extras, errors=errors)
+
+    def label_identities(self, embeddings: np.ndarray, identities: Sequence[str]) -> SetLabels:
+        """Labels of N images, each with its identity: quality, the extra columns but ``identity``, and errors by
+        index."""
+        raise NotImplementedError
 
 
 def merge_batch_labels(parts: Sequence[tuple[BatchLabels, int]]) -> BatchLabels:

@@ -24,14 +24,12 @@ the *other* identities always include all their images.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
-from aikd.labelers.base import BatchLabels, Labeler, SetLabels
+from aikd.labelers.base import IdentitySetLabeler, SetLabels
 from aikd.names import identity_from_folder
 
 __all__ = ["CertaintyOptions", "CertaintyRatio", "certainty_ratio", "identity_from_folder"]
@@ -108,49 +106,16 @@ def certainty_ratio(embeddings: np.ndarray, identities: Sequence[str],
     return CertaintyResult(ratio, ccs, nnccs, errors)
 
 
-class CertaintyRatio(Labeler):
-    """CR-FIQA certainty ratio: embeddings in the first pass, centres and ratios over the whole set.
-
-    Args:
-        backbone: FR backbone (used in eval mode).
-        identity_of: image key -> identity, ``None`` where unknown (default: the key's parent folder).
-        options: own-centre policy and epsilon.
-    """
+class CertaintyRatio(IdentitySetLabeler):
+    """CR-FIQA certainty ratio: embeddings in the first pass, centres and ratios over the whole set
+    (:class:`~aikd.labelers.base.IdentitySetLabeler`; options: own-centre policy and epsilon)."""
 
     name = "certainty"
+    title = "the certainty ratio"
     Options = CertaintyOptions
     columns = ("identity", "ccs", "nnccs")
-    set_pass = True
 
-    def __init__(self, backbone: nn.Module, identity_of: Callable[[str], str | None] = identity_from_folder,
-                 options: CertaintyOptions | None = None) -> None:
-        self.backbone = backbone.eval()
-        self.identity_of = identity_of
-        self.options = options or CertaintyOptions()
-
-    @torch.inference_mode()
-    def label_batch(self, faces: torch.Tensor, keys: Sequence[str]) -> BatchLabels:
-        """Embeddings of N faces, kept for :meth:`label_set`."""
-        if self.backbone.training:
-            self.backbone.eval()
-        return BatchLabels(embeddings=self.backbone(faces).float().cpu().numpy())
-
-    def label_set(self, keys: Sequence[str], embeddings: np.ndarray | None) -> SetLabels:
-        """Certainty ratios of all embedded images; images without an identity or centre are errors."""
-        if embeddings is None or len(embeddings) != len(keys):
-            raise ValueError("the certainty ratio needs one embedding per image from the first pass")
-        identities = [self.identity_of(key) for key in keys]
-        known = np.array([identity is not None for identity in identities], dtype=bool)
-        quality = np.full(len(keys), np.nan)
-        ccs, nnccs = quality.copy(), quality.copy()
-        errors = {int(i): "no identity: the image is not inside an identity folder (or its row in the list has "
-                          "no identity); give a CSV list with --identity-column"
-                  for i in np.flatnonzero(~known)}
-        if known.any():
-            where = np.flatnonzero(known)
-            result = certainty_ratio(embeddings[where], [identities[i] for i in where], self.options)
-            quality[where], ccs[where], nnccs[where] = result.ratio, result.ccs, result.nnccs
-            errors.update({int(where[i]): reason for i, reason in result.errors.items()})
-        extras = {"identity": np.array([identity or "" for identity in identities], dtype=object),
-                  "ccs": ccs, "nnccs": nnccs}
-        return SetLabels(quality=quality, extras=extras, errors=errors)
+    def label_identities(self, embeddings: np.ndarray, identities: Sequence[str]) -> SetLabels:
+        result = certainty_ratio(embeddings, identities, self.options)
+        return SetLabels(quality=result.ratio, extras={"ccs": result.ccs, "nnccs": result.nnccs},
+                         errors=result.errors)

@@ -31,16 +31,13 @@ scipy's ``wasserstein_distance``, vectorised over images with the same sample si
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import lcm
 
 import numpy as np
-import torch
-from torch import nn
 
-from aikd.labelers.base import BatchLabels, Labeler, SetLabels
-from aikd.names import identity_from_folder
+from aikd.labelers.base import IdentitySetLabeler, SetLabels
 
 __all__ = ["SddFiqa", "SddOptions", "SddResult", "sdd_pseudo_labels", "wasserstein_1d"]
 
@@ -174,47 +171,16 @@ def sdd_pseudo_labels(embeddings: np.ndarray, identities: Sequence[str], options
     return SddResult(quality, raw, errors)
 
 
-class SddFiqa(Labeler):
-    """SDD-FIQA pseudo-labels: embeddings in the first pass, the similarity distributions over the whole set.
-
-    Args:
-        backbone: FR backbone (used in eval mode).
-        identity_of: image key -> identity, ``None`` where unknown (default: the key's parent folder).
-        options: rounds, pairs, seed.
-    """
+class SddFiqa(IdentitySetLabeler):
+    """SDD-FIQA pseudo-labels: embeddings in the first pass, the similarity distributions over the whole set
+    (:class:`~aikd.labelers.base.IdentitySetLabeler`; options: rounds, pairs, seed). Images alone in their identity
+    are errors."""
 
     name = "sddfiqa"
-    columns = ("identity", "wasserstein")
-    set_pass = True
+    title = "SDD-FIQA"
     Options = SddOptions
+    columns = ("identity", "wasserstein")
 
-    def __init__(self, backbone: nn.Module, identity_of: Callable[[str], str | None] = identity_from_folder,
-                 options: SddOptions | None = None) -> None:
-        self.backbone = backbone.eval()
-        self.identity_of = identity_of
-        self.options = options or SddOptions()
-
-    @torch.inference_mode()
-    def label_batch(self, faces: torch.Tensor, keys: Sequence[str]) -> BatchLabels:
-        """Embeddings of N faces, kept for :meth:`label_set`."""
-        if self.backbone.training:
-            self.backbone.eval()
-        return BatchLabels(embeddings=self.backbone(faces).float().cpu().numpy())
-
-    def label_set(self, keys: Sequence[str], embeddings: np.ndarray | None) -> SetLabels:
-        """Pseudo-labels of all embedded images; images without an identity (or alone in theirs) are errors."""
-        if embeddings is None or len(embeddings) != len(keys):
-            raise ValueError("SDD-FIQA needs one embedding per image from the first pass")
-        identities = [self.identity_of(key) for key in keys]
-        known = np.flatnonzero([identity is not None for identity in identities])
-        quality, raw = np.full(len(keys), np.nan), np.full(len(keys), np.nan)
-        errors = {int(i): "no identity: the image is not inside an identity folder (or its row in the list has no "
-                          "identity); give a CSV list with --identity-column"
-                  for i in range(len(keys)) if identities[i] is None}
-        if len(known):
-            result = sdd_pseudo_labels(embeddings[known], [identities[i] for i in known], self.options)
-            quality[known], raw[known] = result.quality, result.wasserstein
-            errors.update({int(known[i]): reason for i, reason in result.errors.items()})
-        extras = {"identity": np.array([identity or "" for identity in identities], dtype=object),
-                  "wasserstein": raw}
-        return SetLabels(quality=quality, extras=extras, errors=errors)
+    def label_identities(self, embeddings: np.ndarray, identities: Sequence[str]) -> SetLabels:
+        result = sdd_pseudo_labels(embeddings, identities, self.options)
+        return SetLabels(quality=result.quality, extras={"wasserstein": result.wasserstein}, errors=result.errors)
