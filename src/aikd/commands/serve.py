@@ -29,7 +29,6 @@ from aikd.service.options import BatchOptions, Limits, MiB, ServiceOptions
 __all__ = ["add_arguments", "run"]
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``aikd serve``."""
     parser.add_argument("--checkpoint", type=Path, required=True,
