@@ -64,6 +64,49 @@ def test_listing_memory_does_not_grow_with_the_images(tmp_path):
     assert peaks[20000] - peaks[1000] < 19000 * 40, peaks  # a list of ImageInput: ~500 bytes each
 
 
+def _keys(count: int) -> list[str]:
+    return [f"d{i // 1000:04d}/{i:06d}.jpg" for i in range(count)]
+
+
+def test_a_landmarks_file_costs_no_object_per_image(tmp_path):
+    """aikd score/align --landmarks over a run's inputs: the landmarks held by key in ~60 bytes an image (a dict of
+    arrays by key held ~280), still found by the name policy (a file naming them under a root folder), and the
+    inputs it has none for said."""
+    from aikd.align import ARCFACE_TEMPLATE
+    from aikd.io import write_csv
+    from aikd.pipeline.crops import CropOptions, FaceCropper
+
+    held = {}
+    for count in (2000, 40000):
+        keys = _keys(count)
+        landmarks = tmp_path / f"lm{count}.csv"
+        write_csv(landmarks, ["path", *(f"{a}{i}" for i in range(1, 6) for a in "xy")],
+                  ([f"root/{key}", *(ARCFACE_TEMPLATE + i % 7).ravel().tolist()] for i, key in enumerate(keys)
+                   if i % 10))  # every tenth image has none
+        items = InputList(ImageInput(Path("/faces") / key, key) for key in keys)
+        gc.collect()
+        tracemalloc.start()
+        cropper = FaceCropper(CropOptions(landmarks=landmarks), None, items)
+        held[count] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(cropper._landmarks_of(keys[13]), ARCFACE_TEMPLATE + 13 % 7)
+        with pytest.raises(ValueError, match="no landmarks for this image"):
+            cropper._landmarks_of(keys[20])
+        assert cropper._inputs.missing.tolist() == list(range(0, count, 10))
+    assert held[40000] - held[2000] < 38000 * 100, held
+
+
+def test_input_landmarks_whose_digests_collide_are_found_by_their_keys(monkeypatch):
+    from aikd import images
+
+    monkeypatch.setattr(images, "_key_digest", lambda key: 7)  # every key the same 64 bits
+    keys = _keys(50)
+    points = np.arange(50 * 10, dtype=np.float32).reshape(50, 5, 2)
+    table = images.InputLandmarks([ImageInput(Path(key), key) for key in keys], np.array(keys[::-1]), points[::-1])
+    for i in (0, 17, 49):
+        np.testing.assert_array_equal(table.find(keys[i]), points[i])
+
+
 def test_embedding_writer_writes_what_save_embeddings_writes(tmp_path):
     keys = ["a.jpg", "sub/b\u00e9.png", "bad_\udcff.png", "x" * 40, "\U0001f600.png"]
     vectors = np.random.default_rng(0).standard_normal((5, 9)).astype(np.float32)

@@ -17,6 +17,7 @@ import array
 import contextlib
 import functools
 import glob
+import hashlib
 import io
 import itertools
 import logging
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aikd.io import RecordFile, csv_rows, is_stream, open_text, readable_file
-from aikd.names import NameIndex
+from aikd.names import NameIndex, match_names
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ __all__ = [
     "input_pixels",
     "load_image",
     "load_input",
+    "InputLandmarks",
     "match_landmarks",
     "repeated_hashes",
     "pil_to_rgb",
@@ -561,3 +563,58 @@ def match_landmarks(
     found = rows >= 0
     out[found] = np.asarray(landmarks)[rows[found]]
     return out, np.flatnonzero(~found).tolist()
+
+
+def _key_digest(key: str) -> int:
+    """64 bits of a key, the same in every process (Python's ``hash`` of a string is not: decode processes and Ray
+    workers are other processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+class InputLandmarks:
+    """The landmarks of a run's inputs from a landmarks file, found by key (:mod:`aikd.names`' policy), in memory
+    that does not grow by a Python object per image: the points in input order (N, 5, 2 float32) and the keys' sorted
+    64-bit digests with their positions, about 57 bytes an image (a dict of arrays by key took about 280 and
+    seconds per 100,000 images to build). Only the keys of ``items`` are looked up: a key from elsewhere could share a
+    digest (odds about 2^-64 a key).
+
+    Args:
+        items: the run's inputs (each key once: :func:`collect_inputs` refuses clashes).
+        names: the landmarks file's names (a ``<U`` array: :func:`aikd.io.read_landmark_arrays`).
+        points: their (M, 5, 2) landmarks.
+    """
+
+    def __init__(self, items: Sequence[ImageInput], names: np.ndarray, points: np.ndarray) -> None:
+        def keys() -> Iterator[str]:  # an InputList gives its keys without making an ImageInput (a Path) each
+            return items.keys() if isinstance(items, InputList) else (item.key for item in items)
+
+        width = max((len(key) for key in keys()), default=1)
+        keys_array = np.fromiter(keys(), dtype=f"<U{max(width, 1)}", count=len(items))
+        rows = match_names(keys_array, names)
+        del keys_array
+        self.found = rows >= 0
+        self.points = np.full((len(rows), 5, 2), np.nan, dtype=np.float32)
+        self.points[self.found] = np.asarray(points, dtype=np.float32)[rows[self.found]]
+        digests = np.fromiter(map(_key_digest, keys()), dtype=np.uint64, count=len(items))
+        self.order = np.argsort(digests, kind="stable")
+        self.digests = digests[self.order]
+        same = np.flatnonzero(self.digests[1:] == self.digests[:-1])
+        # keys whose digests collide (none in any real set, but then exactly): found by their strings
+        self.collided = {items[int(self.order[at])].key: int(self.order[at])
+                         for at in np.unique(np.concatenate([same, same + 1]))}
+
+    @property
+    def missing(self) -> np.ndarray:
+        """Positions of the inputs the file has no landmarks for."""
+        return np.flatnonzero(~self.found)
+
+    def find(self, key: str) -> np.ndarray | None:
+        """The (5, 2) landmarks of input ``key``; ``None`` where the file has none."""
+        position = self.collided.get(key)
+        if position is None:
+            digest = np.uint64(_key_digest(key))
+            at = int(np.searchsorted(self.digests, digest))
+            if at >= len(self.digests) or self.digests[at] != digest:
+                return None
+            position = int(self.order[at])
+        return self.points[position] if self.found[position] else None

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aikd.align import align_face, as_landmarks, misalign
-from aikd.images import ImageInput, match_landmarks
-from aikd.io import read_landmarks
+from aikd.images import ImageInput, InputLandmarks
+from aikd.io import read_landmark_arrays, read_landmarks, warn_repeated
 from aikd.names import NameIndex
 
 if TYPE_CHECKING:  # no torch for aikd align
@@ -121,15 +121,15 @@ class FaceCropper:
                  items: Sequence[ImageInput] = (), workers: int = 0) -> None:
         self.options = options
         self._align = _aligner(preprocessing) if options.mode != "as-is" else None
-        self._by_key: dict[str, np.ndarray] = {}
+        self._inputs: InputLandmarks | None = None
         self._names: tuple[NameIndex, np.ndarray, threading.Lock] | None = None
         if options.mode == "landmarks":
-            table = read_landmarks(options.landmarks)
-            if items:
-                matched, missing = match_landmarks(items, table.paths, table.landmarks)
-                unmatched = set(missing)
-                self._by_key = {item.key: matched[i] for i, item in enumerate(items) if i not in unmatched}
+            if items:  # arrays, not an object per image: a run of millions of images keeps ~57 bytes an image
+                names, points = read_landmark_arrays(options.landmarks)
+                warn_repeated(names, options.landmarks)
+                self._inputs = InputLandmarks(items, names, points)
             else:  # no list up front (a worker of a cluster run): each key is matched as it comes, by the same rule
+                table = read_landmarks(options.landmarks)
                 self._names = (NameIndex(table.paths), table.landmarks, threading.Lock())
         self._detector = None
         if options.mode == "detect":
@@ -167,8 +167,9 @@ class FaceCropper:
                               face.box, face.confidence) for index, face in enumerate(found)]
 
     def _landmarks_of(self, key: str) -> np.ndarray:
-        if key in self._by_key:
-            return self._by_key[key]
+        found = self._inputs.find(key) if self._inputs is not None else None
+        if found is not None:
+            return found
         if self._names is not None:
             names, landmarks, lock = self._names
             with lock:  # the index builds its tables on first need: one thread at a time
