@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aikd.io import RecordFile, csv_rows, is_stream, open_text, readable_file
-from aikd.names import NameIndex, match_names
+from aikd.names import NameIndex, SortedNames
 
 log = logging.getLogger(__name__)
 
@@ -565,6 +565,16 @@ def match_landmarks(
     return out, np.flatnonzero(~found).tolist()
 
 
+KEY_CHUNK = 1 << 16  # keys matched at once to a landmarks file's names
+
+
+def _batched(values: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """Tuples of ``KEY_CHUNK`` values (``itertools.batched``, which Python 3.10 and 3.11 lack)."""
+    iterator = iter(values)
+    while chunk := tuple(itertools.islice(iterator, KEY_CHUNK)):
+        yield chunk
+
+
 def _key_digest(key: str) -> int:
     """64 bits of a key, the same in every process (Python's ``hash`` of a string is not: decode processes and Ray
     workers are other processes)."""
@@ -574,9 +584,8 @@ def _key_digest(key: str) -> int:
 class InputLandmarks:
     """The landmarks of a run's inputs from a landmarks file, found by key (:mod:`aikd.names`' policy), in memory
     that does not grow by a Python object per image: the points in input order (N, 5, 2 float32) and the keys' sorted
-    64-bit digests with their positions, about 57 bytes an image (a dict of arrays by key took about 280 and
-    seconds per 100,000 images to build). Only the keys of ``items`` are looked up: a key from elsewhere could share a
-    digest (odds about 2^-64 a key).
+    64-bit digests with their positions (docs/scale.md measures it). The keys are matched a chunk at a time. Only the
+    keys of ``items`` are looked up: a key from elsewhere could share a digest (odds about 2^-64 a key).
 
     Args:
         items: the run's inputs (each key once: :func:`collect_inputs` refuses clashes).
@@ -588,13 +597,16 @@ class InputLandmarks:
         def keys() -> Iterator[str]:  # an InputList gives its keys without making an ImageInput (a Path) each
             return items.keys() if isinstance(items, InputList) else (item.key for item in items)
 
-        width = max((len(key) for key in keys()), default=1)
-        keys_array = np.fromiter(keys(), dtype=f"<U{max(width, 1)}", count=len(items))
-        rows = match_names(keys_array, names)
-        del keys_array
-        self.found = rows >= 0
-        self.points = np.full((len(rows), 5, 2), np.nan, dtype=np.float32)
-        self.points[self.found] = np.asarray(points, dtype=np.float32)[rows[self.found]]
+        table, points = SortedNames(names), np.asarray(points, dtype=np.float32)
+        self.found = np.zeros(len(items), dtype=bool)
+        self.points = np.full((len(items), 5, 2), np.nan, dtype=np.float32)
+        position = 0
+        for chunk in _batched(keys()):
+            rows = table.rows(np.array(chunk))  # a chunk of keys as a string array at a time, never all of them
+            found = rows >= 0
+            self.found[position:position + len(chunk)] = found
+            self.points[position:position + len(chunk)][found] = points[rows[found]]
+            position += len(chunk)
         digests = np.fromiter(map(_key_digest, keys()), dtype=np.uint64, count=len(items))
         self.order = np.argsort(digests, kind="stable")
         self.digests = digests[self.order]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["NameIndex", "match_names", "normalise_name", "strictly_increasing"]
+__all__ = ["NameIndex", "SortedNames", "match_names", "normalise_name", "strictly_increasing"]
 
 _AMBIGUOUS = -1
 
@@ -113,30 +113,45 @@ class NameIndex:
         return rows
 
 
+class SortedNames:
+    """``paths`` (a numpy string array) sorted once, to find the rows of many names a chunk at a time, as
+    :class:`NameIndex` finds them: exact matches by binary search, the policy's other rules only for the names left
+    over (a :class:`NameIndex` of the paths, built the first time one is)."""
+
+    def __init__(self, paths: np.ndarray) -> None:
+        self.paths = np.asarray(paths)
+        if strictly_increasing(self.paths):  # sorted and unique (a training index's tables): no sorted copy
+            self.order, self.ordered = None, self.paths
+        else:
+            self.order = np.argsort(self.paths, kind="stable")  # stable: a repeated path's first row is found
+            self.ordered = self.paths[self.order]
+        self._index: NameIndex | None = None
+
+    def rows(self, names: np.ndarray) -> np.ndarray:
+        """Row of the path each of ``names`` stands for (int64, -1 for none)."""
+        names = np.asarray(names)
+        rows = np.full(len(names), -1, dtype=np.int64)
+        if len(names) == 0 or len(self.paths) == 0:
+            return rows
+        place = np.clip(np.searchsorted(self.ordered, names), 0, len(self.ordered) - 1)
+        exact = np.zeros(len(names), dtype=bool)
+        for start in range(0, len(names), _CHUNK):  # the looked-up names a chunk at a time: no copy of them all
+            exact[start:start + _CHUNK] = self.ordered[place[start:start + _CHUNK]] == names[start:start + _CHUNK]
+        rows[exact] = place[exact] if self.order is None else self.order[place[exact]]
+        left = np.flatnonzero(~exact)
+        if left.size:
+            if self._index is None:
+                self._index = NameIndex(self.paths.tolist())
+            rows[left] = self._index.find_all(names[left].tolist())
+        return rows
+
+
 def match_names(names: np.ndarray, paths: np.ndarray) -> np.ndarray:
     """Row of ``paths`` each of ``names`` stands for (int64, -1 for none), as :class:`NameIndex` finds it.
 
-    For large numpy string arrays (a 3.3 M-face training index): exact matches by sorting, and the policy's
-    other rules only for the names left over.
+    For large numpy string arrays (a 3.3 M-face training index): :class:`SortedNames`.
     """
-    names, paths = np.asarray(names), np.asarray(paths)
-    rows = np.full(len(names), -1, dtype=np.int64)
-    if len(names) == 0 or len(paths) == 0:
-        return rows
-    if strictly_increasing(paths):  # sorted and unique (a training index's tables): no sorted copy
-        order, ordered = None, paths
-    else:
-        order = np.argsort(paths, kind="stable")
-        ordered = paths[order]
-    place = np.clip(np.searchsorted(ordered, names), 0, len(ordered) - 1)
-    exact = np.zeros(len(names), dtype=bool)
-    for start in range(0, len(names), _CHUNK):  # the looked-up names a chunk at a time: no copy of them all
-        exact[start:start + _CHUNK] = ordered[place[start:start + _CHUNK]] == names[start:start + _CHUNK]
-    rows[exact] = place[exact] if order is None else order[place[exact]]
-    left = np.flatnonzero(~exact)
-    if left.size:
-        rows[left] = NameIndex(paths.tolist()).find_all(names[left].tolist())
-    return rows
+    return SortedNames(paths).rows(names)
 
 
 _CHUNK = 1 << 18

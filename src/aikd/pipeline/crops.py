@@ -124,7 +124,7 @@ class FaceCropper:
         self._inputs: InputLandmarks | None = None
         self._names: tuple[NameIndex, np.ndarray, threading.Lock] | None = None
         if options.mode == "landmarks":
-            if items:  # arrays, not an object per image: a run of millions of images keeps ~57 bytes an image
+            if items:  # arrays, not a Python object per image (runs of millions of images)
                 names, points = read_landmark_arrays(options.landmarks)
                 warn_repeated(names, options.landmarks)
                 self._inputs = InputLandmarks(items, names, points)
