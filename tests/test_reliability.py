@@ -213,6 +213,21 @@ def test_folder_links_are_followed_once(tmp_path, tiny_checkpoint):
     assert code == 0 and len(score_rows(tmp_path / "t.csv")) == 1
 
 
+def test_resume_over_a_journal_without_results_ignores_its_settings(tmp_path, tiny_checkpoint):
+    """A run stopped before its first batch leaves a journal with no result: it counts for nothing, so --resume
+    with other settings starts afresh instead of being refused for settings nothing was made with."""
+    from aikd.pipeline.outputs import journal_dir, settings_path
+
+    faces(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "s.csv"
+    journal_dir(out).mkdir()
+    (journal_dir(out) / "rank0.jsonl").write_bytes(b"")
+    settings_path(out).write_text(json.dumps({"command": "score", "precision": "bf16"}), encoding="utf-8")
+    argv = ["score", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--resume"]
+    assert main(argv) == 0
+    assert sorted(score_rows(out)) == ["a.png", "b.png"]
+
+
 def test_links_to_one_file_are_done_once_and_said(tmp_path, caplog):
     """Three names of one file (two symbolic links) give one row, and a warning says why there are fewer rows than
     inputs, naming a link and the file it is (a bench once counted 1,000 linked files that were scored as 100)."""

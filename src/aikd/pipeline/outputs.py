@@ -39,6 +39,13 @@ def journal_dir(output: Path) -> Path:
     return output.with_name(f"{output.name}.partial")
 
 
+def journal_without_results(output: Path) -> bool:
+    """Whether ``output`` has a journal that holds no result (a run that stopped before its first batch): it counts
+    for nothing, and is removed under the output's lock (:func:`check_output`)."""
+    partial = journal_dir(output)
+    return partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl"))
+
+
 def check_output(output: Path, resume: bool, overwrite: bool, remove_empty_journal: bool = True) -> None:
     """Refuse to silently replace a finished output or an interrupted run's journal, or a path that is not a
     plain output (a device, a link). Under the output's lock (``remove_empty_journal``) a journal without a
@@ -46,7 +53,7 @@ def check_output(output: Path, resume: bool, overwrite: bool, remove_empty_journ
     partial = journal_dir(output)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
-    empty = partial.is_dir() and not any(path.stat().st_size for path in partial.glob("rank*.jsonl"))
+    empty = journal_without_results(output)
     if empty and remove_empty_journal:
         shutil.rmtree(partial, ignore_errors=True)  # a run that stopped before its first result: nothing to keep
     check_plain_file(output)
@@ -269,14 +276,13 @@ def claimed_output(output: Path, settings: dict[str, Any], *, resume: bool = Fal
                 raise ValueError(f"{option} must name a different file than -o/--output and its side files")
             check_side_output(path, option, resume, overwrite, found.get(path, ()))
         check_output(output, resume, overwrite, remove_empty_journal=False)
-        if resume:
+        if resume and not journal_without_results(output):  # an empty journal goes under the lock: not its settings
             check_same_job(output, settings)
 
     def claim() -> None:
         check()  # before the lock file exists: a refused output leaves nothing behind
         lock = OutputLock(output)
-        try:
-            check()  # again under the lock: another run may have started in between
+        try:  # again under the lock (another run may have started in between): what is on disk, not the paths
             check_output(output, resume, overwrite)
             if resume:
                 check_same_job(output, settings)
