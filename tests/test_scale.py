@@ -43,6 +43,13 @@ def test_input_list_is_a_sequence_of_image_inputs(tmp_path):
     assert items[5] == given[5] and items[-1] == given[-1] and items[1024:1027] == given[1024:1027]
     assert list(items.keys())[:3] == ["k0", "k1", "k2"]
     assert list(pickle.loads(pickle.dumps(items))) == given
+    # read from several threads at once, the first reads included (a server's threads; decode threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    fresh = InputList(given)
+    with ThreadPoolExecutor(8) as pool:
+        assert all(seen == given for seen in pool.map(lambda _: list(fresh), range(8)))
+    assert len(fresh) == 2100 and list(fresh) == given
 
 
 def test_listing_memory_does_not_grow_with_the_images(tmp_path):

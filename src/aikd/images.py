@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aikd.io import RecordFile, csv_rows, is_stream, open_text, readable_file
+from aikd.io import RecordFile, chunked, csv_rows, is_stream, open_text, readable_file
 from aikd.names import NameIndex, SortedNames
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class InputList(Sequence[ImageInput]):
         self._records = RecordFile(4)
         for item in items:
             self.append(item)
+        self.close()  # flushed now, so that readers in several threads never flush it at once
 
     def append(self, item: ImageInput) -> None:
         self._add(os.fspath(item.path), item.key, item.member, item.error)
@@ -568,13 +569,6 @@ def match_landmarks(
 KEY_CHUNK = 1 << 16  # keys matched at once to a landmarks file's names
 
 
-def _batched(values: Iterable[str]) -> Iterator[tuple[str, ...]]:
-    """Tuples of ``KEY_CHUNK`` values (``itertools.batched``, which Python 3.10 and 3.11 lack)."""
-    iterator = iter(values)
-    while chunk := tuple(itertools.islice(iterator, KEY_CHUNK)):
-        yield chunk
-
-
 def _key_digest(key: str) -> int:
     """64 bits of a key, the same in every process (Python's ``hash`` of a string is not: decode processes and Ray
     workers are other processes)."""
@@ -594,20 +588,20 @@ class InputLandmarks:
     """
 
     def __init__(self, items: Sequence[ImageInput], names: np.ndarray, points: np.ndarray) -> None:
-        def keys() -> Iterator[str]:  # an InputList gives its keys without making an ImageInput (a Path) each
-            return items.keys() if isinstance(items, InputList) else (item.key for item in items)
-
+        # an InputList gives its keys without making an ImageInput (a Path) each
+        keys = items.keys() if isinstance(items, InputList) else (item.key for item in items)
         table, points = SortedNames(names), np.asarray(points, dtype=np.float32)
         self.found = np.zeros(len(items), dtype=bool)
         self.points = np.full((len(items), 5, 2), np.nan, dtype=np.float32)
+        digests = np.empty(len(items), dtype=np.uint64)
         position = 0
-        for chunk in _batched(keys()):
+        for chunk in chunked(keys, KEY_CHUNK):
             rows = table.rows(np.array(chunk))  # a chunk of keys as a string array at a time, never all of them
-            found = rows >= 0
-            self.found[position:position + len(chunk)] = found
-            self.points[position:position + len(chunk)][found] = points[rows[found]]
+            found, here = rows >= 0, slice(position, position + len(chunk))
+            self.found[here] = found
+            self.points[here][found] = points[rows[found]]
+            digests[here] = [_key_digest(key) for key in chunk]
             position += len(chunk)
-        digests = np.fromiter(map(_key_digest, keys()), dtype=np.uint64, count=len(items))
         self.order = np.argsort(digests, kind="stable")
         self.digests = digests[self.order]
         same = np.flatnonzero(self.digests[1:] == self.digests[:-1])
