@@ -287,6 +287,9 @@ def test_ofiq_layout_with_the_calibrated_scalar_and_failed_images(tmp_path, cali
         assert float(raw) == plain[key] and scalar == str(int(calibration.quality_100(plain[key])))
         assert 0 <= int(scalar) <= 100 and "." not in scalar
     assert main([*args, "--resume"]) == 1 and out.read_text().splitlines() == lines  # failed one retried, same file
+    (tmp_path / "faces" / "2.png").unlink()  # resumed without one image: its score is kept, after the inputs
+    assert main([*args, "--resume"]) == 1
+    assert out.read_text().splitlines() == [lines[0], lines[1], lines[2], lines[4], lines[3]]
 
 
 def test_ofiq_needs_a_calibration(tmp_path, calibrated, capsys):

@@ -18,6 +18,7 @@ SDD-FIQA file (:mod:`aikd.models.released`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +162,8 @@ class ScoreTask:
         try:
             rows = self._rows(good, embeddings)
             if self.options.format == OFIQ:
-                scored = {key: (quality, columns["quality_100"]) for key, quality, columns in rows}
-                write_ofiq(self.output, [item.key for item in self.items] or list(scored), scored)
+                write_ofiq(self.output, (item.key for item in self.items),
+                           ((key, quality, columns["quality_100"]) for key, quality, columns in rows))
             else:
                 columns = ("expected_fnmr", "quality_100") if self.calibration is not None else ()
                 write_quality_rows(self.output, rows, self.options.format, columns)
@@ -203,22 +204,31 @@ def _ofiq_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def write_ofiq(path: Path, keys: Sequence[str], scored: dict[str, tuple[float, float]],
+def write_ofiq(path: Path, keys: Iterable[str], scored: Iterable[tuple[str, float, float]],
                measure: str = OFIQ_MEASURE) -> None:
-    """OFIQ's CSV (see the module docstring): every key in order, ``-1;-1`` for those not in ``scored``.
+    """OFIQ's CSV (see the module docstring): every key in order, ``-1;-1`` for those not scored, then the scored
+    images that are not among ``keys`` (kept from an earlier run), written as they come.
 
     Args:
         path: the output.
         keys: every input image, in input order.
-        scored: key -> (raw quality, 0-100 scalar) of the images scored.
+        scored: ``(key, raw quality, 0-100 scalar)`` of the images scored, those among ``keys`` first and in their
+            order (as :func:`aikd.pipeline.jobs.finish_job` gives them).
         measure: the column name.
     """
+    def line(key: str, raw: float, scalar: float) -> str:
+        return f"{key};{_ofiq_number(shortest_float32(raw))};{_ofiq_number(scalar)}\n"
+
+    rows = iter(scored)
+    waiting = next(rows, None)
     with atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         handle.write(f"Filename;{measure};{measure}.scalar;\n")
         for key in keys:
-            raw, scalar = scored.get(key, (-1, -1))
-            handle.write(f"{key};{_ofiq_number(shortest_float32(raw)) if key in scored else '-1'};"
-                         f"{_ofiq_number(scalar)}\n")
+            scored_here = waiting is not None and waiting[0] == key
+            handle.write(line(*waiting) if scored_here else f"{key};-1;-1\n")
+            if scored_here:
+                waiting = next(rows, None)
+        handle.writelines(line(*row) for row in itertools.chain([waiting] if waiting is not None else [], rows))
 
 
 def read_ofiq(path: Path) -> dict[str, float]:
