@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ class _Source:
         self.vector_values = os.fstat(self.vectors.fileno()).st_size // 4 if self.vectors is not None else 0
         self.lines = open(lines_path, "rb")
         self.size = os.fstat(self.lines.fileno()).st_size  # records appended later are not this reader's
+        self._lock = threading.Lock()
 
     def scan(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(offset, entry)`` of every sound record, in file order."""
@@ -166,8 +168,10 @@ class _Source:
         return entry
 
     def at(self, offset: int) -> dict[str, Any]:
-        self.lines.seek(offset)
-        entry = self._entry(self.lines.readline())
+        with self._lock:  # one file position: readers in several threads take turns
+            self.lines.seek(offset)
+            line = self.lines.readline()
+        entry = self._entry(line)
         if entry is None:
             raise RuntimeError(f"{self.lines_path}: the record at byte {offset} changed while the run was read")
         return entry
@@ -218,11 +222,11 @@ class Results(MutableMapping[str, ItemResult]):
         index = self._built()
         for item in items:
             found = index.find(item.key, mark=True)
-            result = self._source_result(found) if found is not None else None
-            if item.key in self._set:
+            if item.key in self._set:  # set in memory: the journal's record is only marked as reached
                 self._visited.add(item.key)
-                result = self._set[item.key]
-            yield item, result
+                yield item, self._set[item.key]
+            else:
+                yield item, self._source_result(found) if found is not None else None
 
     def others(self) -> Iterator[tuple[str, ItemResult]]:
         """The results of keys :meth:`ordered` did not reach, in the order first recorded (earlier output first)."""
@@ -363,23 +367,25 @@ class _Index:
     def _entry(self, place: int) -> dict[str, Any]:
         return self._sources[place >> _SOURCE_BITS].at(place & ((1 << _SOURCE_BITS) - 1))
 
-    def _locate(self, key: str) -> int | None:
+    def _locate(self, key: str) -> tuple[int, dict[str, Any]] | None:
+        """The slot of ``key`` and its winning record (read once), or ``None``."""
         value = hash(key)
         low, high = np.searchsorted(self.hashes, value, "left"), np.searchsorted(self.hashes, value, "right")
         for slot in range(int(low), int(high)):
-            if self._entry(int(self.places[slot]))["k"] == key:
-                return slot
+            entry = self._entry(int(self.places[slot]))
+            if entry["k"] == key:
+                return slot, entry
         return None
 
     def find(self, key: str, mark: bool = False) -> tuple[int, dict[str, Any]] | None:
         """``(source, entry)`` of ``key``'s result, or ``None``; ``mark``: count it as reached."""
-        slot = self._locate(key)
-        if slot is None:
+        located = self._locate(key)
+        if located is None:
             return None
+        slot, entry = located
         if mark:
             self.visited[slot] = True
-        place = int(self.places[slot])
-        return place >> _SOURCE_BITS, self._entry(place)
+        return int(self.places[slot]) >> _SOURCE_BITS, entry
 
     def has(self, key: str) -> bool:
         return self._locate(key) is not None

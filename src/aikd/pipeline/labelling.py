@@ -221,11 +221,16 @@ class LabelTask:
         if not self.labeler.needs_images:
             keys, embeddings = [item.key for item in self.items], None
         else:
-            keys = [item.key for item in self.items if item.key in results and results[item.key].vector is not None
-                    and results[item.key].error is None]
+            keys, vectors = [], []
+            for item in self.items:  # each result read once (a journal reads it from disk)
+                result = results.get(item.key)
+                if result is not None and result.vector is not None and result.error is None:
+                    keys.append(item.key)
+                    vectors.append(result.vector)
             if not keys:
                 return
-            embeddings = np.stack([results[key].vector for key in keys])
+            embeddings = np.stack(vectors)
+            del vectors
             save_embeddings(embeddings_path(self.output), keys, embeddings)
         labels = self.labeler.label_set(keys, embeddings)
         _apply_set_labels(results, keys, labels, self.labeler.columns)
@@ -293,11 +298,9 @@ def _batch_results(labels: BatchLabels, columns: Sequence[str]) -> list[ItemResu
 
 def _apply_set_labels(results: dict[str, ItemResult], keys: Sequence[str], labels: SetLabels,
                       columns: Sequence[str]) -> None:
-    for index, key in enumerate(keys):
-        vector = results.get(key, ItemResult()).vector
+    for index, key in enumerate(keys):  # the rows only: the embeddings are in their own file by now
         if index in labels.errors or not np.isfinite(labels.quality[index]):
             reason = labels.errors.get(index, f"quality is not finite ({labels.quality[index]})")
-            results[key] = ItemResult(error=reason, vector=vector)
+            results[key] = ItemResult(error=reason)
         else:
-            results[key] = ItemResult(rows=[_row(labels.quality[index], labels.extras, columns, index)],
-                                      vector=vector)
+            results[key] = ItemResult(rows=[_row(labels.quality[index], labels.extras, columns, index)])
