@@ -267,15 +267,17 @@ def load_released_quality_model(checkpoint: str | os.PathLike | Mapping[str, tor
     Raises:
         ValueError: a file of no released model (or not of ``name``), or one that does not fit it exactly.
     """
-    from aikd.models.checkpoint import _build_and_load, read_checkpoint
+    from aikd.models.checkpoint import _read_any
 
-    owned = not isinstance(checkpoint, Mapping)
-    if owned:
-        state, _ = read_checkpoint(checkpoint)
-        source = os.fspath(checkpoint)
-    else:
-        state = {key.removeprefix("module."): value for key, value in checkpoint.items()}
-        source = "<state dict>"
+    state, _, source = _read_any(checkpoint)  # tensors only, wrapper prefixes (module., _orig_mod.) stripped
+    return _released_from_state(state, source, name, not isinstance(checkpoint, Mapping), map_location)
+
+
+def _released_from_state(state: Mapping[str, torch.Tensor], source: str, name: str | None, owned: bool,
+                         map_location: str | torch.device) -> QualityModel:
+    """The model of a released file's ``state`` (``owned``: read from a file, so its tensors may be taken over)."""
+    from aikd.models.checkpoint import _build_and_load
+
     spec = get_quality_spec(name) if name else recognise(state)
     if spec is None:
         raise ValueError(f"{source}: not a released quality model file ({', '.join(QUALITY_MODELS)}); first keys: "
@@ -296,6 +298,7 @@ def load_any_quality_model(checkpoint: str | os.PathLike, arch: str | None = Non
     try:
         return load_quality_model(checkpoint, arch=arch, map_location=map_location)
     except ValueError as err:
-        if recognise(read_checkpoint(checkpoint)[0]) is None:
+        state, _ = read_checkpoint(checkpoint)  # read again (once) only for a file that is no aikd model
+        if recognise(state) is None:
             raise err from None
-    return load_released_quality_model(checkpoint, None, map_location)
+    return _released_from_state(state, os.fspath(checkpoint), None, True, map_location)
