@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["COMPUTE_BATCH", "NO_IDENTITY", "BatchLabels", "IdentitySetLabeler", "Labeler", "SetLabels",
-           "image_generator", "merge_batch_labels"]
+           "image_generator", "merge_batch_labels", "unit_rows"]
 
 # Faces per model pass in ``aikd label``: fixed (short passes padded), because a face's output is the same bits in any
 # batch of one size, at any position, but not across sizes; so a label does not depend on --batch-size, --workers or a
@@ -26,6 +26,13 @@ __all__ = ["COMPUTE_BATCH", "NO_IDENTITY", "BatchLabels", "IdentitySetLabeler", 
 COMPUTE_BATCH = 16
 NO_IDENTITY = ("no identity: the image is not inside an identity folder (or its row in the list has no identity); "
                "give a CSV list with --identity-column")
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm in their own dtype (float64 for the set techniques, as their authors compute;
+    :func:`aikd.evaluation.metrics.l2_normalise` is the float32 one of embeddings files); zero rows stay zero."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def image_generator(seed: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aikd.labelers.base import IdentitySetLabeler, SetLabels
+from aikd.labelers.base import IdentitySetLabeler, SetLabels, unit_rows
 from aikd.names import identity_from_folder
 
 __all__ = ["CertaintyOptions", "CertaintyRatio", "certainty_ratio", "identity_from_folder"]
@@ -60,11 +60,6 @@ class CertaintyResult:
     errors: dict[int, str]
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
 def certainty_ratio(embeddings: np.ndarray, identities: Sequence[str],
                     options: CertaintyOptions | None = None) -> CertaintyResult:
     """CR-FIQA certainty ratio of every sample against the identity centres of the set.
@@ -75,7 +70,7 @@ def certainty_ratio(embeddings: np.ndarray, identities: Sequence[str],
         options: own-centre policy and epsilon.
     """
     options = options or CertaintyOptions()
-    unit = _unit(np.asarray(embeddings, dtype=np.float64))
+    unit = unit_rows(np.asarray(embeddings, dtype=np.float64))
     names, label = np.unique(np.asarray(identities, dtype=str), return_inverse=True)
     sums = np.zeros((len(names), unit.shape[1]))
     np.add.at(sums, label, unit)
@@ -86,7 +81,7 @@ def certainty_ratio(embeddings: np.ndarray, identities: Sequence[str],
     ccs = np.where(own_norm > 0, (unit * own).sum(axis=1) / np.where(own_norm > 0, own_norm, 1.0), np.nan)
     nnccs = np.full(len(unit), np.nan)
     if len(names) > 1:
-        centres = _unit(sums)
+        centres = unit_rows(sums)
         for start in range(0, len(unit), ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             cosine = unit[rows] @ centres.T

@@ -37,7 +37,7 @@ from math import lcm
 
 import numpy as np
 
-from aikd.labelers.base import IdentitySetLabeler, SetLabels
+from aikd.labelers.base import IdentitySetLabeler, SetLabels, unit_rows
 
 __all__ = ["SddFiqa", "SddOptions", "SddResult", "sdd_pseudo_labels", "wasserstein_1d"]
 
@@ -145,8 +145,7 @@ def sdd_pseudo_labels(embeddings: np.ndarray, identities: Sequence[str], options
         ValueError: an identity has fewer images of other identities than ``pairs`` negatives to draw.
     """
     options = options or SddOptions()
-    norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1, keepdims=True)
-    unit = np.asarray(embeddings, dtype=np.float64) / np.where(norms > 0, norms, 1.0)
+    unit = unit_rows(np.asarray(embeddings, dtype=np.float64))
     identities = [str(identity) for identity in identities]
     members: dict[str, list[int]] = {}
     for index, identity in enumerate(identities):
