@@ -203,7 +203,7 @@ def pending_inputs(items: Sequence[ImageInput], output: Path, resume: bool, rank
 
 def finish_job(
     items: Sequence[ImageInput],
-    results: Mapping[str, ItemResult],
+    results: Results,
     output: Path,
     write_output: Callable[[Iterable[tuple[ImageInput, ItemResult]]], None],
     verb: str = "processed",
@@ -214,7 +214,7 @@ def finish_job(
     journal (an iterator: memory does not grow with their number). Results of an earlier run (``--resume``) for
     images not among ``items`` are kept, after this run's: resuming never drops what is already done.
     """
-    ordered, others = _in_order(items, results)
+    ordered, others = results.ordered(items), results.others
     failures = RecordFile(2)
     counts = {"done": 0, "kept": 0}
 
@@ -255,22 +255,6 @@ def finish_job(
         line += f"; {summary.failed} failed, reasons in {errors_file}"
     print(line, file=sys.stderr)
     return summary
-
-
-def _in_order(items: Sequence[ImageInput], results: Mapping[str, ItemResult]
-              ) -> tuple[Iterator[tuple[ImageInput, ItemResult | None]], Callable[[], Pairs]]:
-    """``(item, result)`` in input order, and a function giving the results of keys not among ``items`` (called
-    after the first is exhausted)."""
-    if isinstance(results, Results):
-        return results.ordered(items), results.others
-    given: set[str] = set()
-
-    def ordered() -> Iterator[tuple[ImageInput, ItemResult | None]]:
-        for item in items:
-            given.add(item.key)
-            yield item, results.get(item.key)
-
-    return ordered(), lambda: ((key, result) for key, result in results.items() if key not in given)
 
 
 def finish_sharded(
