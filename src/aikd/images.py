@@ -381,7 +381,9 @@ class _Listing:
         listing's position."""
         wanted = set(repeated_hashes(np.frombuffer(self.identities, dtype=np.uint32)).tolist())
         seen: dict[tuple[str, int | None], int] = {}
-        dropped = {}
+        dropped: dict[int, int] = {}
+        if not wanted:  # no two records share a hash (the usual case): no pass over the records
+            return dropped
         for position, (path, _, member, error) in enumerate(self.raw._records):
             if position in wanted and not error:
                 identity = (os.path.realpath(path), int(member) if member else None)
@@ -398,6 +400,8 @@ class _Listing:
         kept[list(dropped)] = False
         wanted = set(repeated_hashes(hashes, kept).tolist())
         paths: dict[str, list[Path]] = {}
+        if not wanted:
+            return []
         for position, (record, key) in enumerate(zip(self.raw._records, self._keys(prefixed), strict=True)):
             if position in wanted:
                 paths.setdefault(key, []).append(Path(record[0]))
